@@ -1,0 +1,1 @@
+"""FlashLive engine: the models and their inference."""

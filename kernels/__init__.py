@@ -1,0 +1,1 @@
+"""What makes the hot path fast: attention backends, fused norms/RoPE/modulation, compiled graphs, parallelism."""

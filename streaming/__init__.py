@@ -1,0 +1,1 @@
+"""FlashLive streaming: aiohttp + aiortc service, capture sources and sinks."""
