@@ -1,0 +1,234 @@
+"""The fixed-shape DiT step: torch.compile + one CUDA graph for the whole step, replayed for every step and window.
+
+    step = CompiledStep(model, StepShape(batch=1, frames=6, height=64, width=64), RuntimeConfig())
+    step.set_session(context, clip_fea, y)       # once per session: context K/V of every block, y, RoPE tables
+    flow = step(x, t, emo, ip_scale)             # every step: (B, 16, F, H, W) fp32, equal to model(x, t, context,
+                                                 #   clip_fea, y, emo, ip_scale); a static buffer, overwritten by
+                                                 #   the next call (copy it if you keep it)
+
+What goes in the graph: patchify, the time embedding, every block, the head and unpatchify, reading static input
+buffers (latent x, timestep t, expression tokens emo, ip_scale as a 0-dim tensor) and session buffers (per-block
+image/text K/V, y, RoPE cos/sin) and writing a static output. A call copies the inputs in and replays the graph:
+no allocation, no host sync (pass device tensors; Python floats for t / ip_scale are written with fill_).
+
+emo=None runs the same graph with ip_scale 0, which equals the model without the expression branch (the NFEB adds
+ip_scale * normalised emotion attention, so 0 adds exactly zero): both CFG passes share one graph.
+
+Compilation is regional by default (`scope="block"`): one compiled block function serves all blocks (same code,
+same shapes), so compile time does not grow with depth; the whole-step CUDA graph already removes the launch gaps
+between the eager glue ops. `scope="step"` compiles the whole step as one graph instead (slower to build).
+
+On CPU (or with runtime.compile / runtime.cuda_graphs off) the same step runs eagerly with the same buffers.
+`record_layers=True` also keeps every block's output in `layers` (num_layers, B, L, D) for layer-wise ALPA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.config import RuntimeConfig
+from engine.nfeb import expression_attention, normalise_to
+from kernels import attention as attention_backend
+from kernels import fused
+from kernels.attention import attention
+from kernels.fused import layer_norm_modulate
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """Fixed input shape of one DiT call: latent (batch, 16, frames, height, width)."""
+
+    batch: int = 1
+    frames: int = 6
+    height: int = 64
+    width: int = 64
+
+    @classmethod
+    def from_video(cls, width_px: int, height_px: int, latent_frames: int, batch: int = 1, stride: int = 8):
+        """Latent shape of a width x height video (the Wan VAE downsamples space by 8)."""
+        return cls(batch, latent_frames, height_px // stride, width_px // stride)
+
+    def grid(self, patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        pt, ph, pw = patch_size
+        return self.frames // pt, self.height // ph, self.width // pw
+
+    def tokens(self, patch_size: tuple[int, int, int]) -> int:
+        f, h, w = self.grid(patch_size)
+        return f * h * w
+
+
+# --- the step, recomposed from the model's pieces with per-session context K/V -----------------------------------
+def cross_attention(ca: nn.Module, x: torch.Tensor, kv: tuple, emo: torch.Tensor, ip_scale: torch.Tensor):
+    """WanI2VCrossAttention.forward with precomputed context K/V and the NFEB always on (ip_scale a tensor)."""
+    q = ca.norm_q(ca.q(x)).unflatten(-1, (ca.num_heads, -1))
+    k_img, v_img, k_txt, v_txt = kv
+    base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
+    emo_out = expression_attention(q, emo, ca.emo_k_proj, ca.emo_v_proj)
+    return ca.o(base + ip_scale * normalise_to(emo_out, base))
+
+
+def block_forward(block: nn.Module, x, e0, cos, sin, kv, emo, ip_scale):
+    """WanAttentionBlock.forward with precomputed context K/V: x (B, L, D), e0 (B, 6, D) fp32 -> (B, L, D)."""
+    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e0).chunk(6, dim=1)
+    y = block.self_attn(layer_norm_modulate(x, shift_sa, scale_sa, block.eps), cos, sin)
+    x = (x.float() + y.float() * gate_sa).type_as(x)
+    x = x + cross_attention(block.cross_attn, block.norm3(x), kv, emo, ip_scale)
+    y = block.ffn(layer_norm_modulate(x, shift_ff, scale_ff, block.eps))
+    return (x.float() + y.float() * gate_ff).type_as(x)
+
+
+class CompiledStep:
+    """One DiT forward at a fixed shape, compiled and graph-captured on CUDA, eager elsewhere.
+
+    model: WanModel (its weights are used in place; with runtime.fp8 its block linears are swapped for FP8 ones).
+    shape: StepShape. runtime: RuntimeConfig (compile, cuda_graphs, attention, fp8, fused_kernels).
+    compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
+    torch.compile with that backend on any device. pool: a CUDA graph memory pool to share with other steps
+    (`other.pool`), so several shapes can live in one arena.
+    """
+
+    def __init__(self, model: nn.Module, shape: StepShape, runtime: RuntimeConfig | None = None, *,
+                 scope: str = "block", compile_backend: str | None = None, compile_mode: str | None = None,
+                 record_layers: bool = False, pool=None):
+        runtime = runtime or RuntimeConfig()
+        if scope not in ("block", "step"):
+            raise ValueError(f"Unknown compile scope {scope!r}: use 'block' or 'step'.")
+        self.model = model.eval()
+        self.shape = shape
+        self.runtime = runtime
+        cfg = model.cfg
+        param = model.patch_embedding.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.is_cuda = self.device.type == "cuda"
+
+        attention_backend.configure(runtime)
+        fused.set_fused_kernels(runtime.fused_kernels)
+        if runtime.fp8:
+            from kernels.fp8 import quantize_linears
+
+            quantize_linears(model)
+
+        B, F, H, W = shape.batch, shape.frames, shape.height, shape.width
+        L, D = shape.tokens(cfg.patch_size), cfg.dim
+        heads, hd = cfg.num_heads, cfg.head_dim
+        dev = self.device
+        with torch.no_grad():
+            # Static inputs: the sampler's fp32 latent and timesteps, expression tokens in the model dtype.
+            self.x = torch.zeros(B, cfg.out_dim, F, H, W, device=dev)
+            self.t = torch.zeros(B, device=dev)
+            self.emo = torch.zeros(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, device=dev, dtype=self.dtype)
+            self.ip_scale = torch.zeros((), device=dev)
+            # Session buffers: written by set_session, read by every call.
+            self.y = torch.zeros(B, cfg.in_dim - cfg.out_dim, F, H, W, device=dev)
+            self.kv = [tuple(torch.zeros(B, n, heads, hd, device=dev, dtype=self.dtype)
+                             for n in (cfg.clip_tokens, cfg.clip_tokens, cfg.text_len, cfg.text_len))
+                       for _ in model.blocks]
+            self.grid = shape.grid(cfg.patch_size)
+            cos, sin = model.rope(self.grid, dev)
+            self.cos, self.sin = cos.clone(), sin.clone()
+            self.out = torch.zeros(B, cfg.out_dim, F, H, W, device=dev)
+            self.layers = torch.zeros(len(model.blocks), B, L, D, device=dev, dtype=self.dtype) if record_layers \
+                else None
+
+        wants_compile = compile_backend is not None or (runtime.compile and self.is_cuda)
+        backend = compile_backend or "inductor"
+        self.compiled = wants_compile
+        self._block = block_forward
+        self._step = self._forward
+        if wants_compile:
+            opts = dict(fullgraph=True, dynamic=False, backend=backend, mode=compile_mode)
+            if scope == "block":
+                self._block = torch.compile(block_forward, **opts)
+            else:
+                self._step = torch.compile(self._forward, **opts)
+        self.use_graph = self.is_cuda and runtime.cuda_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._pool = pool
+        self.session_set = False
+
+    # --- session -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_session(self, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, frame_offset: int = 0):
+        """Per-session constants: umT5 context (B, n, text_dim), CLIP tokens (B, clip_tokens, clip_dim), y (B, 20,
+        F, H, W). Computes every block's image/text K/V once and writes them into the graph's buffers."""
+        model = self.model
+        ctx_img, ctx_txt = model.embed_context(context, clip_fea)
+        for block, buffers in zip(model.blocks, self.kv):
+            for buf, value in zip(buffers, block.cross_attn.context_kv(ctx_img, ctx_txt)):
+                buf.copy_(value)
+        self.y.copy_(y)
+        cos, sin = model.rope(self.grid, self.device, frame_offset=frame_offset)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.session_set = True
+
+    # --- the step --------------------------------------------------------------------------------------------
+    def _forward(self) -> None:
+        """Reads the static buffers, writes self.out (and self.layers)."""
+        model = self.model
+        tokens, _ = model.patchify(self.x, self.y)
+        e, e0 = model.embed_time(self.t)
+        for i, (block, kv) in enumerate(zip(model.blocks, self.kv)):
+            tokens = self._block(block, tokens, e0, self.cos, self.sin, kv, self.emo, self.ip_scale)
+            if self.layers is not None:
+                self.layers[i].copy_(tokens)
+        out = model.head(tokens, e)
+        self.out.copy_(model.unpatchify(out.float(), self.grid))
+
+    @torch.no_grad()
+    def capture(self, warmup: int = 2) -> None:
+        """Compile (first warm-up run) and capture the step into a CUDA graph; a no-op off CUDA."""
+        if not self.use_graph or self.graph is not None:
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self._pool):
+            self._step()
+        self._pool = self.graph.pool()
+
+    @property
+    def pool(self):
+        """The CUDA graph memory pool (after capture), to share with another CompiledStep."""
+        return self._pool
+
+    @torch.no_grad()
+    def write_inputs(self, x: torch.Tensor, t, emo: torch.Tensor | None = None, ip_scale: float = 1.0) -> None:
+        """Copy one call's inputs into the static buffers (device tensors or Python floats: no host sync)."""
+        self.x.copy_(x)
+        if isinstance(t, torch.Tensor):
+            self.t.copy_(t.reshape(-1).expand(self.t.shape[0]))
+        else:
+            self.t.fill_(float(t))
+        if emo is None:
+            self.ip_scale.fill_(0.0)
+        else:
+            self.emo.copy_(emo)
+            if isinstance(ip_scale, torch.Tensor):
+                self.ip_scale.copy_(ip_scale)
+            else:
+                self.ip_scale.fill_(float(ip_scale))
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        """Run the step on the current buffers (replay when captured); returns the static output."""
+        if not self.session_set:
+            raise RuntimeError("CompiledStep.set_session(context, clip_fea, y) must run before the first step.")
+        if self.use_graph:
+            if self.graph is None:
+                self.capture()
+            self.graph.replay()
+        else:
+            self._step()
+        return self.out
+
+    def __call__(self, x: torch.Tensor, t, emo: torch.Tensor | None = None, ip_scale: float = 1.0) -> torch.Tensor:
+        """x (B, 16, F, H, W), t (B,) or float, emo (B, F, 97, emo_dim) or None -> flow (B, 16, F, H, W) fp32."""
+        self.write_inputs(x, t, emo, ip_scale)
+        return self.run()
