@@ -1,0 +1,510 @@
+"""Sequence-parallel DiT over torch.distributed: one window's tokens split across the ranks of a group.
+
+The same `WanModel` weights run on every rank (each rank holds a full copy); what is split is the token sequence.
+Rank s of a sequence group of P ranks owns the padded global tokens [s*Lp, (s+1)*Lp), Lp = ceil(L / P); padding
+tokens sit at the end of the window, are excluded from every statistic and are dropped from the output.
+
+    self-attention    q/k/v of the local tokens (RMSNorm per token, RoPE with the GLOBAL positions of the local
+                      tokens) -> all-to-all tokens->heads (every rank: the whole window, H/P heads) -> attention
+                      over the real tokens -> all-to-all heads->tokens (Ulysses). Heads that P does not divide are
+                      padded with zero heads, which attend to zeros and are dropped.
+    cross-attention   per token: the context K/V (CLIP image + text) are replicated, queries are local.
+    NFEB              each local token attends to ITS latent frame's 97 expression tokens (frame = global index //
+                      (L // F), the grouping of `engine.nfeb.expression_attention`); the mean / unbiased std over
+                      (tokens, channels) of the sample come from one all-reduce of per-rank moments.
+    head              per token, so it runs on the local tokens; only its small output (out_dim * 4 channels) is
+                      all-gathered, then unpatchified on every rank.
+
+CFG: a world of G * P ranks is G CFG groups of P sequence ranks (rank = g * P + s). Group g computes guidance
+branches g, g + G, ...; the outputs are exchanged with one all_gather among the ranks of equal s, so every rank
+ends with every branch (`SequenceParallelDiT.forward_branches`).
+
+Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS_ENABLE=0):
+
+    torchrun --nproc_per_node N ...      ->  info = init_distributed(); worker(info, args)
+    flashlive serve --gpus N             ->  spawn(worker, N, args)      # worker(info, args) in N processes
+
+    def worker(info, args):
+        model = <WanModel on info.device, weights loaded>
+        dit = SequenceParallelDiT(model, make_groups(cfg_size=args.cfg_parallel))
+        if info.rank == 0:      # owns the WebRTC side: server, capture, renderer, sinks
+            driver = Driver(dit)            # drop-in for the DiT: driver(x, t, context, clip_fea, y, emo, ip_scale)
+            ... run the server with a renderer that calls driver(...) / driver.branches(...) ...
+            driver.close()                  # releases the followers
+        else:
+            follow(dit)                     # runs every call rank 0 makes, until driver.close()
+
+Only rank 0 touches the network, the camera and the encoder; the other ranks only ever run DiT calls.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from engine.dit import WanI2VCrossAttention, WanModel, WanSelfAttention
+from engine.nfeb import NORM_EPS, expression_attention
+from kernels.attention import attention
+
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (same arguments); older GPU hosts have only the former.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+# --- process setup ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the world."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago (for the rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: str | None = None, backend: str | None = None) -> DistInfo:
+    """Join the process group that torchrun (or `spawn`) describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
+
+    This is the entry point's boundary, so it reads the launcher's environment. Without a launcher it forms a
+    world of one. device: "cuda" (one GPU per local rank, NCCL) or "cpu" (gloo); default cuda when available.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"Local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                               f"start at most {torch.cuda.device_count()} processes per host.")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl":
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast must stay off on the lent machines
+    if "MASTER_PORT" not in os.environ:
+        if world > 1:
+            raise RuntimeError(f"WORLD_SIZE is {world} but MASTER_PORT is unset: launch with torchrun or spawn().")
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    kwargs = {"device_id": dev} if backend == "nccl" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def _spawned(rank: int, fn: Callable, world_size: int, port: int, device: str | None, backend: str | None,
+             args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = init_distributed(device, backend)
+    try:
+        fn(info, *args)
+    except BaseException:
+        # mp.spawn re-raises only the first process to die, often a peer that lost its connection: name each.
+        print(f"rank {rank} of {world_size} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args, device: str | None = None, backend: str | None = None) -> None:
+    """Run fn(info: DistInfo, *args) in `world_size` fresh processes joined into one group; returns when all end.
+
+    fn must be importable (module level). An exception in any process is raised here.
+    """
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the children before NCCL starts
+    mp.spawn(_spawned, args=(fn, world_size, free_port(), device, backend, args), nprocs=world_size, join=True)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """cfg_size CFG groups x seq_size sequence ranks over `ranks`: rank = ranks[cfg_rank * seq_size + seq_rank]."""
+
+    seq_group: dist.ProcessGroup
+    seq_rank: int
+    seq_size: int
+    cfg_group: dist.ProcessGroup
+    cfg_rank: int
+    cfg_size: int
+
+
+def make_groups(cfg_size: int = 1, ranks: Sequence[int] | None = None) -> ParallelGroups | None:
+    """Split `ranks` (default: the world) into CFG and sequence groups. Every rank of the WORLD must call this,
+    in the same order (torch.distributed creates groups collectively); ranks outside `ranks` get None."""
+    ranks = list(range(dist.get_world_size())) if ranks is None else list(ranks)
+    if len(ranks) % cfg_size:
+        raise ValueError(f"{len(ranks)} ranks do not split into {cfg_size} CFG groups: use a divisor of {len(ranks)}.")
+    seq_size = len(ranks) // cfg_size
+    me = dist.get_rank()
+    mine = None
+    seq_groups = [dist.new_group(ranks[g * seq_size:(g + 1) * seq_size]) for g in range(cfg_size)]
+    cfg_groups = [dist.new_group(ranks[s::seq_size]) for s in range(seq_size)]
+    if me in ranks:
+        i = ranks.index(me)
+        g, s = divmod(i, seq_size)
+        mine = ParallelGroups(seq_groups[g], s, seq_size, cfg_groups[s], g, cfg_size)
+    return mine
+
+
+# --- token split ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenSplit:
+    """Rank `rank` of `world` owns padded global tokens [start, start + local) of a window of `length` real tokens."""
+
+    length: int
+    world: int
+    rank: int
+
+    @property
+    def local(self) -> int:
+        return -(-self.length // self.world)
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.local
+
+    @property
+    def valid(self) -> int:
+        """Real (non-padding) tokens among the local ones; they come first."""
+        return max(0, min(self.local, self.length - self.start))
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's slice of a global (..., length, ...) tensor along `dim`, zero-padded to `local`."""
+        x = x.narrow(dim, min(self.start, self.length), self.valid)
+        if self.valid < self.local:
+            pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, self.local - self.valid]
+            x = F.pad(x, pad)
+        return x
+
+
+class _SplitState:
+    """The split of the window being run. The block signature is fixed (it is WanModel's), so the attention
+    modules read the split from here; SequenceParallelDiT sets it before it runs the blocks."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.split: TokenSplit | None = None
+
+
+# --- collectives --------------------------------------------------------------------------------------------------
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split: TokenSplit,
+                      group: dist.ProcessGroup) -> torch.Tensor:
+    """Self-attention of the whole window for this rank's tokens: q, k, v (B, Lp, H, hd) -> (B, Lp, H, hd).
+
+    One all-to-all sends head chunk j of the local tokens to rank j (so each rank holds every token of H/P heads),
+    attention runs over the real tokens, and a second all-to-all brings each rank its tokens back with all heads.
+    """
+    P = split.world
+    if P == 1:
+        return attention(q, k, v)
+    B, Lp, H, hd = q.shape
+    Hl = -(-H // P)  # heads per rank; zero heads pad H up to P * Hl
+    qkv = torch.stack((q, k, v))  # (3, B, Lp, H, hd)
+    if Hl * P != H:
+        qkv = F.pad(qkv, (0, 0, 0, Hl * P - H))
+    send = qkv.unflatten(3, (P, Hl)).permute(3, 0, 1, 2, 4, 5).contiguous()  # (P, 3, B, Lp, Hl, hd)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # recv[j] holds rank j's tokens: in rank order they are the padded window, real tokens first.
+    full = recv.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)[:, :, :split.length]  # (3, B, L, Hl, hd)
+    out = attention(full[0], full[1], full[2])  # (B, L, Hl, hd)
+    out = F.pad(out, (0, 0, 0, 0, 0, P * Lp - split.length))
+    send = out.unflatten(1, (P, Lp)).transpose(0, 1).contiguous()  # (P, B, Lp, Hl, hd): token chunk j -> rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)[:, :, :H]  # (B, Lp, H, hd), head chunk j from rank j
+
+
+def split_expression_attention(q: torch.Tensor, emo: torch.Tensor, emo_k_proj: nn.Linear, emo_v_proj: nn.Linear,
+                               split: TokenSplit) -> torch.Tensor:
+    """`engine.nfeb.expression_attention` for this rank's tokens: q (B, Lp, H, hd) -> (B, Lp, H*hd).
+
+    Token i of the window belongs to latent frame i // (L // F); tokens past floor(L/F)*F, and padding, get zeros.
+    The local tokens cover frames [first, last]; they are laid out frame-aligned (zero queries before and after,
+    less than one frame each) so the single-process function runs unchanged on those frames only.
+    """
+    B, Lp, H, hd = q.shape
+    if emo.dim() == 3:  # global variant: every token attends to every expression token
+        return expression_attention(q, emo, emo_k_proj, emo_v_proj)
+    per = split.length // emo.shape[1]
+    grouped = min(per * emo.shape[1] - split.start, split.valid)  # local tokens that belong to a frame
+    if per == 0 or grouped <= 0:
+        return q.new_zeros(B, Lp, H * hd)
+    first, last = split.start // per, (split.start + grouped - 1) // per
+    lead = split.start - first * per
+    trail = (last + 1) * per - (split.start + grouped)
+    aligned = F.pad(q[:, :grouped], (0, 0, 0, 0, lead, trail))  # (B, (last - first + 1) * per, H, hd)
+    out = expression_attention(aligned, emo[:, first:last + 1], emo_k_proj, emo_v_proj)[:, lead:lead + grouped]
+    return F.pad(out, (0, 0, 0, Lp - grouped))
+
+
+def _moments(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(sum, sum of squares) per sample of x[:, :n] (B, n, D) as fp64 (B, 2); the square sum is built from the
+    centred sum so that the global variance does not lose digits to cancellation."""
+    if n == 0:
+        return torch.zeros(x.shape[0], 2, dtype=torch.float64, device=x.device)
+    xf = x[:, :n].float()
+    s1 = xf.sum(dim=(1, 2))
+    mean = s1 / (n * x.shape[2])
+    m2 = (xf - mean[:, None, None]).square().sum(dim=(1, 2))
+    s1 = s1.double()
+    return torch.stack((s1, m2.double() + s1 * mean.double()), dim=1)
+
+
+def split_normalise_to(emo: torch.Tensor, base: torch.Tensor, split: TokenSplit, group: dist.ProcessGroup,
+                       eps: float = NORM_EPS) -> torch.Tensor:
+    """`engine.nfeb.normalise_to` with the per-sample mean / unbiased std taken over the WHOLE window's real
+    tokens and channels (one all-reduce); emo, base (B, Lp, D) local -> (B, Lp, D)."""
+    stats = torch.stack((_moments(emo, split.valid), _moments(base, split.valid)), dim=1)  # (B, 2, 2)
+    if split.world > 1:
+        dist.all_reduce(stats, group=group)
+    n = split.length * emo.shape[2]
+    mean = stats[..., 0] / n
+    std = ((stats[..., 1] - stats[..., 0] * mean) / (n - 1)).clamp_min(0).sqrt()  # (B, 2): [emo, base]
+    mean, std = mean.to(emo.dtype)[:, :, None, None], std.to(emo.dtype)[:, :, None, None]
+    return (emo - mean[:, 0]) * std[:, 1] / (std[:, 0] + eps) + mean[:, 1]
+
+
+# --- split-aware attention modules --------------------------------------------------------------------------------
+class SequenceParallelSelfAttention(nn.Module):
+    """WanSelfAttention on the local tokens (B, Lp, D) -> (B, Lp, D); the attention sees the whole window."""
+
+    def __init__(self, inner: WanSelfAttention, state: _SplitState):
+        super().__init__()
+        self.inner = inner
+        self.state = state
+
+    def forward(self, x, cos, sin):
+        q, k, v = self.inner.qkv(x, cos, sin)
+        return self.inner.o(ulysses_attention(q, k, v, self.state.split, self.state.group).flatten(2))
+
+
+class SequenceParallelCrossAttention(nn.Module):
+    """WanI2VCrossAttention on the local tokens (B, Lp, D) -> (B, Lp, D): the text/image part is per token with
+    the replicated context; the NFEB part uses the split-aware per-frame attention and global statistics."""
+
+    def __init__(self, inner: WanI2VCrossAttention, state: _SplitState):
+        super().__init__()
+        self.inner = inner
+        self.state = state
+
+    def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0):
+        m = self.inner
+        q = m.norm_q(m.q(x)).unflatten(-1, (m.num_heads, -1))
+        k_img, v_img, k_txt, v_txt = m.context_kv(ctx_img, ctx_txt)
+        base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
+        if emo is not None and ip_scale != 0:
+            split = self.state.split
+            emo_out = split_expression_attention(q, emo, m.emo_k_proj, m.emo_v_proj, split)
+            base = base + ip_scale * split_normalise_to(emo_out, base, split, self.state.group)
+        return m.o(base)
+
+
+def _with_children(module: nn.Module, **children: nn.Module) -> nn.Module:
+    """A shallow copy of `module` (same class, same parameters and forward) with some child modules replaced.
+    The block's own forward (modulation, residuals, FFN) then runs unchanged around the split-aware attention."""
+    clone = copy.copy(module)
+    clone._modules = {**module._modules, **children}
+    return clone
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+class SequenceParallelDiT(nn.Module):
+    """`WanModel` with one window's tokens split across the sequence group of `groups` (weights shared, not copied).
+
+    forward(x, t, context, clip_fea, y, emo=None, ip_scale=1.0) takes the same (replicated) inputs as
+    WanModel.forward on every rank of the sequence group and returns the same (B, out_dim, F, H, W) on each.
+    forward_branches(branches, **inputs) runs guidance branches, split over the CFG groups.
+    """
+
+    def __init__(self, model: WanModel, groups: ParallelGroups):
+        super().__init__()
+        self.model = model
+        self.groups = groups
+        self._state = _SplitState(groups.seq_group)
+        self.blocks = nn.ModuleList(
+            _with_children(b, self_attn=SequenceParallelSelfAttention(b.self_attn, self._state),
+                           cross_attn=SequenceParallelCrossAttention(b.cross_attn, self._state))
+            for b in model.blocks)
+        self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def split(self, grid: tuple[int, int, int]) -> TokenSplit:
+        return TokenSplit(math.prod(grid), self.groups.seq_size, self.groups.seq_rank)
+
+    def rope(self, grid: tuple[int, int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (Lp, hd/2) of the local tokens at their GLOBAL positions (padding rows are zero)."""
+        device = device or self.model.patch_embedding.weight.device
+        key = (*grid, str(device))
+        if key not in self._rope:
+            split = self.split(grid)
+            cos, sin = self.model.rope(grid, device)
+            self._rope[key] = (split.shard(cos, 0), split.shard(sin, 0))
+        return self._rope[key]
+
+    def forward_tokens(self, tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0,
+                       split: TokenSplit | None = None):
+        """All blocks and the head on the local tokens (B, Lp, D) -> (B, Lp, out_dim * prod(patch))."""
+        self._state.split = split
+        for block in self.blocks:
+            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+        return self.model.head(tokens, e)
+
+    def gather(self, local: torch.Tensor, split: TokenSplit) -> torch.Tensor:
+        """(B, Lp, C) of every rank of the sequence group -> the window's (B, L, C) on each."""
+        if split.world == 1:
+            return local
+        out = local.new_empty(split.world * local.shape[0], *local.shape[1:])  # concatenated over ranks
+        _all_gather(out, local.contiguous(), group=self.groups.seq_group)
+        return out.unflatten(0, (split.world, -1)).transpose(0, 1).flatten(1, 2)[:, :split.length]
+
+    def forward(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0):
+        """Flow prediction (B, out_dim, F, H, W), identical on every rank of the sequence group."""
+        m = self.model
+        ctx_img, ctx_txt = m.embed_context(context, clip_fea)
+        tokens, grid = m.patchify(x, y)  # the whole window: a strided conv, cheap next to the blocks
+        split = self.split(grid)
+        cos, sin = self.rope(grid, tokens.device)
+        e, e0 = m.embed_time(t)
+        if emo is not None:
+            emo = emo.to(tokens.dtype)
+        out = self.forward_tokens(split.shard(tokens), e, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, split)
+        return m.unpatchify(self.gather(out, split).float(), grid)
+
+    def forward_branches(self, branches: Sequence[dict], **inputs) -> torch.Tensor:
+        """Guidance branches, e.g. [{"ip_scale": 1.0}, {"ip_scale": 0.0}]: each is `forward(**inputs, **branch)`.
+
+        CFG group g runs branches g, g + G, ...; one all_gather among the ranks of equal sequence rank gives
+        every rank all of them: returns (len(branches), B, out_dim, F, H, W) in branch order.
+        """
+        G, g = self.groups.cfg_size, self.groups.cfg_rank
+        if len(branches) % G:
+            raise ValueError(f"{len(branches)} guidance branches do not split over {G} CFG groups: "
+                             f"use a CFG group count that divides {len(branches)}.")
+        mine = torch.stack([self.forward(**{**inputs, **b}) for b in branches[g::G]])  # (n/G, B, ...)
+        if G == 1:
+            return mine
+        out = mine.new_empty(G * mine.shape[0], *mine.shape[1:])  # concatenated over CFG groups
+        _all_gather(out, mine, group=self.groups.cfg_group)
+        return out.unflatten(0, (G, -1)).transpose(0, 1).flatten(0, 1)  # [j, g] -> branch j * G + g
+
+
+# --- rank 0 drives, the others follow -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TensorSlot:
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _strip(obj, tensors: list):
+    """Replace the tensors in nested dicts/lists/tuples by slots, collecting them in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _TensorSlot(len(tensors) - 1, tuple(obj.shape), obj.dtype)
+    if isinstance(obj, dict):
+        return {k: _strip(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_strip(v, tensors) for v in obj)
+    return obj
+
+
+def _fill(obj, tensors: list):
+    if isinstance(obj, _TensorSlot):
+        return tensors[obj.index]
+    if isinstance(obj, dict):
+        return {k: _fill(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_fill(v, tensors) for v in obj)
+    return obj
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class Driver:
+    """Rank 0's handle on a SequenceParallelDiT that every rank runs.
+
+    driver(**forward inputs) or driver.branches(branches, **inputs) broadcasts the call (a small pickled header,
+    then the tensors from rank 0) and runs it here; the other ranks run the same call inside `follow(model)`.
+    close() releases them. Use it on rank 0 wherever the renderer would call the DiT.
+    """
+
+    def __init__(self, model: SequenceParallelDiT):
+        if dist.get_rank() != 0:
+            raise RuntimeError("Driver runs on rank 0 only: the other ranks call follow(model).")
+        self.model = model
+
+    def _call(self, method: str, kwargs: dict):
+        tensors: list[torch.Tensor] = []
+        stripped = _strip(kwargs, tensors)
+        dist.broadcast_object_list([(method, stripped)], src=0)
+        device = _device_of(self.model)
+        tensors = [t.to(device).contiguous() for t in tensors]
+        for t in tensors:
+            dist.broadcast(t, src=0)
+        return getattr(self.model, method)(**_fill(stripped, tensors))
+
+    def __call__(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0):
+        return self._call("forward", dict(x=x, t=t, context=context, clip_fea=clip_fea, y=y, emo=emo,
+                                          ip_scale=ip_scale))
+
+    def branches(self, branches: Sequence[dict], **inputs):
+        return self._call("forward_branches", dict(branches=list(branches), **inputs))
+
+    def close(self) -> None:
+        dist.broadcast_object_list([None], src=0)
+
+
+def follow(model: SequenceParallelDiT) -> int:
+    """On ranks other than 0: run every call rank 0's Driver makes, until it closes. Returns the call count."""
+    device = _device_of(model)
+    calls = 0
+    while True:
+        header = [None]
+        dist.broadcast_object_list(header, src=0)
+        if header[0] is None:
+            return calls
+        method, kwargs = header[0]
+        slots: list[_TensorSlot] = []
+        _collect_slots(kwargs, slots)
+        tensors = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in sorted(slots, key=lambda s: s.index)]
+        for t in tensors:
+            dist.broadcast(t, src=0)
+        getattr(model, method)(**_fill(kwargs, tensors))
+        calls += 1
+
+
+def _collect_slots(obj, slots: list) -> None:
+    if isinstance(obj, _TensorSlot):
+        slots.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_slots(v, slots)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_slots(v, slots)
+
+
+__all__ = ["DistInfo", "Driver", "ParallelGroups", "SequenceParallelDiT", "TokenSplit", "follow", "free_port",
+           "init_distributed", "make_groups", "spawn", "split_expression_attention", "split_normalise_to",
+           "ulysses_attention"]
