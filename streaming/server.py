@@ -1,0 +1,322 @@
+"""The live service: one aiohttp app (on uvloop) that turns WebRTC peers into avatar sessions.
+
+    server = AvatarServer(StreamConfig(), make_renderer, reference_rgb, renderer_name="preview")
+    app = server.app()                  # routes: / (camera page), /viewer (receive-only), /offer, /stats
+    await serve(server, ready=print)    # binds config.host:config.port (127.0.0.1 unless told otherwise)
+
+A peer whose offer sends video is a *camera* session: its own renderer (from `make_renderer()`), fed by a
+WebRTCCapture, answered with its AvatarTrack. A receive-only offer is a *viewer* session (an OBS Browser Source):
+it mirrors the programme, which is the `--driving` pipeline when there is one, else the newest camera session,
+else the reference portrait. The virtual camera and the recording follow the programme too.
+
+A session is freed when its peer closes or fails, when its camera track ends, or when its camera sends nothing for
+`idle_timeout_s`; the server keeps serving the others. User errors (a body that is not an offer, malformed SDP,
+too many sessions) answer HTTP 400/503 with one sentence in `{"error": ...}`.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from aiohttp import web
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from engine.config import StreamConfig
+from streaming.capture import AVCapture, WebRTCCapture
+from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
+from streaming.tracks import AvatarTrack, MirrorTrack, PacedTrack, fit_image
+
+STATIC = Path(__file__).resolve().parent / "static"
+log = logging.getLogger("flashlive.server")
+
+
+def restrict_ice_to_loopback() -> None:
+    """Offer only 127.0.0.1 ICE candidates (aioice leaves loopback out by default): same-machine peers and tests.
+
+    aiortc has no per-connection setting for host addresses, so this swaps aioice's address lookup for the process.
+    """
+    import aioice.ice
+
+    aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"] if use_ipv4 else []
+
+
+@dataclass
+class Session:
+    """One peer connection and what it drives."""
+
+    id: str
+    kind: str  # "camera" (sends video, gets its avatar back) or "viewer" (receives the programme)
+    pc: RTCPeerConnection
+    track: PacedTrack
+    renderer: object | None = None
+    capture: WebRTCCapture | None = None
+    created: float = field(default_factory=time.monotonic)
+    connected_at: float | None = None
+
+    def stats(self) -> dict:
+        out = {"id": self.id, "kind": self.kind, "state": self.pc.connectionState,
+               "age_s": round(time.monotonic() - self.created, 1)}
+        out.update(self.track.stats())
+        if self.capture is not None:
+            out.update(self.capture.stats())
+        if self.renderer is not None:
+            rs = self.renderer.stats()
+            out["renderer"] = rs.get("renderer")
+            out["face_found"] = rs.get("face_found")
+            out["input_queue"] = rs.get("input_queue")
+            out["renderer_stats"] = rs
+        return out
+
+
+class AvatarServer:
+    """Sessions, the programme and its sinks, and the aiohttp app that exposes them.
+
+    make_renderer: () -> a started-or-startable engine.base.ThreadedRenderer producing (height, width, 3) frames.
+    reference: (H, W, 3) uint8 RGB portrait, shown before the first rendered frame and when nothing is on air.
+    """
+
+    def __init__(self, config: StreamConfig, make_renderer: Callable[[], object], reference: np.ndarray,
+                 renderer_name: str, device: str = "cpu", max_sessions: int = 8, idle_timeout_s: float = 10.0,
+                 vcam_backend: str | None = None, vcam_device: str | None = None):
+        self.config = config
+        self.make_renderer = make_renderer
+        self.renderer_name = renderer_name
+        self.device = device
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self.idle_image = fit_image(reference, config.width, config.height)
+        self.sessions: dict[str, Session] = {}
+        self.sessions_opened = 0
+        self.sessions_closed = 0
+        self.started = time.monotonic()
+        self.sinks: list[ThreadedSink] = []
+        self._vcam = (vcam_backend, vcam_device)
+        self._program: AvatarTrack | None = None  # the --driving pipeline's output
+        self._program_renderer = None
+        self._program_capture: AVCapture | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._closing: set[str] = set()
+
+    # --- programme: what /viewer, the virtual camera and the recording show ------------------------------------
+    def program_image(self) -> np.ndarray:
+        if self._program is not None:
+            return self._program.last_image
+        cameras = [s for s in self.sessions.values() if s.kind == "camera" and s.connected_at is not None]
+        if cameras:
+            return max(cameras, key=lambda s: s.connected_at).track.last_image
+        return self.idle_image
+
+    def _new_renderer(self):
+        renderer = self.make_renderer()
+        return renderer.start() if hasattr(renderer, "start") else renderer
+
+    def _avatar_track(self, renderer) -> AvatarTrack:
+        c = self.config
+        return AvatarTrack(renderer, c.fps, c.width, c.height, c.playout_frames, idle=self.idle_image)
+
+    async def startup(self, app: web.Application | None = None) -> None:
+        """Start the --driving pipeline and the sinks (opened here so their errors stop the server at once)."""
+        c = self.config
+        if c.driving:
+            self._program_renderer = self._new_renderer()
+            self._program_capture = AVCapture(c.driving, self._program_renderer.push)
+            self._program = self._avatar_track(self._program_renderer)
+            self._program_capture.start()
+        if c.vcam:
+            backend, device = self._vcam
+            self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
+        if c.record:
+            self.sinks.append(RecordSink(c.record, c.width, c.height, c.fps))
+        if self._program is not None:  # the driving pipeline renders even with nobody watching: /viewer mirrors it
+            self._tasks.append(asyncio.ensure_future(pump(self._program, self.sinks)))
+        elif self.sinks:
+            mirror = MirrorTrack(self.program_image, c.fps, c.width, c.height)
+            self._tasks.append(asyncio.ensure_future(pump(mirror, self.sinks)))
+        self._tasks.append(asyncio.ensure_future(self._janitor()))
+
+    async def shutdown(self, app: web.Application | None = None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await asyncio.gather(*(self.close_session(sid) for sid in list(self.sessions)))
+        if self._program_capture is not None:
+            await asyncio.to_thread(self._program_capture.stop)
+        if self._program_renderer is not None:
+            await asyncio.to_thread(self._program_renderer.close)
+        for sink in self.sinks:
+            await asyncio.to_thread(sink.close)
+
+    # --- sessions ------------------------------------------------------------------------------------------------
+    async def close_session(self, sid: str) -> None:
+        session = self.sessions.get(sid)
+        if session is None or sid in self._closing:
+            return
+        self._closing.add(sid)
+        try:
+            if session.capture is not None:
+                session.capture.stop()
+            session.track.stop()
+            await session.pc.close()
+            if session.renderer is not None:  # joins the render thread: off the event loop
+                await asyncio.to_thread(session.renderer.close)
+        finally:
+            self.sessions.pop(sid, None)
+            self._closing.discard(sid)
+            self.sessions_closed += 1
+            log.info("session %s (%s) closed; %d open", sid, session.kind, len(self.sessions))
+
+    async def _janitor(self) -> None:
+        """Free sessions whose peer went away without saying so (ICE consent takes ~30 s to notice)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for sid, s in list(self.sessions.items()):
+                never_connected = s.connected_at is None and now - s.created > 30
+                silent = (s.capture is not None and s.connected_at is not None
+                          and now - (s.capture.last_frame_time or s.connected_at) > self.idle_timeout_s)
+                if never_connected or silent:
+                    await self.close_session(sid)
+
+    def _error(self, status: int, message: str) -> web.Response:
+        return web.json_response({"error": message}, status=status)
+
+    async def offer(self, request: web.Request) -> web.Response:
+        try:
+            params = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            params = None
+        if not isinstance(params, dict) or params.get("type") != "offer" or not isinstance(params.get("sdp"), str):
+            return self._error(400, 'POST /offer needs a JSON body {"sdp": <offer SDP>, "type": "offer"} '
+                                    "as RTCPeerConnection.createOffer() produces it.")
+        sdp = params["sdp"]
+        if not sdp.lstrip().startswith("v=0") or "\nm=video " not in sdp.replace("\r\n", "\n"):
+            return self._error(400, "The offer's SDP is malformed or has no video section: send the offer exactly "
+                                    "as RTCPeerConnection.createOffer() produced it, with a video transceiver.")
+        if len(self.sessions) >= self.max_sessions:
+            return self._error(503, f"The server already has {self.max_sessions} sessions: close one or start "
+                                    "flashlive serve with a larger --max-sessions.")
+
+        pc = RTCPeerConnection()
+        incoming = []
+        pc.on("track", lambda track: incoming.append(track) if track.kind == "video" else None)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as err:  # aiortc raises ValueError/KeyError/IndexError/OperationError on bad SDP
+            await pc.close()
+            return self._error(400, f"The offer's SDP could not be used ({type(err).__name__}: {err}): send the "
+                                    "offer exactly as RTCPeerConnection.createOffer() produced it.")
+
+        sid = uuid.uuid4().hex[:12]
+        if incoming:
+            renderer = await asyncio.to_thread(self._new_renderer)  # model set-up may take a while
+            session = Session(sid, "camera", pc, self._avatar_track(renderer), renderer=renderer)
+            session.capture = WebRTCCapture(incoming[0], renderer.push,
+                                            on_end=lambda: asyncio.ensure_future(self.close_session(sid)))
+        else:
+            c = self.config
+            session = Session(sid, "viewer", pc, MirrorTrack(self.program_image, c.fps, c.width, c.height))
+        pc.addTrack(session.track)
+        self.sessions[sid] = session
+        self.sessions_opened += 1
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = pc.connectionState
+            if state == "connected" and session.connected_at is None:
+                session.connected_at = time.monotonic()
+            elif state in ("failed", "closed"):
+                await self.close_session(sid)
+
+        if session.capture is not None:
+            session.capture.start()
+        try:
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as err:  # e.g. no codec in common with the browser
+            await self.close_session(sid)
+            return self._error(400, f"Cannot answer this offer ({err}): offer H.264 or VP8 video.")
+        log.info("session %s (%s) opened; %d open", sid, session.kind, len(self.sessions))
+        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                                  "session": sid, "kind": session.kind})
+
+    # --- pages and stats -----------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"renderer": self.renderer_name, "device": self.device, "fps": self.config.fps,
+                "width": self.config.width, "height": self.config.height,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "session_count": len(self.sessions), "sessions_opened": self.sessions_opened,
+                "sessions_closed": self.sessions_closed,
+                "sessions": [s.stats() for s in self.sessions.values()],
+                "program": None if self._program is None else {
+                    **self._program.stats(), **self._program_renderer.stats(), **self._program_capture.stats()},
+                "sinks": [s.stats() for s in self.sinks]}
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats(), headers={"Cache-Control": "no-store"})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        def page(name: str):
+            async def handler(request: web.Request) -> web.FileResponse:
+                return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+            return handler
+
+        app.router.add_get("/", page("index.html"))
+        app.router.add_get("/viewer", page("viewer.html"))
+        app.router.add_get("/client.js", page("client.js"))
+        app.router.add_post("/offer", self.offer)
+        app.router.add_get("/stats", self._stats)
+        app.on_startup.append(self.startup)
+        app.on_shutdown.append(self.shutdown)
+        return app
+
+
+async def serve(server: AvatarServer, ready: Callable[[str], None] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM); `ready(url)` is called once the port is bound."""
+    host, port = server.config.host, server.config.port
+    runner = web.AppRunner(server.app(), handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(f"Port {port} on {host} is in use: pass --port with a free port or stop the "
+                             "program that holds it.") from None
+        raise ValueError(f"Cannot listen on {host}:{port} ({err.strerror}): pass another --host/--port.") from None
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread, or Windows: Ctrl-C raises KeyboardInterrupt instead
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{shown}:{runner.addresses[0][1]}/"  # the bound port, also when --port 0 let the OS choose
+    if ready is not None:
+        ready(url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(server: AvatarServer, ready: Callable[[str], None] | None = None) -> None:
+    """Blocking entry point of `flashlive serve`: uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        asyncio.run(serve(server, ready))
+    else:
+        uvloop.run(serve(server, ready))
