@@ -1,0 +1,147 @@
+"""Headless Chromium with a fake camera opens the camera page and plays the avatar; closing the page frees the session.
+
+Chromium is driven over the DevTools protocol on a loopback websocket (aiohttp), nothing else is downloaded.
+The fake camera shows a test pattern, not a face: the preview renderer keeps sending the portrait and /stats says
+face_found is False.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import subprocess
+import time
+
+import aiohttp
+import pytest
+
+from engine.config import StreamConfig
+from engine.preview import PreviewRenderer, load_reference
+from live_util import get_stats, running_server, wait_for
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+W, H = 320, 320
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")]
+
+
+class DevTools:
+    """The smallest DevTools-protocol client: send a command (optionally to a page session), await its result."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.ids = itertools.count(1)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            data = json.loads(msg.data)
+            future = self.pending.pop(data.get("id"), None)
+            if future is not None and not future.done():
+                future.set_result(data)
+
+    async def send(self, method: str, session: str | None = None, **params) -> dict:
+        mid = next(self.ids)
+        self.pending[mid] = asyncio.get_running_loop().create_future()
+        message = {"id": mid, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        await self.ws.send_str(json.dumps(message))
+        reply = await asyncio.wait_for(self.pending[mid], 20)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    async def evaluate(self, session: str, expression: str):
+        result = await self.send("Runtime.evaluate", session, expression=expression, returnByValue=True,
+                                 awaitPromise=True)
+        return result["result"].get("value")
+
+
+async def launch(profile) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream=fps=30",
+        "--use-fake-ui-for-media-stream", "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns", "--disable-background-networking", "--no-first-run",
+        "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+        "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if port_file.exists() and len(port_file.read_text().split()) == 2:
+            port, path = port_file.read_text().split()
+            return proc, f"ws://127.0.0.1:{port}{path}"
+        if proc.poll() is not None:
+            raise RuntimeError(f"Chromium exited with {proc.returncode} before opening DevTools")
+        await asyncio.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("Chromium did not open its DevTools port within 30 s")
+
+
+PLAYBACK = """(() => { const v = document.getElementById('avatar');
+  const q = v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : {totalVideoFrames: 0};
+  return {time: v.currentTime, width: v.videoWidth, height: v.videoHeight, paused: v.paused,
+          ready: v.readyState, frames: q.totalVideoFrames,
+          face: document.getElementById('face').textContent, message: document.getElementById('message').textContent};
+})()"""
+
+
+def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
+    reference = load_reference(data("reference", "lp_s6.jpg"))
+    make = lambda: PreviewRenderer(reference, W, H)  # noqa: E731
+
+    async def scenario():
+        async with running_server(StreamConfig(port=0, width=W, height=H, fps=25), make, reference,
+                                  renderer_name="preview") as (server, url):
+            proc, ws_url = await launch(tmp_path / "profile")
+            try:
+                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+                    cdp = DevTools(ws)
+                    target = (await cdp.send("Target.createTarget", url=url))["targetId"]
+                    page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+                    await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
+                    await cdp.evaluate(page, "document.getElementById('start').click()")
+
+                    async def playing():
+                        state = await cdp.evaluate(page, PLAYBACK)
+                        return state if state["frames"] >= 25 and state["time"] > 0.5 and not state["paused"] \
+                            else None
+                    state = await wait_for(playing, 45, interval=0.5)
+                    last_page = await cdp.evaluate(page, PLAYBACK)
+                    later = await wait_for(lambda: _advanced(cdp, page, last_page), 10)
+                    stats = await get_stats(url)
+                    await cdp.send("Target.closeTarget", targetId=target)
+                    freed = await wait_for(lambda: _count_is(url, 0), 15)
+                    cdp.reader.cancel()
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            return state, last_page, later, stats, freed
+
+    state, last_page, later, stats, freed = asyncio.run(scenario())
+
+    assert state is not None, f"the avatar video never played: {last_page}"
+    assert (state["width"], state["height"]) == (W, H)
+    assert later is not None, "the avatar video stopped advancing"
+    assert stats["session_count"] == 1, stats
+    (session,) = stats["sessions"]
+    assert session["kind"] == "camera" and session["renderer"] == "preview"
+    assert session["fps_out"] > 0 and session["fps_in"] > 0, session
+    assert session["face_found"] is False, "the fake camera shows a test pattern: no face should be reported"
+    assert last_page["face"].startswith("no"), f"the page shows face found = {last_page['face']!r}"
+    assert freed, "the session was not freed after the page closed"
+
+
+async def _advanced(cdp: DevTools, page: str, before: dict):
+    now = await cdp.evaluate(page, PLAYBACK)
+    return now if now["frames"] > before["frames"] and now["time"] > before["time"] else None
+
+
+async def _count_is(url: str, n: int) -> bool:
+    return (await get_stats(url))["session_count"] == n
