@@ -198,7 +198,7 @@ def check_keys(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str | 
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(s)}" for k, s in expected.items()
              if k in sd and tuple(sd[k].shape) != tuple(s)]
     problems = []
-    if expected and len(missing) == len(expected) and sd:
+    if expected and sd and not any(k in expected for k in sd):
         problems.append(f"none of its {len(sd)} keys belong to this model (e.g. {next(iter(sd))}), so it is a "
                         f"different model's checkpoint")
     else:
