@@ -150,7 +150,6 @@ def cmd_serve(args) -> int:
 
 # --- render ------------------------------------------------------------------------------------------------------
 def cmd_render(args) -> int:
-    import av
     from tqdm import tqdm
 
     from streaming.capture import open_video
@@ -172,16 +171,12 @@ def cmd_render(args) -> int:
     try:
         with Mp4Writer(output, width, height, fps, audio_template=audio) as writer, \
                 tqdm(total=video.frames or None, unit="frame", desc="render", disable=args.quiet) as bar:
-            try:
-                for frame in src.decode(video):
-                    for image, _ in renderer.process(frame.to_ndarray(format="rgb24"), float(frame.time or 0)):
-                        writer.write(image)
-                        frames_out += 1
-                    frames_in += 1
-                    bar.update(1)
-            except av.FFmpegError as err:
-                raise ValueError(f"{args.driving} could not be decoded past frame {frames_in} ({err}): "
-                                 "re-encode it, e.g. with ffmpeg -i IN -c:v libx264 OUT.mp4.") from None
+            for frame in decode(src, video, args.driving):
+                for image, _ in renderer.process(frame.to_ndarray(format="rgb24"), float(frame.time or 0)):
+                    writer.write(image)
+                    frames_out += 1
+                frames_in += 1
+                bar.update(1)
             for image, _ in getattr(renderer, "flush", lambda: [])():  # renderers that hold back a window
                 writer.write(image)
                 frames_out += 1
@@ -197,6 +192,24 @@ def cmd_render(args) -> int:
     return 0
 
 
+def decode(container, stream, path: str):
+    """Decoded frames of `stream`; a corrupt file is one sentence (ValueError), not a codec traceback."""
+    import av
+
+    frames = container.decode(stream)
+    index = 0
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except av.FFmpegError as err:
+            raise ValueError(f"{path} could not be decoded past frame {index} ({err}): re-encode it, e.g. with "
+                             "ffmpeg -i IN -c:v libx264 OUT.mp4.") from None
+        index += 1
+        yield frame
+
+
 def copy_audio(path: str, writer, video) -> None:
     """Remux the first audio stream of `path` into `writer` unchanged, kept in sync with the video stream."""
     import av
@@ -206,8 +219,7 @@ def copy_audio(path: str, writer, video) -> None:
         v0 = (video.start_time or 0) * video.time_base  # the video's first frame is t=0 of the output
         shift = round(v0 / audio.time_base) if v0 else 0
         for packet in src.demux(audio):
-            if packet.pts is not None and packet.pts - shift < 0:
-                continue  # audio from before the first video frame has no picture to go with
+            # Negative times stay: AAC priming packets (pts < 0) are trimmed by the mp4 edit list, as in the source.
             writer.mux_audio(packet, shift)
 
 

@@ -42,7 +42,8 @@ class Mp4Writer:
         self._video = self._container.add_stream("libx264", rate=self.fps)
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
-        self._video.time_base = 1 / self.fps
+        self._time_base = 1 / self.fps  # frames keep this; the muxer changes the stream's own time base on open
+        self._video.time_base = self._time_base
         self._video.options = {"crf": str(crf), "preset": "veryfast"}
         self._audio = self._container.add_stream_from_template(audio_template) if audio_template is not None else None
         self._closed = False
@@ -50,7 +51,7 @@ class Mp4Writer:
     def write(self, image: np.ndarray) -> None:
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = self.frames
-        frame.time_base = self._video.time_base
+        frame.time_base = self._time_base
         self._container.mux(self._video.encode(frame))
         self.frames += 1
 
@@ -153,7 +154,12 @@ class VirtualCameraSink(ThreadedSink):
 
     def __init__(self, width: int, height: int, fps: float, device: str | None = None, backend: str | None = None):
         import pyvirtualcam
+        from pyvirtualcam.camera import BACKENDS
 
+        if backend is not None and backend not in BACKENDS:  # checked here: pyvirtualcam would fail in __del__ too
+            raise ValueError(f"No virtual camera backend {backend!r} (this system has {', '.join(BACKENDS) or 'none'}): "
+                             "on Linux load v4l2loopback with `sudo modprobe v4l2loopback devices=1 "
+                             "exclusive_caps=1`, elsewhere install OBS.")
         try:
             self.camera = pyvirtualcam.Camera(width, height, fps, fmt=pyvirtualcam.PixelFormat.RGB, device=device,
                                               backend=backend)

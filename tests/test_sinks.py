@@ -1,0 +1,132 @@
+"""Sinks: the virtual camera (through a pyvirtualcam backend registered here), the mp4 recording, the /viewer peer.
+
+The server is driven by a looped video file (`--driving`), so this also covers the file capture source.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+import pyvirtualcam
+from aiortc import RTCPeerConnection
+
+from engine.config import StreamConfig
+from engine.preview import PreviewRenderer, load_reference
+from live_util import get_stats, post_offer, running_server, wait_for
+from streaming.sinks import Mp4Writer, RecordSink, VirtualCameraSink
+
+W, H = 256, 256
+
+
+class MemoryCamera:
+    """A pyvirtualcam backend that keeps what it is sent (the interface of pyvirtualcam.Backend)."""
+
+    frames: list = []
+    closed = 0
+    lock = threading.Lock()
+
+    def __init__(self, *, width, height, fps, fourcc, device, **kw):
+        self.shape = (height, width, 3)
+        MemoryCamera.frames = []
+
+    def send(self, frame: np.ndarray) -> None:
+        with MemoryCamera.lock:
+            MemoryCamera.frames.append(frame.reshape(self.shape).copy())
+
+    def close(self) -> None:
+        MemoryCamera.closed += 1
+
+    def device(self) -> str:
+        return "memory"
+
+    def native_fourcc(self):
+        return None
+
+
+pyvirtualcam.register_backend("flashlive-test-memory", MemoryCamera)
+
+
+def test_vcam_record_and_viewer_follow_the_driving_video(data, tmp_path):
+    reference = load_reference(data("reference", "lp_s6.jpg"))
+    make = lambda: PreviewRenderer(reference, W, H)  # noqa: E731
+    record = tmp_path / "show.mp4"
+    config = StreamConfig(port=0, width=W, height=H, fps=25, driving=str(data("driving", "lp_d0.mp4")), vcam=True,
+                          record=str(record))
+    closed_before = MemoryCamera.closed
+
+    async def scenario():
+        async with running_server(config, make, reference, renderer_name="preview",
+                                  vcam_backend="flashlive-test-memory") as (server, url):
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            tracks = []
+            pc.on("track", tracks.append)
+            answer = await post_offer(url, pc)
+            assert answer["kind"] == "viewer"
+            await wait_for(lambda: asyncio.sleep(0, tracks), 10)
+            viewer = []
+            deadline = time.monotonic() + 30
+            while (len(viewer) < 40 or len(MemoryCamera.frames) < 50) and time.monotonic() < deadline:
+                frame = await asyncio.wait_for(tracks[0].recv(), 10)
+                viewer.append(frame.to_ndarray(format="rgb24"))
+            stats = await get_stats(url)
+            await pc.close()
+            return viewer, stats
+
+    viewer, stats = asyncio.run(scenario())
+
+    vcam = MemoryCamera.frames
+    assert len(vcam) >= 50, f"the virtual camera got {len(vcam)} frames"
+    assert all(f.shape == (H, W, 3) for f in vcam)
+    changed = sum(np.abs(a.astype(int) - b).max() > 40 for a, b in zip(vcam[10:], vcam[11:]))
+    assert changed >= 10, f"only {changed} virtual-camera frames differ from the one before: the face did not move"
+    assert MemoryCamera.closed == closed_before + 1, "the virtual camera was not released on shutdown"
+
+    assert len(viewer) >= 40 and viewer[-1].shape == (H, W, 3)
+    assert np.abs(viewer[-1].astype(int) - viewer[5]).max() > 40, "the viewer shows a frozen programme"
+    program = stats["program"]
+    assert program["face_found"] is True and program["fps_in"] > 10 and program["fps_out"] > 10, program
+    (vcam_stats, rec_stats) = stats["sinks"]
+    assert vcam_stats["sink"] == "vcam" and vcam_stats["error"] is None
+    assert rec_stats["sink"] == "record" and rec_stats["error"] is None
+
+    # The recording was finished on shutdown: a playable mp4 at the output fps, and no partial file beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["show.mp4"]
+    with av.open(str(record)) as c:
+        assert c.streams.video[0].average_rate == 25
+        frames = sum(1 for _ in c.decode(video=0))
+    assert frames >= 50
+
+
+def test_mp4_writer_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "clip.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        with Mp4Writer(target, 64, 64, 25) as writer:
+            for _ in range(30):
+                writer.write(np.zeros((64, 64, 3), np.uint8))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == [], "a half-written file was left behind"
+
+    sink = RecordSink(target, 64, 64, 25)
+    sink.write(np.zeros((64, 64, 3), np.uint8))
+    sink.write(np.zeros((10, 10), np.uint8))  # a frame the encoder cannot take: the sink fails, the caller does not
+    sink.close()
+    assert sink.error is not None and "record sink failed" in sink.error
+    assert list(tmp_path.iterdir()) == [], "a failed recording left a file behind"
+
+    sink = RecordSink(target, 64, 64, 25)
+    for i in range(10):
+        sink.write(np.full((64, 64, 3), 20 * i, np.uint8))
+    sink.close()
+    assert sink.error is None and [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_missing_virtual_camera_is_one_sentence():
+    with pytest.raises(ValueError) as err:
+        VirtualCameraSink(W, H, 25, backend="no-such-backend")
+    message = str(err.value)
+    assert "v4l2loopback" in message and message.count("\n") == 0
