@@ -148,6 +148,25 @@ def _delaunay(pts: np.ndarray) -> np.ndarray:
     return np.array(tris, np.int32)
 
 
+def _outside(cover: np.ndarray, face: np.ndarray, pts: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The triangles of `cover` that reach outside the face layer (the rest are hidden under it: not drawn)."""
+    covered = np.zeros((height, width), np.uint8)
+    for tri in face:
+        cv2.fillConvexPoly(covered, np.round(pts[tri] * 16).astype(np.int32), 1, cv2.LINE_8, shift=4)
+    covered = cv2.erode(covered, np.ones((5, 5), np.uint8))  # keep a margin: the face outline moves per frame
+    keep = []
+    for k, tri in enumerate(cover):
+        corners = pts[tri]
+        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+        x1, y1 = np.ceil(corners.max(0)).astype(int) + 1
+        own = np.zeros((max(y1 - y0, 1), max(x1 - x0, 1)), np.uint8)
+        cv2.fillConvexPoly(own, np.round((corners - (x0, y0)) * 16).astype(np.int32), 1, cv2.LINE_8, shift=4)
+        under = covered[y0:y1, x0:x1]
+        if under.shape != own.shape or (own > under).any() or not own.any():
+            keep.append(k)
+    return cover[keep]
+
+
 def _border_points(width: int, height: int, per_side: int = 6) -> np.ndarray:
     """Fixed points along the frame edge (corners included) that pin the background."""
     t = np.linspace(0.0, 1.0, per_side + 1)[:-1]
@@ -171,6 +190,36 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
 
 
+class OneEuroFilter:
+    """One-euro low-pass filter per landmark (Casiez et al. 2012): smooths the face mesh's jitter when a point is
+    still, follows at once when it moves fast, so it adds no lag to real motion.
+
+    Works on (N,) complex points in normalised face units (1 = inter-ocular distance); speed is per point.
+    """
+
+    def __init__(self, min_cutoff: float = 1.0, beta: float = 40.0, d_cutoff: float = 4.0):
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self.reset()
+
+    def reset(self) -> None:
+        self._x: np.ndarray | None = None
+        self._dx: np.ndarray | None = None
+
+    @staticmethod
+    def _alpha(cutoff, dt: float):
+        return 1.0 / (1.0 + 1.0 / (2 * np.pi * cutoff * dt))
+
+    def __call__(self, x: np.ndarray, dt: float) -> np.ndarray:
+        if self._x is None:
+            self._x, self._dx = x.copy(), np.zeros_like(x)
+            return x
+        dx = (x - self._x) / dt
+        self._dx += self._alpha(self.d_cutoff, dt) * (dx - self._dx)
+        a = self._alpha(self.min_cutoff + self.beta * np.abs(self._dx), dt)
+        self._x = self._x + a * (x - self._x)
+        return self._x
+
+
 class PreviewRenderer(ThreadedRenderer):
     """Drives a reference portrait with the face motion of driving frames, on CPU, with no model weights.
 
@@ -182,7 +231,7 @@ class PreviewRenderer(ThreadedRenderer):
     name = "preview"
 
     def __init__(self, reference_rgb: np.ndarray, width: int = 512, height: int = 512, input_queue: int = 4,
-                 map_scale: float = 0.5, expression_gain: float = 1.0):
+                 map_scale: float = 0.5, expression_gain: float = 1.0, smoothing: bool = True):
         super().__init__(input_queue=input_queue)
         self.width, self.height = int(width), int(height)
         self.expression_gain = float(expression_gain)
@@ -205,10 +254,10 @@ class PreviewRenderer(ThreadedRenderer):
         border = _border_points(self.width, self.height)
         self._src = np.concatenate([ref_pts[:N_MESH], border]).astype(np.float64)  # (V, 2) source vertices
         self._n_border = len(border)
-        self._tris = np.concatenate([
-            _delaunay(self._src), _tesselation_triangles(),
-            _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER),
+        face = np.concatenate([
+            _tesselation_triangles(), _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER),
             _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)])
+        self._tris = np.concatenate([_outside(_delaunay(self._src), face, self._src, self.width, self.height), face])
         self._inner_lip = np.array(INNER_LIP_UPPER + INNER_LIP_LOWER[::-1][1:-1])
 
         # Backward map grid at map_scale resolution, in output pixel units.
@@ -222,18 +271,20 @@ class PreviewRenderer(ThreadedRenderer):
         self._map_y = np.empty((mh, mw), np.float32)
         self._full_x = np.empty((self.height, self.width), np.float32)
         self._full_y = np.empty((self.height, self.width), np.float32)
-        self._raster_shift = 4  # fillConvexPoly sub-pixel bits
+        self._coef = np.empty((mh, mw, 6), np.float32)
 
         self._mesh = _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
                                          min_detection_confidence=0.5, min_tracking_confidence=0.5)
-        self._neutral: tuple | None = None  # (neutral landmarks z, origin, axis, mouth opening)
+        self._neutral: tuple | None = None  # (neutral landmarks z, face-frame origin, axis)
+        self._filter = OneEuroFilter() if smoothing else None
+        self._last_pts: float | None = None
         self._last = self.reference.copy()
         self.face_found = False
         self.faces_missed = 0
 
     # --- the ThreadedRenderer hook --------------------------------------------------------------------------------
     def process(self, frame_rgb: np.ndarray, pts: float) -> list:
-        target = self.drive(frame_rgb)
+        target = self.drive(frame_rgb, pts)
         if target is None:
             return [(self._last.copy(), pts)]
         out = self.warp(target)
@@ -252,25 +303,31 @@ class PreviewRenderer(ThreadedRenderer):
     def reset_neutral(self) -> None:
         """Take the next driving frame with a face as the new neutral (zero-expression) pose."""
         self._neutral = None
+        if self._filter is not None:
+            self._filter.reset()
 
     # --- steps ----------------------------------------------------------------------------------------------------
-    def drive(self, frame_rgb: np.ndarray) -> np.ndarray | None:
-        """Target positions (478,) complex of the reference landmarks for this driving frame; None if no face."""
+    def drive(self, frame_rgb: np.ndarray, pts: float | None = None) -> np.ndarray | None:
+        """Target positions (478,) complex of the reference landmarks for this driving frame; None if no face.
+
+        pts (seconds) paces the jitter filter; without it frames are taken as 1/25 s apart.
+        """
         h, w = frame_rgb.shape[:2]
         small = frame_rgb
         if max(h, w) > 640:  # the mesh model sees 192x192 anyway; converting a full-HD frame costs more than it
             f = 640 / max(h, w)
             small = cv2.resize(frame_rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        pts = _landmarks(self._mesh.process(small), w, h)
-        self.face_found = pts is not None
-        if pts is None:
+        landmarks = _landmarks(self._mesh.process(small), w, h)
+        self.face_found = landmarks is not None
+        if landmarks is None:
             self.faces_missed += 1
             return None
-        z = _complex(pts)
+        z = _complex(landmarks)
         if self._neutral is None:
-            origin, axis = _face_frame(z)
-            self._neutral = (z, origin, axis, _mouth_opening((z - origin) / axis))
-        z0, origin, axis, _ = self._neutral
+            self._neutral = (z, *_face_frame(z))
+            if self._filter is not None:
+                self._filter.reset()
+        z0, origin, axis = self._neutral
 
         # Rigid head motion neutral -> now, and the expression that is left once it is undone.
         a, b = _fit_similarity(z0[STABLE], z[STABLE])
@@ -280,6 +337,10 @@ class PreviewRenderer(ThreadedRenderer):
         # The same rigid motion in normalised coordinates: q -> a*q + g.
         g = (a * origin + b - origin) / axis
         q_target = a * (self._ref_q + delta) + g
+        dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
+        self._last_pts = pts
+        if self._filter is not None:
+            q_target = self._filter(q_target, dt)
         return self._ref_origin + self._ref_axis * q_target
 
     def warp(self, target: np.ndarray) -> np.ndarray:
@@ -306,18 +367,15 @@ class PreviewRenderer(ThreadedRenderer):
         b1 = s0[:, 1] - a10 * t0[:, 0] - a11 * t0[:, 1]
         coef = np.stack([a00, a01, b0, a10, a11, b1], 1).astype(np.float32)  # (K, 6)
 
-        # Rasterise triangle ids of the target mesh at map resolution.
+        # Rasterise triangle ids of the target mesh at map resolution (later triangles win: face over background).
         mw, mh = self._map_size
-        fx, fy = mw / self.width, mh / self.height
-        one = 1 << self._raster_shift
-        poly = np.empty((len(tris), 3, 2), np.int32)
-        poly[..., 0] = np.round(((tgt[tris][..., 0] + 0.5) * fx - 0.5) * one)
-        poly[..., 1] = np.round(((tgt[tris][..., 1] + 0.5) * fy - 0.5) * one)
+        corners = tgt[tris]  # (K, 3, 2)
+        poly = np.round((corners + 0.5) * (mw / self.width * 16, mh / self.height * 16) - 8).astype(np.int32)
         ids = self._ids
-        for k in range(len(tris)):
-            cv2.fillConvexPoly(ids, poly[k], k, lineType=cv2.LINE_8, shift=self._raster_shift)
+        for k, p in enumerate(poly):
+            cv2.fillConvexPoly(ids, p, k, cv2.LINE_8, 4)
 
-        c = coef[ids]  # (mh, mw, 6)
+        c = np.take(coef, ids, axis=0, out=self._coef)  # (mh, mw, 6)
         np.multiply(c[..., 0], self._grid_x, out=self._map_x)
         self._map_x += c[..., 1] * self._grid_y
         self._map_x += c[..., 2]
