@@ -138,7 +138,9 @@ class CompiledStep:
         self._block = block_forward
         self._step = self._forward
         if wants_compile:
-            opts = dict(fullgraph=True, dynamic=False, backend=backend, mode=compile_mode)
+            # FA3 builds without torch.library registration break the graph; everything else must trace whole.
+            fullgraph = attention_backend.get_backend() not in ("auto", "fa3") or not attention_backend.fa3_available()
+            opts = dict(fullgraph=fullgraph, dynamic=False, backend=backend, mode=compile_mode)
             if scope == "block":
                 self._block = torch.compile(block_forward, **opts)
             else:
@@ -165,6 +167,7 @@ class CompiledStep:
         self.session_set = True
 
     # --- the step --------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def _forward(self) -> None:
         """Reads the static buffers, writes self.out (and self.layers)."""
         model = self.model

@@ -1,0 +1,429 @@
+"""Speed of one DiT step (one forward) at fixed window shapes: eager vs compiled vs compiled + CUDA graphs (+ FP8).
+
+    python bench/dit_step.py                       # 1.3b and 14b, 512x512, 3/6/21 latent frames, all modes
+    python bench/dit_step.py --quick               # the same grid with fewer iterations and fewer 14b configs
+    python bench/dit_step.py --presets 1.3b --frames 6 --modes eager,graphs
+    python bench/dit_step.py --presets tiny --size 128 --frames 3   # CPU smoke test
+
+Self-checking on CUDA before timing anything:
+  1. fused Triton kernels vs the torch reference (bf16, several shapes),
+  2. every SDPA backend (and FA3 if installed) vs the math backend at the 1.3b self-attention shape,
+  3. per config: the graph replay equals the compiled step bit for bit and the eager step to bf16 tolerance, one
+     call allocates nothing (torch.cuda.memory_stats counters) and makes no host sync (sync debug mode "error"),
+     FP8 vs bf16 relative error of the whole step.
+Then times each mode with CUDA events (median of --iters calls after --warmup) and reports TFLOP/s against the
+8192^3 bf16 matmul peak measured in the same run. Weights are random, built directly on the device in bf16.
+Writes bench/results/dit_step.json and dit_step.png.
+
+Modes: eager (fused Triton kernels, no compile), compiled (regional torch.compile, no graph), graphs (compiled +
+whole-step CUDA graph), fp8 (graphs with e4m3 block linears), eager_graphs (no compile, whole-step graph).
+FLOPs count every matmul of the step: self/cross/NFEB projections, FFN, the three attentions, patch embedding and
+head (context K/V are per session, so excluded, as in the step that runs).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, env_info, write_result  # noqa: E402
+from engine.config import DiTConfig, RuntimeConfig, get_preset  # noqa: E402
+from engine.dit import WanModel  # noqa: E402
+from kernels import attention as attn  # noqa: E402
+from kernels import fused  # noqa: E402
+from kernels.fp8 import quantize_linears, relative_error  # noqa: E402
+from kernels.graphs import CompiledStep, StepShape  # noqa: E402
+
+MODES = ("eager", "compiled", "graphs", "fp8", "eager_graphs")
+BF16_TOL = 1.6e-2  # two bf16 ulps, relative
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------------
+def step_flops(cfg: DiTConfig, shape: StepShape) -> dict[str, float]:
+    """Matmul FLOPs of one step, by component (2 per multiply-add)."""
+    B, D, Fh = shape.batch, cfg.dim, cfg.ffn_dim
+    L = shape.tokens(cfg.patch_size)
+    Lc = cfg.text_len + cfg.clip_tokens
+    T = cfg.emo_tokens_per_frame
+    n, patch = cfg.num_layers, math.prod(cfg.patch_size)
+    parts = {
+        "qkvo_linears": n * 6 * 2 * L * D * D,  # self q, k, v, o + cross q, o
+        "ffn": n * 2 * 2 * L * D * Fh,
+        "self_attention": n * 4 * L * L * D,
+        "cross_attention": n * 4 * L * Lc * D,
+        "nfeb": n * (4 * L * T * D + 2 * 2 * shape.frames * T * cfg.emo_dim * D),
+        "embed_head": 2 * L * cfg.in_dim * patch * D + 2 * L * D * cfg.out_dim * patch,
+    }
+    return {k: float(B * v) for k, v in parts.items()}
+
+
+# --- timing --------------------------------------------------------------------------------------------------------
+def bench_ms(fn, warmup: int, iters: int, cuda: bool) -> float:
+    """Median milliseconds of fn() (CUDA events around each call on CUDA, wall clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak(device: torch.device, cuda: bool) -> dict:
+    """TFLOP/s of one large square matmul (8192^3 bf16 on CUDA; 1024^3 fp32 on CPU)."""
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench_ms(lambda: torch.matmul(a, b), 5 if cuda else 1, 30 if cuda else 3, cuda)
+    return {"n": n, "dtype": str(dtype), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> WanModel:
+    """WanModel with random weights allocated directly on the device in `dtype` (no fp32 copy: 14b fits)."""
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("modulation"):
+            p.normal_(0, cfg.dim ** -0.5, generator=gen)
+        elif p.dim() >= 2:
+            p.normal_(0, (p[0].numel()) ** -0.5, generator=gen)  # unit-variance outputs
+        elif name.endswith("bias"):
+            p.zero_()
+        else:  # norm weights
+            p.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
+def random_inputs(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    B, F, H, W = shape.batch, shape.frames, shape.height, shape.width
+
+    def rnd(*s, dt=torch.float32):
+        return torch.randn(*s, generator=g, device=device).to(dt)
+
+    return dict(x=rnd(B, cfg.out_dim, F, H, W), y=rnd(B, cfg.in_dim - cfg.out_dim, F, H, W),
+                t=torch.full((B,), 750.0, device=device),
+                context=rnd(B, cfg.text_len, cfg.text_dim), clip_fea=rnd(B, cfg.clip_tokens, cfg.clip_dim),
+                emo=rnd(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, dt=dtype))
+
+
+# --- checks ----------------------------------------------------------------------------------------------------
+def bf16_close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    diff = (a.float() - b.float()).abs()
+    ok = bool((diff <= BF16_TOL * b.float().abs() + BF16_TOL).all())
+    return ok, diff.max().item()
+
+
+@torch.no_grad()
+def check_fused_kernels(device: torch.device, dtype: torch.dtype, cuda: bool) -> list[dict]:
+    """Triton kernels vs the torch reference, plus their eager speed at the 1.3b 6-frame shape."""
+    if not (cuda and fused.triton_available()):
+        return [{"kernel": "all", "skipped": "needs CUDA and triton (the CPU interpreter path is in tests)"}]
+    rows = []
+    g = torch.Generator(device=device).manual_seed(1)
+    for B, L, H, hd in [(1, 6144, 12, 128), (2, 1024, 40, 128), (1, 777, 12, 128), (3, 100, 4, 16)]:
+        D = H * hd
+        x = (torch.randn(B, L, D, generator=g, device=device) * 3).to(dtype)
+        w = (torch.rand(D, generator=g, device=device) + 0.5).to(dtype)
+        ang = torch.rand(L, hd // 2, generator=g, device=device) * 6
+        cos, sin = ang.cos(), ang.sin()
+        e = torch.randn(B, 6, D, generator=g, device=device)
+        cases = {
+            "rms_norm_rope": (lambda: fused.rms_norm_rope_triton(x, w, cos, sin, H, 1e-6),
+                              lambda: fused.rms_norm_rope_ref(x, w, cos, sin, H, 1e-6)),
+            "rms_norm": (lambda: fused.rms_norm_rope_triton(x, w, None, None, 1, 1e-6),
+                         lambda: fused.rms_norm_ref(x, w, 1e-6)),
+            "layer_norm_modulate": (lambda: fused.layer_norm_modulate_triton(x, e[:, 0:1], e[:, 1:2], 1e-6),
+                                    lambda: fused.layer_norm_modulate_ref(x, e[:, 0:1], e[:, 1:2], 1e-6)),
+        }
+        for name, (tri, ref) in cases.items():
+            ok, max_diff = bf16_close(tri(), ref())
+            row = {"kernel": name, "shape": [B, L, H, hd], "ok": ok, "max_abs_diff": max_diff}
+            if (B, L) == (1, 6144):
+                row["triton_ms"] = bench_ms(tri, 3, 20, cuda)
+                row["torch_ms"] = bench_ms(ref, 3, 20, cuda)
+            rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def check_attention(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype: torch.dtype, cuda: bool,
+                    warmup: int, iters: int) -> list[dict]:
+    """Every attention backend at the self-attention shape: parity with math and TFLOP/s."""
+    L = shape.tokens(cfg.patch_size)
+    g = torch.Generator(device=device).manual_seed(2)
+    q, k, v = (torch.randn(shape.batch, L, cfg.num_heads, cfg.head_dim, generator=g, device=device).to(dtype)
+               for _ in range(3))
+    with attn.backend("math"):
+        ref = attn.attention(q, k, v)
+    flops = 4 * shape.batch * L * L * cfg.dim
+    rows = []
+    names = ["sdpa", "flash", "cudnn", "efficient"] + (["fa3"] if attn.fa3_available() else [])
+    for name in names if cuda else ["sdpa"]:
+        try:
+            with attn.backend(name):
+                ok, max_diff = bf16_close(attn.attention(q, k, v), ref)
+                ms = bench_ms(lambda: attn.attention(q, k, v), warmup, iters, cuda)
+            rows.append({"backend": name, "tokens": L, "ok": ok, "max_abs_diff": max_diff, "ms": ms,
+                         "tflops": flops / ms / 1e9})
+        except RuntimeError as e:  # a backend that does not support this GPU / shape
+            rows.append({"backend": name, "tokens": L, "error": str(e).splitlines()[0][:200]})
+    return rows
+
+
+def alloc_count(device) -> int:
+    return torch.cuda.memory_stats(device)["allocation.all.allocated"]
+
+
+@torch.no_grad()
+def check_graph_step(step: CompiledStep, inputs: dict, ref_eager: torch.Tensor, ref_compiled: torch.Tensor) -> dict:
+    """Graph replay vs compiled (exact) and eager (bf16 tolerance); allocations and host syncs of one call."""
+    out = step(inputs["x"], inputs["t"], inputs["emo"], 1.0).clone()
+    res = {"finite": bool(torch.isfinite(out).all()),
+           "graph_matches_compiled": bf16_close(out, ref_compiled)[0],
+           "graph_vs_compiled_max_abs": (out - ref_compiled).abs().max().item(),
+           "graph_vs_eager_rel": relative_error(out, ref_eager)}
+    torch.cuda.synchronize()
+    before = alloc_count(step.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(inputs["x"], inputs["t"], inputs["emo"], 1.0)
+        res["host_sync_free"] = True
+    except RuntimeError:
+        res["host_sync_free"] = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    res["allocations_per_call"] = alloc_count(step.device) - before
+    return res
+
+
+# --- one preset ------------------------------------------------------------------------------------------------
+def free_memory(cuda: bool):
+    torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def run_preset(preset: str, frames_list: list[int], modes: list[str], args, device, dtype, peak: float, cuda: bool):
+    cfg = get_preset(preset).dit
+    results, checks = [], []
+    try:
+        model = random_model(cfg, device, dtype)
+    except torch.OutOfMemoryError:
+        print(f"{preset}: out of memory building the model, skipped")
+        return [{"preset": preset, "skipped": "out of memory building the model"}], []
+    eager_out = {}
+
+    def record(frames, shape, mode, ms, extra=None):
+        flops = sum(step_flops(cfg, shape).values())
+        row = {"preset": preset, "frames": frames, "tokens": shape.tokens(cfg.patch_size), "mode": mode,
+               "ms_per_step": ms, "tflops": flops / ms / 1e9, "fraction_of_peak": flops / ms / 1e9 / peak,
+               **(extra or {})}
+        results.append(row)
+        print(f"{preset:>5} {frames:>3}f {mode:>13}: {ms:9.2f} ms  {row['tflops']:7.1f} TFLOP/s  "
+              f"{100 * row['fraction_of_peak']:5.1f}% of peak", flush=True)
+
+    def run_config(frames, fp8: bool):
+        shape = StepShape.from_video(args.size, args.size, frames)
+        inputs = random_inputs(cfg, shape, device, dtype)
+        session = (inputs["context"], inputs["clip_fea"], inputs["y"])
+        call = (inputs["x"], inputs["t"], inputs["emo"], 1.0)
+        check = {"preset": preset, "frames": frames, "fp8": fp8}
+        if not fp8 and ("eager" in modes or "graphs" in modes or "eager_graphs" in modes):
+            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=False, attention=args.attention)
+            eager = CompiledStep(model, shape, rt)
+            eager.set_session(*session)
+            eager_out[frames] = eager(*call).clone()
+            if "eager" in modes:
+                record(frames, shape, "eager", bench_ms(lambda: eager(*call), args.warmup, args.iters, cuda))
+            del eager
+        if not fp8 and "eager_graphs" in modes and cuda:
+            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=True, attention=args.attention)
+            step = CompiledStep(model, shape, rt)
+            step.set_session(*session)
+            step.capture()
+            record(frames, shape, "eager_graphs", bench_ms(lambda: step(*call), args.warmup, args.iters, cuda))
+            del step
+        wanted = ({"fp8"} if fp8 else {"compiled", "graphs"}) & set(modes)
+        if wanted and cuda:
+            rt = RuntimeConfig(device=str(device), compile=True, cuda_graphs=True, attention=args.attention)
+            step = CompiledStep(model, shape, rt, compile_mode=args.compile_mode)
+            step.set_session(*session)
+            step.write_inputs(*call)
+            t0 = time.perf_counter()
+            step._step()  # compiles (under no_grad, like every call)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            compiled_out = step.out.clone()
+            if "compiled" in wanted:
+                record(frames, shape, "compiled", bench_ms(step._step, args.warmup, args.iters, cuda),
+                       {"compile_s": compile_s})
+            step.capture()
+            check.update(check_graph_step(step, inputs, eager_out.get(frames, compiled_out), compiled_out))
+            mode = "fp8" if fp8 else "graphs"
+            if mode in wanted:
+                record(frames, shape, mode, bench_ms(lambda: step(*call), args.warmup, args.iters, cuda),
+                       {"compile_s": compile_s})
+            del step
+        checks.append(check)
+        print(f"      checks: {check}", flush=True)
+
+    for frames in frames_list:
+        try:
+            run_config(frames, fp8=False)
+        except torch.OutOfMemoryError:
+            print(f"{preset} {frames}f: out of memory, skipped")
+            results.append({"preset": preset, "frames": frames, "skipped": "out of memory"})
+        free_memory(cuda)
+    if "fp8" in modes and cuda:
+        quantize_linears(model)
+        free_memory(cuda)
+        for frames in (args.fp8_frames or frames_list):
+            try:
+                run_config(frames, fp8=True)
+            except torch.OutOfMemoryError:
+                results.append({"preset": preset, "frames": frames, "mode": "fp8", "skipped": "out of memory"})
+            free_memory(cuda)
+    del model
+    free_memory(cuda)
+    return results, checks
+
+
+def breakdown(cfg: DiTConfig, shape: StepShape) -> dict[str, float]:
+    """Share of the step's FLOPs by component (where the time must go if every part ran at the same rate)."""
+    parts = step_flops(cfg, shape)
+    total = sum(parts.values())
+    return {k: v / total for k, v in parts.items()}
+
+
+def plot(results: list[dict], peak: float, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "ms_per_step" in r]
+    if not rows:
+        return
+    labels = sorted({(r["preset"], r["frames"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        ys = [next((r["tflops"] for r in rows if (r["preset"], r["frames"]) == lab and r["mode"] == mode), 0)
+              for lab in labels]
+        ax.bar([j + i * width for j in range(len(labels))], ys, width, label=mode)
+    ax.axhline(peak, color="k", ls="--", lw=1, label=f"matmul peak {peak:.0f}")
+    ax.axhline(0.6 * peak, color="r", ls=":", lw=1, label="60% of peak")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], [f"{p}\n{f} latent frames" for p, f in labels])
+    ax.set_ylabel("TFLOP/s")
+    ax.set_title("DiT step throughput")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="1.3b,14b")
+    p.add_argument("--frames", default="3,6,21", help="latent frames per window, comma-separated")
+    p.add_argument("--modes", default="eager,compiled,graphs,fp8")
+    p.add_argument("--size", type=int, default=512, help="video width = height in pixels")
+    p.add_argument("--attention", default="auto", choices=attn.BACKENDS)
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--fp8-frames", default=None, help="latent frames for the fp8 mode (default: --frames)")
+    p.add_argument("--quick", action="store_true",
+                   help="~8 min on one H100: fewer iterations, 14b only at 6 frames, fp8 only at 6 frames")
+    p.add_argument("--out", default="dit_step", help="result name under bench/results/")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    presets = args.presets.split(",")
+    frames = [int(f) for f in args.frames.split(",")]
+    modes = args.modes.split(",")
+    for m in modes:
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
+    args.fp8_frames = [int(f) for f in args.fp8_frames.split(",")] if args.fp8_frames else None
+    if args.quick:
+        args.warmup, args.iters = 2, 8
+        args.fp8_frames = args.fp8_frames or [6]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    attn.set_backend(args.attention)
+    print(f"device {env_info()['device']}, torch {torch.__version__}, attention {args.attention}, "
+          f"FA3 {'yes' if attn.fa3_available() else 'no'}, triton {'yes' if fused.triton_available() else 'no'}")
+
+    peak = matmul_peak(device, cuda)
+    print(f"matmul peak: {peak['tflops']:.4g} TFLOP/s ({peak['n']}^3 {peak['dtype']}, {peak['ms']:.2f} ms)")
+    kernels = check_fused_kernels(device, dtype, cuda)
+    for r in kernels:
+        print(f"  kernel {r}")
+    ref_cfg = get_preset(presets[0]).dit
+    att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0])
+    attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)
+    for r in attention_rows:
+        print(f"  attention {r}")
+
+    results, checks = [], []
+    for preset in presets:
+        fl = frames
+        if args.quick and preset == "14b":
+            fl = [f for f in frames if f == 6] or frames[:1]
+        r, c = run_preset(preset, fl, modes, args, device, dtype, peak["tflops"], cuda)
+        results += r
+        checks += c
+
+    shares = {f"{pr}@{f}": breakdown(get_preset(pr).dit, StepShape.from_video(args.size, args.size, f))
+              for pr in presets for f in frames}
+    payload = {"config": vars(args) | {"device_dtype": str(dtype)}, "matmul_peak": peak,
+               "peak_tflops": peak["tflops"], "kernel_checks": kernels, "attention": attention_rows,
+               "step_checks": checks, "results": results, "flop_shares": shares}
+    path = write_result(args.out, payload)
+    plot(results, peak["tflops"], RESULTS / f"{args.out}.png")
+
+    print("\npreset frames mode           ms/step  TFLOP/s  %peak")
+    for r in results:
+        if "ms_per_step" in r:
+            print(f"{r['preset']:>6} {r['frames']:>6} {r['mode']:<13} {r['ms_per_step']:8.2f} {r['tflops']:8.1f} "
+                  f"{100 * r['fraction_of_peak']:6.1f}")
+    bad = [c for c in checks if c.get("allocations_per_call", 0) != 0 or c.get("host_sync_free") is False
+           or c.get("graph_matches_compiled") is False or c.get("finite") is False]
+    bad += [k for k in kernels if k.get("ok") is False]
+    print(f"wrote {path}; checks {'FAILED: ' + str(bad) if bad else 'passed'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
