@@ -79,6 +79,18 @@ def block_forward(block: nn.Module, x, e0, cos, sin, kv, emo, ip_scale):
     return (x.float() + y.float() * gate_ff).type_as(x)
 
 
+def step_forward(model: nn.Module, x, y, t, cos, sin, kvs, emo, ip_scale, block_fn=block_forward, layers=None):
+    """The whole step from its inputs: x (B, 16, F, H, W), y (B, 20, F, H, W), t (B,), RoPE cos/sin (L, hd/2), kvs
+    (one (k_img, v_img, k_txt, v_txt) per block), emo (B, F, 97, emo_dim), ip_scale 0-dim -> (B, 16, F, H, W) fp32."""
+    tokens, grid = model.patchify(x, y)
+    e, e0 = model.embed_time(t)
+    for i, (block, kv) in enumerate(zip(model.blocks, kvs)):
+        tokens = block_fn(block, tokens, e0, cos, sin, kv, emo, ip_scale)
+        if layers is not None:
+            layers[i].copy_(tokens)
+    return model.unpatchify(model.head(tokens, e).float(), grid)
+
+
 class CompiledStep:
     """One DiT forward at a fixed shape, compiled and graph-captured on CUDA, eager elsewhere.
 
@@ -170,15 +182,9 @@ class CompiledStep:
     @torch.no_grad()
     def _forward(self) -> None:
         """Reads the static buffers, writes self.out (and self.layers)."""
-        model = self.model
-        tokens, _ = model.patchify(self.x, self.y)
-        e, e0 = model.embed_time(self.t)
-        for i, (block, kv) in enumerate(zip(model.blocks, self.kv)):
-            tokens = self._block(block, tokens, e0, self.cos, self.sin, kv, self.emo, self.ip_scale)
-            if self.layers is not None:
-                self.layers[i].copy_(tokens)
-        out = model.head(tokens, e)
-        self.out.copy_(model.unpatchify(out.float(), self.grid))
+        out = step_forward(self.model, self.x, self.y, self.t, self.cos, self.sin, self.kv, self.emo, self.ip_scale,
+                           block_fn=self._block, layers=self.layers)
+        self.out.copy_(out)
 
     @torch.no_grad()
     def capture(self, warmup: int = 2) -> None:
