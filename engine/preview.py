@@ -48,6 +48,9 @@ LEFT_EYE_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
 N_MESH = 468  # the warp mesh leaves out the 10 iris points: they are not part of the tesselation
 
 MOUTH_COLOUR = np.array([52, 18, 22], np.float32)  # RGB of the dark inner mouth
+TEETH_COLOUR = np.array([200, 190, 176], np.float32)  # RGB of the upper-teeth band
+TEETH_DEPTH = 0.3  # the teeth band covers this fraction of the lip gap, from the upper lip down...
+TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the dark fill is fully opaque
 
 
@@ -258,7 +261,7 @@ class PreviewRenderer(ThreadedRenderer):
             _tesselation_triangles(), _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER),
             _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)])
         self._tris = np.concatenate([_outside(_delaunay(self._src), face, self._src, self.width, self.height), face])
-        self._inner_lip = np.array(INNER_LIP_UPPER + INNER_LIP_LOWER[::-1][1:-1])
+        self._lip_upper, self._lip_lower = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)
 
         # Backward map grid at map_scale resolution, in output pixel units.
         self.map_scale = float(map_scale)
@@ -393,22 +396,33 @@ class PreviewRenderer(ThreadedRenderer):
         return out
 
     def _fill_mouth(self, out: np.ndarray, target: np.ndarray) -> None:
-        """Darken the inner-mouth polygon in proportion to how much wider the lips open than in the reference."""
+        """Paint the opened part of the mouth: a dark interior with a band of upper teeth under the upper lip,
+        opaque in proportion to how much wider the lips open than in the reference."""
         ref_open = _mouth_opening(self._ref_q)
         open_now = _mouth_opening((target - self._ref_origin) / self._ref_axis)
         strength = float(np.clip((open_now - ref_open) / MOUTH_FULL_OPEN, 0.0, 1.0))
         if strength <= 0.02:
             return
-        lip = target[self._inner_lip]
-        poly = np.stack([lip.real, lip.imag], 1)
-        x0, y0 = np.floor(poly.min(0)).astype(int) - 2
-        x1, y1 = np.ceil(poly.max(0)).astype(int) + 3
-        x0, y0 = max(x0, 0), max(y0, 0)
+        upper, lower = target[self._lip_upper], target[self._lip_lower]
+        inner = np.concatenate([upper, lower[::-1][1:-1]])
+        gap = lower - upper
+        depth = np.minimum(TEETH_DEPTH, TEETH_MAX * abs(self._ref_axis) / np.maximum(np.abs(gap), 1e-6))
+        teeth = np.concatenate([upper, (upper + depth * gap)[::-1][1:-1]])
+        xy = np.stack([inner.real, inner.imag], 1)
+        x0, y0 = np.maximum(np.floor(xy.min(0)).astype(int) - 2, 0)
+        x1, y1 = np.ceil(xy.max(0)).astype(int) + 3
         x1, y1 = min(x1, self.width), min(y1, self.height)
         if x1 - x0 < 2 or y1 - y0 < 2:
             return
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        cv2.fillPoly(mask, [np.round((poly - (x0, y0)) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32)[..., None] * (strength / 255.0)
         crop = out[y0:y1, x0:x1].astype(np.float32)
-        out[y0:y1, x0:x1] = (crop + alpha * (MOUTH_COLOUR - crop)).astype(np.uint8)
+        # Teeth fade out toward the mouth corners, which sit in shadow.
+        corners = np.array([upper[0], upper[-1]])
+        centre_x, half_w = corners.real.mean() - x0, max(abs(corners.real[1] - corners.real[0]) / 2, 1.0)
+        fade = np.clip(1.0 - ((np.arange(x1 - x0) - centre_x) / half_w) ** 2, 0.0, 1.0) ** 0.5
+        for poly, colour, weight in ((inner, MOUTH_COLOUR, 1.0), (teeth, TEETH_COLOUR, 0.85 * fade[None, :, None])):
+            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+            pts = np.stack([poly.real - x0, poly.imag - y0], 1)
+            cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+            alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32)[..., None] * (strength / 255.0)
+            crop += (alpha * weight) * (colour - crop)
+        out[y0:y1, x0:x1] = crop.astype(np.uint8)
