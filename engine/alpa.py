@@ -59,6 +59,7 @@ from engine.sampler import Schedule
 from kernels.fused import layer_norm_modulate
 
 MODES = ("off", "alpa", "taylorseer", "teacache")
+S_MIN = 1e-3
 
 
 def cache_bytes(dit: DiTConfig, tokens: int, order: int, cache: str = "layers", bytes_per_element: int = 4,
@@ -98,6 +99,7 @@ class DifferenceTable:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the table itself (what `cache_bytes` counts); two feature-sized scratch buffers come on top."""
         return 0 if self.dd is None else self.dd.numel() * self.dd.element_size()
 
     def begin(self, step: int) -> None:
@@ -188,7 +190,8 @@ class ChangeRate:
         self._sum = rate if self._sum is None else self._sum + rate
         self._count += 1
         self.rate = rate
-        self.s = (rate / (self._sum / self._count)) ** self.alpha
+        # a latent that stopped changing would give s = 0 and an infinite step: floor s at S_MIN
+        self.s = ((rate / (self._sum / self._count)) ** self.alpha).clamp_min(S_MIN)
         return self.s
 
 

@@ -48,7 +48,7 @@ class Schedule:
     timesteps: (N,) fp32, what the DiT receives (in [0, 1000]);
     sigmas: (N + 1,) fp32, noise level before each step and a terminal 0;
     renoise: the distilled consistency step (x0 then fresh noise) instead of Euler.
-    Python-float copies (`dt`, `sigma_list`) let the hot loop step without a device sync.
+    `sigma_list` (Python floats) lets the hot loop step without a device sync.
     """
 
     timesteps: torch.Tensor
@@ -61,11 +61,6 @@ class Schedule:
     @property
     def sigma_list(self) -> list[float]:
         return [float(s) for s in self.sigmas]
-
-    @property
-    def dt(self) -> list[float]:
-        """sigma_{i+1} - sigma_i computed in fp32 as diffusers does, as Python floats (exactly representable)."""
-        return [float(d) for d in self.sigmas[1:] - self.sigmas[:-1]]
 
 
 def flow_schedule(steps: int = 30, shift: float = 5.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> Schedule:
@@ -104,8 +99,9 @@ def make_schedule(cfg: SamplerConfig) -> Schedule:
     return flow_schedule(cfg.steps, cfg.shift)
 
 
-def euler_step(sample: torch.Tensor, flow: torch.Tensor, dt: float) -> torch.Tensor:
-    """x + dt * v in fp32, returned in the flow's dtype (diffusers `step` semantics): (...) -> (...)."""
+def euler_step(sample: torch.Tensor, flow: torch.Tensor, dt: float | torch.Tensor) -> torch.Tensor:
+    """x + dt * v, returned in the flow's dtype: (...) -> (...). With dt a 0-dim fp32 tensor (as `Sampler` passes
+    it) this is diffusers' `step` bit for bit: the sample is upcast to fp32 while dt * v stays in v's dtype."""
     return (sample.to(torch.float32) + dt * flow).to(flow.dtype)
 
 
@@ -133,7 +129,8 @@ class Sampler:
         self.schedule = schedule
         self.generator = generator
         self._sigmas = schedule.sigma_list
-        self._dt = schedule.dt
+        # 0-dim fp32 CPU tensors (usable with tensors on any device, no sync): dt * v then rounds like diffusers.
+        self._dt = list((schedule.sigmas[1:] - schedule.sigmas[:-1]).unbind())
 
     def __len__(self) -> int:
         return len(self.schedule)
