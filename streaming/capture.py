@@ -82,13 +82,23 @@ def open_video(spec: str, size: str = "640x480", framerate: int = 30):
             raise ValueError(f"Cannot open camera {spec} ({err}): check that no other program holds it.") from None
     if not os.path.isfile(spec):
         raise ValueError(f"Driving video {spec} does not exist: pass the path of a video file or /dev/videoN.")
+    unreadable = f"Cannot read {spec} as a video: pass an mp4, mkv, webm or mov file with a face in it."
     try:
         container = av.open(spec)
     except (av.FFmpegError, OSError):
-        raise ValueError(f"Cannot read {spec} as a video: pass an mp4/mkv/webm/mov file.") from None
-    if not container.streams.video:
+        raise ValueError(unreadable) from None
+    # A still image (or anything named like one) opens as a one-frame "video": refuse it, and prove the first
+    # frame decodes, so a broken file fails here rather than on a capture thread.
+    if not container.streams.video or container.format.name.startswith("image2") or \
+            container.format.name.endswith("_pipe"):
         container.close()
-        raise ValueError(f"{spec} has no video stream: pass a video file with a face in it.")
+        raise ValueError(unreadable)
+    try:
+        next(container.decode(video=0))
+        container.seek(0)
+    except (av.FFmpegError, StopIteration):
+        container.close()
+        raise ValueError(unreadable) from None
     return container
 
 
