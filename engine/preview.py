@@ -290,9 +290,9 @@ class PreviewRenderer(ThreadedRenderer):
         target = self.drive(frame_rgb, pts)
         if target is None:
             return [(self._last.copy(), pts)]
-        out = self.warp(target)
+        out = self.warp(target)  # a fresh array each frame, never written again: safe to hand out and keep
         self._last = out
-        return [(out.copy(), pts)]
+        return [(out, pts)]
 
     def stats(self) -> dict:
         stats = super().stats()
