@@ -10,6 +10,10 @@ Forward, in the pieces the renderer, the compiled step and ALPA recompose:
         tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
     out = model.unpatchify(model.head(tokens, e), grid)            # (B, out_dim, F, H, W)
 
+Optional, bit-identical fast path: `kv = model.context_kv(ctx_img, ctx_txt)` once per session (context K/V of every
+block), then `block(..., ip_scale, kv=kv[i])` / `model.forward_tokens(..., kv=kv)` skip the per-pass context
+projections.
+
 Inputs: x (B, 16, F, H, W) noisy latent, t (B,) timesteps in [0, 1000], context (B, <=text_len, text_dim) umT5
 output, clip_fea (B, clip_tokens, clip_dim), y (B, 20, F, H, W) = [mask 4 | reference latent 16],
 emo (B, F, 97, emo_dim) expression tokens per latent frame (or None).
@@ -66,10 +70,15 @@ class WanRMSNorm(nn.Module):
 
 
 class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back (Wan's norm1/norm2/norm3/head.norm)."""
+    """LayerNorm computed in fp32 (affine parameters too) and cast back: Wan's norm1/2/3, head.norm, img_emb norms.
+
+    Wan runs these under fp32 autocast and diffusers as FP32LayerNorm; a bf16 model must not normalise in bf16.
+    """
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class WanSelfAttention(nn.Module):
@@ -118,9 +127,11 @@ class WanI2VCrossAttention(nn.Module):
         v_img = self.v_img(ctx_img).unflatten(-1, (H, -1))
         return k_img, v_img, k_txt, v_txt
 
-    def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0):
+    def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None):
+        """x (B, L, D) -> (B, L, D). `kv`: this module's `context_kv(ctx_img, ctx_txt)` computed once per session
+        (then ctx_img / ctx_txt are not read); bit-identical to recomputing it."""
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k_img, v_img, k_txt, v_txt = self.context_kv(ctx_img, ctx_txt)
+        k_img, v_img, k_txt, v_txt = self.context_kv(ctx_img, ctx_txt) if kv is None else kv
         base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
         if emo is not None and ip_scale != 0:
             emo_out = expression_attention(q, emo, self.emo_k_proj, self.emo_v_proj)
@@ -141,12 +152,15 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, D))
         self.modulation = nn.Parameter(torch.randn(1, 6, D) / D**0.5)
 
-    def forward(self, x, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0):
-        """x (B, L, D); e0 (B, 6, D) fp32 -> (B, L, D). Residual adds are done in fp32."""
+    def forward(self, x, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None):
+        """x (B, L, D); e0 (B, 6, D) fp32 -> (B, L, D). Residual adds are done in fp32.
+
+        `kv` is optional: this block's precomputed cross-attention context K/V (see WanModel.context_kv).
+        """
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e0).chunk(6, dim=1)
         y = self.self_attn(layer_norm_modulate(x, shift_sa, scale_sa, self.eps), cos, sin)
         x = (x.float() + y.float() * gate_sa).type_as(x)
-        x = x + self.cross_attn(self.norm3(x), ctx_img, ctx_txt, emo, ip_scale)
+        x = x + self.cross_attn(self.norm3(x), ctx_img, ctx_txt, emo, ip_scale, kv)
         y = self.ffn(layer_norm_modulate(x, shift_ff, scale_ff, self.eps))
         return (x.float() + y.float() * gate_ff).type_as(x)
 
@@ -171,8 +185,8 @@ class MLPProj(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, in_dim), nn.GELU(),
-                                  nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim))
+        self.proj = nn.Sequential(WanLayerNorm(in_dim, eps=1e-5), nn.Linear(in_dim, in_dim), nn.GELU(),
+                                  nn.Linear(in_dim, out_dim), WanLayerNorm(out_dim, eps=1e-5))
 
     def forward(self, x):
         return self.proj(x)
@@ -198,6 +212,9 @@ class WanModel(nn.Module):
     def embed_context(self, context: torch.Tensor, clip_fea: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """umT5 output (B, n<=text_len, text_dim) zero-padded to text_len, and CLIP tokens -> (ctx_img, ctx_txt)."""
         n = context.shape[1]
+        if n > self.cfg.text_len:
+            raise ValueError(f"text context has {n} tokens, the DiT takes at most {self.cfg.text_len}: trim the umT5 "
+                             f"output to its true length.")
         if n < self.cfg.text_len:
             context = F.pad(context, (0, 0, 0, self.cfg.text_len - n))
         dtype = self.patch_embedding.weight.dtype
@@ -238,10 +255,19 @@ class WanModel(nn.Module):
         return torch.einsum("bfhwpqrc->bcfphqwr", u).reshape(B, c, f * pt, h * ph, w * pw)
 
     # --- whole pass -------------------------------------------------------------------------------------------
-    def forward_tokens(self, tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0):
-        """All blocks and the head on patchified tokens: (B, L, D) -> (B, L, out_dim * prod(patch))."""
-        for block in self.blocks:
-            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+    def context_kv(self, ctx_img: torch.Tensor, ctx_txt: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's cross-attention K/V of the (fixed) context: [(k_img, v_img, k_txt, v_txt)] per block,
+        each (B, N, H, hd). Compute once per session and pass as `kv` to skip 4 projections + 2 RMSNorms of 769
+        context tokens per block per pass; results are bit-identical."""
+        return [block.cross_attn.context_kv(ctx_img, ctx_txt) for block in self.blocks]
+
+    def forward_tokens(self, tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None):
+        """All blocks and the head on patchified tokens: (B, L, D) -> (B, L, out_dim * prod(patch)).
+
+        `kv`: optional `context_kv(ctx_img, ctx_txt)` (then ctx_img / ctx_txt may be None).
+        """
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, None if kv is None else kv[i])
         return self.head(tokens, e)
 
     def forward(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0):

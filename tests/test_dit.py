@@ -159,3 +159,35 @@ def test_time_embedding_is_cos_then_sin_fp64(t):
     i = torch.arange(128, dtype=torch.float64)
     ang = t * 10000.0 ** (-i / 128)
     assert torch.allclose(emb[0], torch.cat([ang.cos(), ang.sin()]).float(), atol=1e-7)
+
+
+@torch.no_grad()
+def test_precomputed_context_kv_is_bit_identical():
+    ours = randomise(WanModel(CFG), seed=9).eval()
+    inp = inputs(CFG, seed=10)
+    ctx_img, ctx_txt = ours.embed_context(inp["context"], inp["clip_fea"])
+    tokens, grid = ours.patchify(inp["x"], inp["y"])
+    cos, sin = ours.rope(grid)
+    e, e0 = ours.embed_time(inp["t"])
+    emo = torch.randn(2, grid[0], CFG.emo_tokens_per_frame, CFG.emo_dim)
+    kv = ours.context_kv(ctx_img, ctx_txt)
+    for s in (0.0, 1.0):
+        plain = ours.forward_tokens(tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo, s)
+        cached = ours.forward_tokens(tokens, e, e0, cos, sin, None, None, emo, s, kv=kv)
+        assert torch.equal(plain, cached)
+
+
+@torch.no_grad()
+def test_bf16_model_runs_close_to_fp32():
+    ours = randomise(WanModel(CFG), std=0.1, seed=11).eval()
+    inp = inputs(CFG, seed=12)
+    emo = torch.randn(2, inp["x"].shape[2], CFG.emo_tokens_per_frame, CFG.emo_dim)
+    ref = ours(**inp, emo=emo)
+    out = ours.to(torch.bfloat16)(**inp, emo=emo)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 3e-2
+
+
+def test_overlong_text_is_refused():
+    model = WanModel(get_preset("tiny").dit)
+    with pytest.raises(ValueError, match="at most 16"):
+        model.embed_context(torch.zeros(1, 17, 32), torch.zeros(1, 5, 32))
