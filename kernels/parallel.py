@@ -126,13 +126,17 @@ def _spawned(rank: int, fn: Callable, world_size: int, port: int, device: str | 
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args, device: str | None = None, backend: str | None = None) -> None:
-    """Run fn(info: DistInfo, *args) in `world_size` fresh processes joined into one group; returns when all end.
+def spawn(fn: Callable, world_size: int, *args, device: str | None = None, backend: str | None = None,
+          start_method: str = "spawn") -> None:
+    """Run fn(info: DistInfo, *args) in `world_size` processes joined into one group; returns when all end.
 
-    fn must be importable (module level). An exception in any process is raised here.
+    fn must be importable (module level). An exception in any process is raised here. start_method "spawn"
+    (fresh interpreters) is the one CUDA allows; "fork" starts in milliseconds and suits CPU-only callers that have
+    not touched CUDA (tests).
     """
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the children before NCCL starts
-    mp.spawn(_spawned, args=(fn, world_size, free_port(), device, backend, args), nprocs=world_size, join=True)
+    mp.start_processes(_spawned, args=(fn, world_size, free_port(), device, backend, args), nprocs=world_size,
+                       join=True, start_method=start_method)
 
 
 @dataclass(frozen=True)
@@ -280,8 +284,9 @@ def split_normalise_to(emo: torch.Tensor, base: torch.Tensor, split: TokenSplit,
     n = split.length * emo.shape[2]
     mean = stats[..., 0] / n
     std = ((stats[..., 1] - stats[..., 0] * mean) / (n - 1)).clamp_min(0).sqrt()  # (B, 2): [emo, base]
-    mean, std = mean.to(emo.dtype)[:, :, None, None], std.to(emo.dtype)[:, :, None, None]
-    return (emo - mean[:, 0]) * std[:, 1] / (std[:, 0] + eps) + mean[:, 1]
+    mean, std = mean.float()[:, :, None, None], std.float()[:, :, None, None]
+    # fp32 affine map, cast back: as the single-process normalise_to does
+    return ((emo.float() - mean[:, 0]) * (std[:, 1] / (std[:, 0] + eps)) + mean[:, 1]).to(emo.dtype)
 
 
 # --- split-aware attention modules --------------------------------------------------------------------------------
@@ -307,10 +312,10 @@ class SequenceParallelCrossAttention(nn.Module):
         self.inner = inner
         self.state = state
 
-    def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0):
+    def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None):
         m = self.inner
         q = m.norm_q(m.q(x)).unflatten(-1, (m.num_heads, -1))
-        k_img, v_img, k_txt, v_txt = m.context_kv(ctx_img, ctx_txt)
+        k_img, v_img, k_txt, v_txt = m.context_kv(ctx_img, ctx_txt) if kv is None else kv
         base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
         if emo is not None and ip_scale != 0:
             split = self.state.split
@@ -346,6 +351,7 @@ class SequenceParallelDiT(nn.Module):
                            cross_attn=SequenceParallelCrossAttention(b.cross_attn, self._state))
             for b in model.blocks)
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.session_kv: list[tuple[torch.Tensor, ...]] | None = None
 
     def split(self, grid: tuple[int, int, int]) -> TokenSplit:
         return TokenSplit(math.prod(grid), self.groups.seq_size, self.groups.seq_rank)
@@ -360,12 +366,13 @@ class SequenceParallelDiT(nn.Module):
             self._rope[key] = (split.shard(cos, 0), split.shard(sin, 0))
         return self._rope[key]
 
-    def forward_tokens(self, tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0,
+    def forward_tokens(self, tokens, e, e0, cos, sin, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None,
                        split: TokenSplit | None = None):
-        """All blocks and the head on the local tokens (B, Lp, D) -> (B, Lp, out_dim * prod(patch))."""
+        """All blocks and the head on the local tokens (B, Lp, D) -> (B, Lp, out_dim * prod(patch)).
+        kv: optional per-block context K/V (`model.context_kv(ctx_img, ctx_txt)`, replicated on every rank)."""
         self._state.split = split
-        for block in self.blocks:
-            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, None if kv is None else kv[i])
         return self.model.head(tokens, e)
 
     def gather(self, local: torch.Tensor, split: TokenSplit) -> torch.Tensor:
@@ -376,17 +383,28 @@ class SequenceParallelDiT(nn.Module):
         _all_gather(out, local.contiguous(), group=self.groups.seq_group)
         return out.unflatten(0, (split.world, -1)).transpose(0, 1).flatten(1, 2)[:, :split.length]
 
-    def forward(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0):
-        """Flow prediction (B, out_dim, F, H, W), identical on every rank of the sequence group."""
+    def set_session(self, context: torch.Tensor, clip_fea: torch.Tensor) -> None:
+        """Compute every block's context K/V once (fixed prompt and reference); later calls may pass
+        context=None, clip_fea=None to use them."""
+        self.session_kv = self.model.context_kv(*self.model.embed_context(context, clip_fea))
+
+    def forward(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0, kv=None):
+        """Flow prediction (B, out_dim, F, H, W), identical on every rank of the sequence group.
+
+        kv: per-block context K/V (`model.context_kv(...)`); with context and clip_fea None, the session's."""
         m = self.model
-        ctx_img, ctx_txt = m.embed_context(context, clip_fea)
+        if kv is None and context is None and clip_fea is None:
+            if self.session_kv is None:
+                raise RuntimeError("No context given and no session set: call set_session(context, clip_fea) first.")
+            kv = self.session_kv
+        ctx_img, ctx_txt = (None, None) if kv is not None else m.embed_context(context, clip_fea)
         tokens, grid = m.patchify(x, y)  # the whole window: a strided conv, cheap next to the blocks
         split = self.split(grid)
         cos, sin = self.rope(grid, tokens.device)
         e, e0 = m.embed_time(t)
         if emo is not None:
             emo = emo.to(tokens.dtype)
-        out = self.forward_tokens(split.shard(tokens), e, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, split)
+        out = self.forward_tokens(split.shard(tokens), e, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, kv, split)
         return m.unpatchify(self.gather(out, split).float(), grid)
 
     def forward_branches(self, branches: Sequence[dict], **inputs) -> torch.Tensor:
@@ -441,10 +459,14 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+_DRIVEN = ("forward", "forward_branches", "set_session")
+
+
 class Driver:
     """Rank 0's handle on a SequenceParallelDiT that every rank runs.
 
-    driver(**forward inputs) or driver.branches(branches, **inputs) broadcasts the call (a small pickled header,
+    driver(**forward inputs), driver.branches(branches, **inputs) or driver.set_session(context, clip_fea) broadcasts
+    the call (a small pickled header,
     then the tensors from rank 0) and runs it here; the other ranks run the same call inside `follow(model)`.
     close() releases them. Use it on rank 0 wherever the renderer would call the DiT.
     """
@@ -463,6 +485,10 @@ class Driver:
         for t in tensors:
             dist.broadcast(t, src=0)
         return getattr(self.model, method)(**_fill(stripped, tensors))
+
+    def set_session(self, context: torch.Tensor, clip_fea: torch.Tensor) -> None:
+        """Every rank computes the session's context K/V (then pass context=None, clip_fea=None per call)."""
+        self._call("set_session", dict(context=context, clip_fea=clip_fea))
 
     def __call__(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0):
         return self._call("forward", dict(x=x, t=t, context=context, clip_fea=clip_fea, y=y, emo=emo,
@@ -485,6 +511,8 @@ def follow(model: SequenceParallelDiT) -> int:
         if header[0] is None:
             return calls
         method, kwargs = header[0]
+        if method not in _DRIVEN:
+            raise RuntimeError(f"rank 0 asked for {method!r}, which a follower does not run.")
         slots: list[_TensorSlot] = []
         _collect_slots(kwargs, slots)
         tensors = [torch.empty(s.shape, dtype=s.dtype, device=device) for s in sorted(slots, key=lambda s: s.index)]

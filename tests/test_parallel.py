@@ -104,23 +104,24 @@ def _world4(info) -> None:
         if info.rank == 0:
             driver = Driver(cfg2x2)
             single = driver(**inp, ip_scale=0.6)
-            both = driver.branches(branches, **inp)
+            driver.set_session(inp["context"], inp["clip_fea"])  # per-session context K/V on every rank
+            both = driver.branches(branches, **{**inp, "context": None, "clip_fea": None})
             driver.close()
             assert _rel(single, model(**inp, ip_scale=0.6)) <= TOL
             for j, b in enumerate(branches):
                 assert _rel(both[j], model(**inp, **b)) <= TOL
         else:
-            assert follow(cfg2x2) == 2
+            assert follow(cfg2x2) == 3
 
 
 @pytest.mark.timeout(120)
 def test_two_processes_match_single_process():
-    spawn(_world2, 2, device="cpu")
+    spawn(_world2, 2, device="cpu", start_method="fork")  # CPU only: fork skips re-importing torch per process
 
 
 @pytest.mark.timeout(120)
 def test_four_processes_sequence_and_cfg_split_match_single_process():
-    spawn(_world4, 4, device="cpu")
+    spawn(_world4, 4, device="cpu", start_method="fork")
 
 
 def test_token_split_covers_the_window_once():
