@@ -19,6 +19,7 @@ import ctypes
 import json
 import mmap
 import os
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -142,7 +143,13 @@ def load_state_dict(path: str | os.PathLike, strip_prefix: str | Iterable[str] =
             sd = _unwrap(torch.load(path, map_location="cpu", mmap=True, weights_only=True), path)
     except WeightsError:
         raise
-    except Exception as err:  # truncated zip, bad header, pickle that is not plain tensors
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise WeightsError(f"{path} holds Python objects besides tensors, which FlashLive never unpickles "
+                               f"(weights_only): point --weights at the published checkpoint, not a re-saved "
+                               f"training state.") from None
+        raise _unreadable(path, f"UnpicklingError: {str(err).splitlines()[0][:120]}") from None
+    except Exception as err:  # truncated zip, bad header
         raise _unreadable(path, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}") \
             from None
     if isinstance(strip_prefix, str):
@@ -392,11 +399,44 @@ def _optional_search(weights_dir, names) -> Path | None:
     return _search(root, list(names)) if root.is_dir() else None
 
 
+def _dit_key_names(p: Path) -> set[str]:
+    """Tensor names of a safetensors file or shard index, from headers only; empty if unreadable."""
+    try:
+        if p.name.endswith(".index.json"):
+            return set(json.loads(p.read_text())["weight_map"])
+        return {k for k in safetensors_header(p) if not k.startswith("__")}
+    except (OSError, ValueError, KeyError, TypeError, WeightsError):
+        return set()
+
+
+def find_wan_base(weights_dir: str | os.PathLike) -> Path | None:
+    """The Wan DiT base checkpoint under `weights_dir`: a shard index or a single safetensors file holding DiT keys.
+
+    Several files share the diffusers name `diffusion_pytorch_model.safetensors` (the VAE's too), so candidates
+    are told apart by their tensor names; index files win over single files.
+    """
+    root = Path(weights_dir).expanduser()
+    if not root.is_dir():
+        return None
+    for name in (WAN_INDEX, WAN_SINGLE):
+        for p in sorted(root.rglob(name)):
+            keys = _dit_key_names(p)
+            if "patch_embedding.weight" in keys and any(k.startswith("blocks.") for k in keys):
+                return p
+            if not keys:  # unreadable: hand it to the loader so the user gets its error
+                return p
+    return None
+
+
 def dit_sources(weights_dir: str | os.PathLike) -> list[Path]:
     """The DiT files to read, base first: Wan shards (index or single file), then FlashPortrait transformer.pt."""
     find_file(weights_dir, [FLASHPORTRAIT_DIT, WAN_INDEX, WAN_SINGLE], "FlashPortrait / Wan2.1 DiT")
-    base = _optional_search(weights_dir, [WAN_INDEX, WAN_SINGLE])
+    base = find_wan_base(weights_dir)
     fp = _optional_search(weights_dir, [FLASHPORTRAIT_DIT])
+    if base is None and fp is None:
+        raise WeightsError(f"No Wan2.1 DiT checkpoint under {weights_dir}: the diffusion_pytorch_model files found "
+                           f"there hold no DiT weights; download FlashPortrait {FLASHPORTRAIT_DIT} or the Wan2.1 "
+                           f"I2V shards.")
     return [p for p in (base, fp) if p is not None]
 
 
@@ -519,7 +559,7 @@ def scan_weights(weights_dir: str | os.PathLike, preset) -> list[tuple[str, bool
         return [(str(root), False, "weights folder does not exist: pass --weights DIR pointing at the downloads")]
     rows: list[tuple[str, bool, str]] = []
 
-    base = _optional_search(root, [WAN_INDEX, WAN_SINGLE])
+    base = find_wan_base(root)
     fp = _optional_search(root, [FLASHPORTRAIT_DIT])
     if base is None and fp is None:
         rows.append((FLASHPORTRAIT_DIT, False, f"missing: download FlashPortrait {FLASHPORTRAIT_DIT} (or the Wan2.1 "

@@ -64,6 +64,16 @@ def test_wan_shards_round_trip(tmp_path, reference):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_dit_found_next_to_a_vae_with_the_same_file_name(tmp_path, reference):
+    # diffusers repos name the VAE diffusion_pytorch_model.safetensors too (and "transformer" sorts after "t...")
+    (tmp_path / "a_vae").mkdir()
+    save_file({"encoder.conv1.weight": torch.zeros(2, 3)}, str(tmp_path / "a_vae" / "diffusion_pytorch_model.safetensors"))
+    sd = state(reference)
+    (tmp_path / "transformer").mkdir()
+    save_file(wan_to_diffusers(sd), str(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert_same_weights(load_dit(tmp_path, CFG, dtype=torch.float32), sd)
+
+
 def test_plain_wan_gets_zero_nfeb(tmp_path, reference):
     sd = {k: v for k, v in state(reference).items() if ".emo_" not in k}
     write_shards(tmp_path, sd)
@@ -205,7 +215,7 @@ def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"x": _NotATensor()}, tmp_path / "transformer.pt")
     with pytest.raises(WeightsError) as err:
         load_dit(tmp_path, CFG)
-    one_sentence(err, "transformer.pt")
+    assert "never unpickles" in one_sentence(err, "transformer.pt")
 
 
 def test_scan_weights(tmp_path, reference):
