@@ -254,6 +254,7 @@ class CachedDiT:
         self.schedule = schedule
         self._sigmas = schedule.sigma_list
         self._t: torch.Tensor | None = None
+        self._kv = None
         self._state: dict = {}
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
@@ -308,9 +309,11 @@ class CachedDiT:
 
     # --- the call --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, x, step: int, ctx_img, ctx_txt, y, emo=None, ip_scale: float = 1.0, key="emo"):
+    def __call__(self, x, step: int, ctx_img, ctx_txt, y, emo=None, ip_scale: float = 1.0, key="emo", kv=None):
+        """Flow (B, 16, F, H, W) fp32 for step `step`; `kv` optional per-block context K/V (WanModel.context_kv)."""
         st = self._trajectory(key, step)
         mode = self.cfg.mode
+        self._kv = kv
         if mode == "teacache":
             return self._teacache(st, x, step, ctx_img, ctx_txt, y, emo, ip_scale)
         if mode == "alpa":
@@ -324,6 +327,11 @@ class CachedDiT:
         st.history.append("P")
         st.predicted += 1
         return self._predict(st, x, step, y)
+
+    def _block(self, l, block, h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale):
+        if self._kv is None:
+            return block(h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+        return block(h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, kv=self._kv[l])
 
     def _full(self, st: _Trajectory, x, step, ctx_img, ctx_txt, y, emo, ip_scale, record: bool):
         m = self.model
@@ -342,7 +350,7 @@ class CachedDiT:
             table.begin(step)
         h = tokens
         for l, block in enumerate(m.blocks):
-            h_new = block(h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+            h_new = self._block(l, block, h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
             if layers:
                 table.update(l, h_new.float() - h.float() if self.opt.feature == "residual" else h_new)
             h = h_new
@@ -417,8 +425,8 @@ class CachedDiT:
             if emo is not None:
                 emo = emo.to(tokens.dtype)
             h = tokens
-            for block in m.blocks:
-                h = block(h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
+            for l, block in enumerate(m.blocks):
+                h = self._block(l, block, h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
             if st.residual is None:
                 st.residual = torch.empty(h.shape, dtype=self.opt.cache_dtype, device=h.device)
             torch.sub(h.float(), tokens.float(), out=st.residual)
