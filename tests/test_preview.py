@@ -7,11 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.preview import (DEFAULT_REFERENCE, PreviewRenderer, _face_mesh, _landmarks, detect_landmarks,
-                            load_reference)
+from engine.preview import (DEFAULT_REFERENCE, OneEuroFilter, PreviewRenderer, _face_mesh, _landmarks,
+                            detect_landmarks, load_reference)
 from tests.conftest import data_file
 
 LIP_PAIRS = [(13, 14), (82, 87), (312, 317)]
+pytestmark = pytest.mark.timeout(120)
 
 
 def read_video(path) -> list[np.ndarray]:
@@ -214,3 +215,45 @@ def test_threaded_push_pull(driving):
         renderer.close()
     assert [pts for _, pts in got] == [i / 25 for i in range(12)]
     assert renderer.stats()["frames_out"] == 12 and renderer.error is None
+
+
+def _face_pose(pts: np.ndarray) -> tuple[complex, complex]:
+    """(eye midpoint, eye vector) as complex numbers: position, scale and roll of a face."""
+    z = pts[:, 0] + 1j * pts[:, 1]
+    return (z[33] + z[263]) / 2, z[263] - z[33]
+
+
+def test_head_motion_transfers_normalised(driving):
+    """Rolling, scaling and shifting the driver's head does the same to the portrait's head, with the shift in
+    units of each face's own size (so a small driver face moves a big portrait face proportionally)."""
+    frame = driving[0]
+    drv0 = detect_landmarks(frame)
+    c_d, v_d = _face_pose(drv0)
+    m = cv2.getRotationMatrix2D((c_d.real, c_d.imag), 8.0, 1.1)
+    m[:, 2] += (24.0, -12.0)
+    moved = cv2.warpAffine(frame, m, (frame.shape[1], frame.shape[0]), borderMode=cv2.BORDER_REPLICATE)
+    c_m, v_m = _face_pose(detect_landmarks(moved))
+
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.process(frame, 0.0)
+    out = renderer.process(moved, 0.04)[0][0]
+    renderer.close()
+    c_r, v_r = _face_pose(detect_landmarks(renderer.reference))
+    c_o, v_o = _face_pose(detect_landmarks(out))
+
+    drv_turn, out_turn = np.angle(v_m / v_d, deg=True), np.angle(v_o / v_r, deg=True)
+    assert abs(drv_turn) > 6 and abs(out_turn - drv_turn) < 1.5, (drv_turn, out_turn)
+    assert abs(abs(v_o / v_r) - abs(v_m / v_d)) < 0.04
+    # The shift of the eye midpoint, in each face's own inter-ocular units and eye-aligned axes, must agree.
+    drv_shift, out_shift = (c_m - c_d) / v_d, (c_o - c_r) / v_r
+    assert abs(drv_shift) > 0.1 and abs(out_shift - drv_shift) < 0.05, (drv_shift, out_shift)
+
+
+def test_one_euro_filter_smooths_jitter_but_follows_motion():
+    rng = np.random.default_rng(0)
+    still = 0.01 * (rng.standard_normal((50, 478)) + 1j * rng.standard_normal((50, 478)))
+    f = OneEuroFilter()
+    smoothed = np.array([f(x, 1 / 25) for x in still])
+    assert np.abs(np.diff(smoothed[10:], axis=0)).mean() < 0.7 * np.abs(np.diff(still[10:], axis=0)).mean()
+    jump = f(still[-1] + 0.3, 1 / 25)  # a fast move of 0.3 inter-ocular distances
+    assert np.abs(jump - smoothed[-1]).mean() > 0.8 * 0.3
