@@ -44,7 +44,7 @@ from kernels.fp8 import quantize_linears, relative_error  # noqa: E402
 from kernels.graphs import CompiledStep, StepShape  # noqa: E402
 
 MODES = ("eager", "compiled", "graphs", "fp8", "eager_graphs")
-BF16_TOL = 1.6e-2  # two bf16 ulps, relative
+BF16_TOL = 1.6e-2  # two bf16 steps, relative
 
 
 # --- arithmetic ----------------------------------------------------------------------------------------------------
@@ -133,8 +133,11 @@ def random_inputs(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype:
 
 # --- checks ----------------------------------------------------------------------------------------------------
 def bf16_close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
+    """Within two bf16 steps of b, relative to each entry and to b's largest entry (RoPE cancellation and
+    residual sums make some entries small while their rounding error is set by the large ones)."""
     diff = (a.float() - b.float()).abs()
-    ok = bool((diff <= BF16_TOL * b.float().abs() + BF16_TOL).all())
+    ref = b.float().abs()
+    ok = bool((diff <= BF16_TOL * ref + BF16_TOL * ref.max()).all())
     return ok, diff.max().item()
 
 
