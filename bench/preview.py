@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--strip", type=int, default=6, help="driving/output frame pairs saved to preview_frames.jpg")
     args = ap.parse_args()
 
     frames = read_frames(Path(args.driving), args.frames)
@@ -55,15 +56,18 @@ def main() -> None:
     renderer.reset_neutral()
 
     drive_ms, warp_ms, total_ms = [], [], []
+    strip_at = set(np.linspace(0, len(frames) - 1, args.strip).astype(int).tolist()) if args.strip else set()
+    strip = []
     load_before = os.getloadavg()[0]
     cpu_start, t_start = time.process_time(), time.perf_counter()
     for i, f in enumerate(frames):
         t0 = time.perf_counter()
         target = renderer.drive(f)
         t1 = time.perf_counter()
-        if target is not None:
-            renderer.warp(target)
+        out = renderer.warp(target) if target is not None else renderer.reference
         t2 = time.perf_counter()
+        if i in strip_at:
+            strip.append((f, out))
         drive_ms.append((t1 - t0) * 1e3)
         warp_ms.append((t2 - t1) * 1e3)
         total_ms.append((t2 - t0) * 1e3)
@@ -109,6 +113,12 @@ def main() -> None:
     print(f"CPU time {payload['cpu_ms_per_frame']} ms/frame (all threads); 1-min load average "
           f"{payload['load_avg_1m']} on {os.cpu_count()} cores (other processes slow the wall-clock numbers)")
     print("wrote", write_result("preview", payload))
+    if strip:  # driving frames on top, the avatar below: a look at what the numbers above are numbers of
+        tile = lambda im: cv2.resize(im, (256, 256), interpolation=cv2.INTER_AREA)  # noqa: E731
+        sheet = np.vstack([np.hstack([tile(d) for d, _ in strip]), np.hstack([tile(o) for _, o in strip])])
+        path = ROOT / "bench" / "results" / "preview_frames.jpg"
+        cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+        print("wrote", path)
 
 
 if __name__ == "__main__":

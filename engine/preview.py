@@ -14,10 +14,12 @@ Per driving frame:
      reference landmarks to their target positions; border points stay fixed so the background stays put;
   4. the reference is warped piecewise-affine from its own mesh onto the target mesh with one cv2.remap: the
      backward map is built per frame from per-triangle affine transforms, rasterised (triangle ids) at half
-     resolution and upsampled; the opened part of the mouth is filled with a dark interior.
+     resolution and upsampled; the opened part of the mouth is painted as a dark interior with upper teeth.
+A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -113,6 +115,7 @@ def _mouth_opening(q: np.ndarray) -> float:
 
 
 # --- mesh construction ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def _tesselation_triangles() -> np.ndarray:
     """(K, 3) vertex triples of mediapipe's face tesselation (it ships as an edge set; faces are its 3-cliques)."""
     nbrs: dict[int, set[int]] = {}
@@ -251,9 +254,10 @@ class PreviewRenderer(ThreadedRenderer):
         self._ref_origin, self._ref_axis = _face_frame(self._ref_z)
         self._ref_q = (self._ref_z - self._ref_origin) / self._ref_axis  # reference landmarks, normalised
 
-        # Warp mesh: 468 face vertices + fixed border points. Three layers, drawn in order so later ones win:
-        # a Delaunay cover of the whole frame (background, hair, neck), the face tesselation, then the mouth and
-        # eye slits (holes in the tesselation) as strips that stretch when they open.
+        # Warp mesh: 468 face vertices + fixed border points. Two layers, drawn in order so the face wins: a Delaunay
+        # cover of the whole frame (background, hair, neck; only its triangles not hidden under the face are kept),
+        # then the face tesselation plus the mouth and eye slits (holes in the tesselation) as strips that stretch
+        # when they open.
         border = _border_points(self.width, self.height)
         self._src = np.concatenate([ref_pts[:N_MESH], border]).astype(np.float64)  # (V, 2) source vertices
         self._n_border = len(border)
