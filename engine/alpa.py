@@ -55,7 +55,7 @@ from typing import Sequence
 import torch
 
 from engine.config import ALPAConfig, DiTConfig
-from engine.sampler import Schedule
+from engine.sampler import Branch, Schedule, guided_flow
 from kernels.fused import layer_norm_modulate
 
 MODES = ("off", "alpa", "taylorseer", "teacache")
@@ -237,8 +237,11 @@ class CachedDiT:
     x (B, 16, F, H, W) latent entering step i, y (B, 20, F, H, W), emo (B, F, 97, emo_dim) or None;
     returns the flow (B, 16, F, H, W) in fp32, like WanModel.forward. `key` names the cache (a guidance branch,
     optionally with a window id). A key whose step does not increase starts a new trajectory (its cache is
-    cleared), so a rolling window can reuse the key for its next window. Full passes run exactly
-    WanModel.forward's arithmetic, so interval 1 (or mode "off") reproduces full compute bit for bit.
+    cleared), so a rolling window can reuse the key for its next window; offline step-major WSWS keeps one
+    trajectory per (window, branch) alive, so its cache memory is windows x branches x `cache_bytes`.
+    `kv` (optional) is `model.context_kv(ctx_img, ctx_txt)`, computed once per session. `guided(...)` runs and
+    combines the guidance branches of a step. Full passes run exactly WanModel.forward's arithmetic, so
+    interval 1 (or mode "off") reproduces full compute bit for bit.
     """
 
     def __init__(self, model, schedule: Schedule, cfg: ALPAConfig | None = None, options: ALPAOptions | None = None):
@@ -327,6 +330,21 @@ class CachedDiT:
         st.history.append("P")
         st.predicted += 1
         return self._predict(st, x, step, y)
+
+    def guided(self, x, step: int, ctx_img, ctx_txt, y, emo=None, emo_cfg: float = 4.0, ip_scale: float = 1.0,
+               window=None, kv=None, text_cfg: float = 1.0, neg_ctx=None, neg_kv=None):
+        """Guided flow of one step (B, 16, F, H, W): one call per guidance branch (emo, and no_emo with ip_scale 0
+        when emo_cfg > 1; no_text with `neg_ctx` = (ctx_img, ctx_txt) of the negative prompt when text_cfg != 1),
+        combined as in `engine.sampler.combine_guidance`. Each branch caches under key (window, branch name), or
+        the branch name when `window` is None (a rolling window: the key restarts with each window's step 0)."""
+
+        def branch_flow(b: Branch) -> torch.Tensor:
+            key = b.name if window is None else (window, b.name)
+            if b.negative_prompt:
+                return self(x, step, *neg_ctx, y, emo, ip_scale=b.ip_scale, key=key, kv=neg_kv)
+            return self(x, step, ctx_img, ctx_txt, y, emo, ip_scale=b.ip_scale, key=key, kv=kv)
+
+        return guided_flow(branch_flow, emo_cfg, text_cfg, ip_scale)
 
     def _block(self, l, block, h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale):
         if self._kv is None:

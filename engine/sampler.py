@@ -129,6 +129,7 @@ class Sampler:
         self.schedule = schedule
         self.generator = generator
         self._sigmas = schedule.sigma_list
+        self._timesteps: dict[str, torch.Tensor] = {}
         # 0-dim fp32 CPU tensors (usable with tensors on any device, no sync): dt * v then rounds like diffusers.
         self._dt = list((schedule.sigmas[1:] - schedule.sigmas[:-1]).unbind())
 
@@ -139,8 +140,11 @@ class Sampler:
         return self._sigmas[i]
 
     def timestep(self, i: int, batch: int = 1, device=None) -> torch.Tensor:
-        """(batch,) fp32 timestep of step i for the DiT."""
-        return self.schedule.timesteps[i].to(device).expand(batch)
+        """(batch,) fp32 timestep of step i for the DiT (a view of a per-device copy: no copy, no sync per step)."""
+        key = str(device)
+        if key not in self._timesteps:
+            self._timesteps[key] = self.schedule.timesteps.to(device)
+        return self._timesteps[key][i].expand(batch)
 
     def step(self, i: int, sample: torch.Tensor, flow: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Latent after step i. `noise` (optional, fp32, sample's shape) fixes the re-noise draw of distilled steps."""

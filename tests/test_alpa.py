@@ -190,6 +190,21 @@ def test_interval_one_reproduces_full_compute(tiny, mode, cache):
     assert cached.full_passes == 2 * 4 and cached.predicted_passes == 0
 
 
+def test_guided_combines_branches_with_separate_keys(tiny):
+    model, ctx, inp = tiny
+    sch = flow_schedule(4, 5.0)
+    cached = CachedDiT(model, sch, ALPAConfig(mode="taylorseer", interval=2, order=1))
+    ref = CachedDiT(model, sch, ALPAConfig(mode="off"))
+    x = inp["x"]
+    flow = cached.guided(x, 0, *ctx, inp["y"], inp["emo"], emo_cfg=4.0, window=3)
+    emo = ref(x, 0, *ctx, inp["y"], inp["emo"], ip_scale=1.0)
+    no = ref(x, 0, *ctx, inp["y"], inp["emo"], ip_scale=0.0)
+    assert torch.equal(flow, no + 4.0 * (emo - no))
+    assert set(cached._state) == {(3, "emo"), (3, "no_emo")}
+    single = cached.guided(x, 0, *ctx, inp["y"], inp["emo"], emo_cfg=1.0)
+    assert torch.equal(single, emo) and "no_emo" not in cached._state
+
+
 def test_teacache_zero_threshold_reproduces_full_compute(tiny):
     model, ctx, inp = tiny
     sch = flow_schedule(4, 5.0)
