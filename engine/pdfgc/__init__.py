@@ -5,13 +5,25 @@
     align.py        Umeyama similarity to the 5-point template, bicubic warp to 224x224
     fan_encoder.py  FanEncoder with pd_fpg.pth key names -> [headpose 6 | eye 6 | emo 30 | mouth 512]
     extractor.py    ExpressionExtractor: push / push_batch / extract, one row per frame, never shifted
-"""
-from engine.pdfgc.align import ALIGN_INDEX, template, template_matrix, umeyama, warp_face
-from engine.pdfgc.detector import FaceDetector
-from engine.pdfgc.extractor import ExpressionExtractor, ExpressionResult, make_landmarks
-from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
-from engine.pdfgc.landmarks import LandmarkModel, MediapipeLandmarks, OneEuroSmoother, OnnxLandmarks
 
-__all__ = ["ALIGN_INDEX", "ExpressionExtractor", "ExpressionResult", "FaceDetector", "FanEncoder",
-           "FanEncoderConfig", "LandmarkModel", "MediapipeLandmarks", "OneEuroSmoother", "OnnxLandmarks",
-           "make_landmarks", "template", "template_matrix", "umeyama", "warp_face"]
+Names are imported on first use, so `engine.pdfgc.fan_encoder` (torch only) works where cv2 / onnxruntime /
+mediapipe are not installed (e.g. a GPU box that only times the encoder).
+"""
+from __future__ import annotations
+
+import importlib
+
+_HOME = {
+    "ALIGN_INDEX": "align", "template": "align", "template_matrix": "align", "umeyama": "align",
+    "warp_face": "align", "FaceDetector": "detector", "ExpressionExtractor": "extractor",
+    "ExpressionResult": "extractor", "make_landmarks": "extractor", "FanEncoder": "fan_encoder",
+    "FanEncoderConfig": "fan_encoder", "LandmarkModel": "landmarks", "MediapipeLandmarks": "landmarks",
+    "OneEuroSmoother": "landmarks", "OnnxLandmarks": "landmarks",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"engine.pdfgc.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'engine.pdfgc' has no attribute {name!r}")
