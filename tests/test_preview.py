@@ -9,7 +9,7 @@ import pytest
 
 from engine.preview import (DEFAULT_REFERENCE, OneEuroFilter, PreviewRenderer, _face_mesh, _landmarks,
                             detect_landmarks, load_reference)
-from tests.conftest import data_file
+from conftest import data_file
 
 LIP_PAIRS = [(13, 14), (82, 87), (312, 317)]
 pytestmark = pytest.mark.timeout(120)
