@@ -195,3 +195,54 @@ def test_landmark_low_probability_drops_the_face(landmark_setup, detector_path):
     backend = OnnxLandmarks(FaceDetector(detector_path, prefer_cuda=False),
                             LandmarkModel(unsure, prefer_cuda=False))
     assert backend.five_points(_scene(_dots(0.0))) is None
+
+
+def test_published_onnx_path_is_the_default_when_files_exist(landmark_setup, detector_path, tmp_path):
+    import shutil
+
+    import torch
+
+    from engine.pdfgc.extractor import ExpressionExtractor, make_landmarks
+    from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+    from engine.pdfgc.landmarks import MediapipeLandmarks
+    from engine.weights import WeightsError
+
+    _, lmk_path, _ = landmark_setup
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="Missing face_det.onnx"):
+        make_landmarks(tmp_path / "empty", "onnx", prefer_cuda=False)
+    fallback = make_landmarks(tmp_path / "empty", "auto", prefer_cuda=False)
+    assert isinstance(fallback, MediapipeLandmarks)
+    fallback.close()
+
+    root = tmp_path / "weights"
+    root.mkdir()
+    shutil.copy(detector_path, root / "face_det.onnx")
+    shutil.copy(lmk_path, root / "face_landmark.onnx")
+    cfg = FanEncoderConfig.tiny()
+    torch.save(FanEncoder(cfg).state_dict(), root / "pd_fpg.pth")
+    ex = ExpressionExtractor.from_weights(root, channel_order="bgr", device="cpu", encoder_config=cfg)
+    assert isinstance(ex.landmarks, OnnxLandmarks)
+    frame = _scene(_dots(10.0))
+    first, blank = ex.push_batch([frame, np.zeros_like(frame)])
+    assert first.face_found and first.features.shape == (554,) and first.features.dtype == np.float32
+    assert not blank.face_found and np.array_equal(blank.features, first.features)
+
+
+def test_one_euro_smooths_jitter_and_follows_real_motion():
+    from engine.pdfgc.landmarks import OneEuroSmoother
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(100, 300, size=(222, 2))
+    face = 200.0
+    s = OneEuroSmoother()
+    np.testing.assert_array_equal(s.smooth(base, face), base)            # first frame passes through
+    np.testing.assert_allclose(s.smooth(base.copy(), face), base)         # a still face stays put
+    jitter = base + rng.normal(0, 0.1, size=base.shape)                  # 0.05% of the face: sensor noise
+    out = s.smooth(jitter, face)
+    assert np.abs(out - base).mean() < 0.2 * np.abs(jitter - base).mean()
+    moved = base + np.array([20.0, -10.0])                               # 10% of the face: a real head move
+    s2 = OneEuroSmoother()
+    s2.smooth(base, face)
+    out = s2.smooth(moved, face)
+    assert np.all(np.abs(out - base) >= 0.75 * np.abs(moved - base))
