@@ -125,6 +125,8 @@ def load_reference(path):
 def cmd_serve(args) -> int:
     from streaming import server as srv
 
+    if args.input_queue is None and args.renderer == "preview":
+        args.input_queue = 1  # a backlog only adds latency when every frame is rendered on its own
     cfg = stream_config(args)
     reference = load_reference(args.reference)
     make, device = renderer_factory(args, reference, cfg.width, cfg.height, cfg.input_queue)
@@ -342,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcam-device", default=None, help="virtual camera device, e.g. /dev/video10")
     p.add_argument("--record", default=None, help="also record the avatar to this mp4 file")
     p.add_argument("--playout", type=int, default=None, help="playout buffer in frames (default 3)")
-    p.add_argument("--input-queue", type=int, default=None, help="driving frames queued before the oldest drops")
+    p.add_argument("--input-queue", type=int, default=None,
+                   help="driving frames queued before the oldest drops (default: 1 for preview, so it always renders "
+                        "the newest frame; the StreamConfig default for flashportrait, whose windows need a backlog)")
     p.add_argument("--max-sessions", type=int, default=8, help="peers served at once")
     p.add_argument("--loopback-ice", action="store_true",
                    help="offer only 127.0.0.1 ICE candidates (same-machine clients, tests, benchmarks)")
