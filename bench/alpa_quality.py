@@ -13,7 +13,8 @@ that computes every pass. Methods, for every K in --intervals:
     fewer-steps       plain sampling with ceil(steps / K) steps (same number of full passes, no prediction)
     teacache          a sweep of thresholds (TeaCache-style reuse of the block-stack residual); the plot places
                       every threshold by its full passes
-Also reports the ALPA cache memory (live bytes and the formula layers x (n+1) x tokens x dim x bytes).
+Also reports the ALPA cache memory (live bytes, the peak CUDA memory of each run, and the formula
+layers x (n+1) x tokens x dim x bytes per branch).
 
 Random weights make this a proxy: the features of a trained DiT evolve far more smoothly over the steps than those
 of a random one, so absolute errors here say little about visual quality; the ranking of methods at equal passes
@@ -67,6 +68,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def peak(device) -> int | None:
+    """Peak CUDA memory of the last run (model weights included), None on CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def run(model, inputs, schedule, cached: CachedDiT | None, emo_cfg: float, device):
     """Guided Euler sampling; returns (final latent fp32, seconds). cached None = every pass in full."""
     sampler = Sampler(schedule)
@@ -74,6 +80,8 @@ def run(model, inputs, schedule, cached: CachedDiT | None, emo_cfg: float, devic
     runner.reset()
     x = inputs["x"].clone()
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for i in range(len(sampler)):
         preds = {name: runner(x, i, *inputs["ctx"], inputs["y"], inputs["emo"], ip_scale=ip, key=name,
@@ -132,14 +140,15 @@ def main(argv=None):
     run(model, inputs, flow_schedule(2, args.shift), None, args.emo_cfg, device)  # warm-up (kernels, allocator)
     ref, ref_s, ref_runner = run(model, inputs, schedule, None, args.emo_cfg, device)
     rows = [dict(method="full", K=1, full_passes=ref_runner.full_passes, seconds=ref_s, rel_error=0.0,
-                 cache_bytes=0)]
+                 cache_bytes=0, peak_memory_bytes=peak(device))]
     print(f"{'method':<22}{'K':>3}{'passes':>8}{'time s':>9}{'rel err':>11}{'cache MB':>10}")
     print(f"{'full':<22}{1:>3}{ref_runner.full_passes:>8}{ref_s:>9.3f}{0.0:>11.2e}{0:>10.1f}")
 
     def record(method, K, out, secs, runner, extra=None):
         err = float((out - ref).norm() / ref.norm())
         row = dict(method=method, K=K, full_passes=runner.full_passes, predicted_passes=runner.predicted_passes,
-                   seconds=secs, rel_error=err, cache_bytes=runner.cache_nbytes(), **(extra or {}))
+                   seconds=secs, rel_error=err, cache_bytes=runner.cache_nbytes(), peak_memory_bytes=peak(device),
+                   **(extra or {}))
         rows.append(row)
         print(f"{method:<22}{K:>3}{row['full_passes']:>8}{secs:>9.3f}{err:>11.2e}{row['cache_bytes'] / 2**20:>10.1f}")
 

@@ -80,7 +80,7 @@ class DifferenceTable:
 
         table.begin(step)                      # a full pass at `step`
         for l, f in enumerate(features): table.update(l, f)
-        table.add_prediction_(out, l, coef)    # out += sum_i coef[l, i] * dd_l[i], coef from coefficients()
+        table.add_prediction_(out, l, table.coefficients(step), scale)   # out += prediction of feature l
     Storage: (L, n + 1, *feature_shape) in `dtype`, allocated at the first full pass.
     """
 
@@ -129,26 +129,34 @@ class DifferenceTable:
             return [math.prod(step - x[j] for j in range(i)) for i in range(m + 1)]
         return [float(step - x[0]) ** i for i in range(m + 1)]
 
-    def add_prediction_(self, out: torch.Tensor, l: int, coef: torch.Tensor) -> torch.Tensor:
-        """out += sum_{i<=m} coef[i] * dd_l[i]; coef (m + 1,) tensor on out's device."""
+    def add_prediction_(self, out: torch.Tensor, l: int, P: Sequence[float],
+                        scale: torch.Tensor | None = None) -> torch.Tensor:
+        """out += dd_l[0] + sum_{i=1..m} P[i] * scale[i-1] * dd_l[i]; P from coefficients() (host floats),
+        scale (m,) on out's device or None (= 1). No host-to-device copy, so a predicted step never syncs."""
         dd = self.dd[l]
-        for i in range(self.available_order + 1):
-            out.addcmul_(dd[i], coef[i])
+        out.add_(dd[0])
+        for i in range(1, self.available_order + 1):
+            if scale is None:
+                out.add_(dd[i], alpha=P[i])
+            else:
+                out.addcmul_(dd[i], scale[i - 1], value=P[i])
         return out
 
     def derivative_norms(self) -> torch.Tensor:
         """(L, m) mean |f^(i)(l)| estimates, i = 1..m (f^(i) ~ i! dd[i])."""
         m = self.available_order
-        dims = tuple(range(2, self.dd.dim()))
-        fact = torch.tensor([math.factorial(i) for i in range(1, m + 1)], dtype=self.dtype, device=self.dd.device)
-        return self.dd[:, 1:m + 1].abs().mean(dim=dims) * fact
+        norms = self.dd[:, 1:m + 1].abs().mean(dim=tuple(range(2, self.dd.dim())))
+        for i in range(1, m + 1):  # host scalars, so the full pass stays free of host-to-device copies
+            norms[:, i - 1].mul_(math.factorial(i))
+        return norms
 
     def mean_derivative_norm(self) -> torch.Tensor:
         """(m,) mean |f^(i) averaged over layers| (the 'norm_mean' reference)."""
         m = self.available_order
-        fact = torch.tensor([math.factorial(i) for i in range(1, m + 1)], dtype=self.dtype, device=self.dd.device)
-        avg = self.dd[:, 1:m + 1].mean(dim=0)  # (m, *shape)
-        return avg.abs().flatten(1).mean(dim=1) * fact
+        norms = self.dd[:, 1:m + 1].mean(dim=0).abs().flatten(1).mean(dim=1)  # (m,)
+        for i in range(1, m + 1):
+            norms[i - 1].mul_(math.factorial(i))
+        return norms
 
 
 def layer_sqrt_r(norms: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,6 +227,7 @@ class _Trajectory:
     rate: ChangeRate | None = None
     s_anchor: torch.Tensor | float = 1.0
     sqrt_r: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
     # TeaCache
     prev_mod: torch.Tensor | None = None
     acc: float = 0.0
@@ -377,6 +386,7 @@ class CachedDiT:
             table.update(0, flow)
         if record and self.cfg.mode == "alpa":
             st.s_anchor = st.rate.s
+            st.scale = None
             if table.available_order > 0 and table.L > 1:
                 ref = table.mean_derivative_norm() if self.opt.w_reference == "norm_mean" else None
                 st.sqrt_r = layer_sqrt_r(table.derivative_norms(), ref)
@@ -384,36 +394,38 @@ class CachedDiT:
                 st.sqrt_r = None
         return flow
 
-    def _coef(self, st: _Trajectory, step: int) -> torch.Tensor:
-        """(L, m + 1) coefficients: P_i(step), divided by w(l, i) * s for i >= 1 in mode alpa."""
+    def _scale(self, st: _Trajectory) -> torch.Tensor | None:
+        """(L, m) factors 1 / (w(l, i) s) = sqrt(r(l, i)) / s of the order >= 1 terms (mode alpa), else None."""
         table = st.table
-        P = torch.tensor(table.coefficients(step), dtype=table.dtype, device=table.dd.device)  # (m + 1,)
-        coef = P.expand(table.L, -1).clone()
-        if self.cfg.mode == "alpa" and coef.shape[1] > 1:
-            s = st.rate.s if self.opt.s_at == "current" else st.s_anchor
-            if st.sqrt_r is not None:
-                coef[:, 1:] *= st.sqrt_r.to(table.dtype)
-            if isinstance(s, torch.Tensor):
-                coef[:, 1:] /= s.to(device=coef.device, dtype=table.dtype)
-            else:
-                coef[:, 1:] /= s
-        return coef
+        m = table.available_order
+        if self.cfg.mode != "alpa" or m == 0:
+            return None
+        if self.opt.s_at == "anchor" and st.scale is not None:
+            return st.scale  # fixed between full passes
+        s = st.rate.s if self.opt.s_at == "current" else st.s_anchor
+        dev = table.dd.device
+        base = st.sqrt_r if st.sqrt_r is not None else torch.ones((table.L, m), dtype=table.dtype, device=dev)
+        if isinstance(s, torch.Tensor):
+            s = s.to(device=dev, dtype=table.dtype) if s.device == dev else s.to(table.dtype)  # 0-dim CPU is fine
+        st.scale = base / s
+        return st.scale
 
     def _predict(self, st: _Trajectory, x, step, y):
         m, table = self.model, st.table
-        coef = self._coef(st, step)
+        P = table.coefficients(step)
+        scale = self._scale(st)
         if self.cfg.cache == "output":
             out = torch.zeros(table.dd.shape[2:], dtype=table.dtype, device=table.dd.device)
-            return table.add_prediction_(out, 0, coef[0]).float()
+            return table.add_prediction_(out, 0, P, None if scale is None else scale[0]).float()
         tokens, grid = m.patchify(x, y)
         e, _ = m.embed_time(self._timestep(step, x.shape[0], x.device))
         if self.opt.feature == "residual":
             h = tokens.to(table.dtype)
             for l in range(table.L):
-                table.add_prediction_(h, l, coef[l])
+                table.add_prediction_(h, l, P, None if scale is None else scale[l])
         else:
             h = torch.zeros(table.dd.shape[2:], dtype=table.dtype, device=table.dd.device)
-            table.add_prediction_(h, table.L - 1, coef[-1])
+            table.add_prediction_(h, table.L - 1, P, None if scale is None else scale[-1])
         return m.unpatchify(m.head(h.to(tokens.dtype), e).float(), grid)
 
     def _teacache(self, st: _Trajectory, x, step, ctx_img, ctx_txt, y, emo, ip_scale):

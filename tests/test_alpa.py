@@ -44,7 +44,7 @@ def test_newton_prediction_exact_on_polynomials(order, K, warmup):
                 continue
             if len(table.nodes) < order + 1:
                 continue  # still warming up
-            coef = torch.tensor(table.coefficients(s), dtype=F64)
+            coef = table.coefficients(s)
             for l in range(L):
                 out = torch.zeros(shape, dtype=F64)
                 table.add_prediction_(out, l, coef)
@@ -73,7 +73,7 @@ def test_taylor_expansion_is_the_papers_formula():
     for k in (1, 2):
         paper = D[0] + sum(D[i] * k ** i / (math.factorial(i) * K ** i) for i in range(1, n + 1))
         out = torch.zeros(4, dtype=F64)
-        table.add_prediction_(out, 0, torch.tensor(table.coefficients(9 + k), dtype=F64))
+        table.add_prediction_(out, 0, table.coefficients(9 + k))
         torch.testing.assert_close(out, paper, rtol=1e-12, atol=1e-12)
     lin = DifferenceTable(1, n, "taylor", F64)
     quad = DifferenceTable(1, n, "taylor", F64)
@@ -83,7 +83,7 @@ def test_taylor_expansion_is_the_papers_formula():
             t.update(0, _poly(c, s))
     for t, c, exact in ((lin, coefs[:2], True), (quad, coefs[:3], False)):
         out = torch.zeros(4, dtype=F64)
-        t.add_prediction_(out, 0, torch.tensor(t.coefficients(11), dtype=F64))
+        t.add_prediction_(out, 0, t.coefficients(11))
         err = float((out - _poly(c, 11)).abs().max())
         assert (err < 1e-12) == exact
 
