@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (gloo)")
     p.add_argument("--dtype", default=None, help="bf16 on CUDA, fp32 on CPU by default")
     p.add_argument("--attention", default="auto", choices=attn.BACKENDS)
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (one function for all)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager for CPU smoke)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--launch", type=int, default=None, metavar="N", help="start torchrun with N processes and exit")
@@ -184,6 +186,8 @@ def main(argv=None) -> int:
             for n, g, sub, groups in plans:
                 if rank < n:
                     dit = SequenceParallelDiT(model, groups)
+                    if args.compile:
+                        dit.compile_blocks(backend=args.compile_backend)
                     dit.set_session(inputs["context"], inputs["clip_fea"])  # context K/V once, as the live path does
                     per_call = {**inputs, "context": None, "clip_fea": None}
 
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
                   f"{'ok' if r['parity_ok'] else 'FAIL'} ({r['rel_error_vs_1']:.1e})")
         config = {k: v for k, v in vars(args).items() if k != "launch"}
         payload = {"config": config | {"world_size": world, "dtype": str(dtype), "backend": dist.get_backend(),
-                                       "mode": "eager", "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")},
+                                       "mode": "compiled blocks" if args.compile else "eager", "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")},
                    "model": {"preset": args.preset, "params": cfg.num_params()}, "results": rows}
         path = write_result(args.out, payload)
         bad = [r for r in rows if not r["parity_ok"]]

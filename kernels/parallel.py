@@ -332,6 +332,10 @@ def _with_children(module: nn.Module, **children: nn.Module) -> nn.Module:
     return clone
 
 
+def _run_block(block: nn.Module, *args):
+    return block(*args)
+
+
 # --- the model ----------------------------------------------------------------------------------------------------
 class SequenceParallelDiT(nn.Module):
     """`WanModel` with one window's tokens split across the sequence group of `groups` (weights shared, not copied).
@@ -352,6 +356,12 @@ class SequenceParallelDiT(nn.Module):
             for b in model.blocks)
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.session_kv: list[tuple[torch.Tensor, ...]] | None = None
+        self._run_block = _run_block
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile one block function that serves every block (same code and shapes; the collectives are
+        traced as functional collectives), as kernels/graphs.py does for one GPU. options go to torch.compile."""
+        self._run_block = torch.compile(_run_block, **{"dynamic": False, **options})
 
     def split(self, grid: tuple[int, int, int]) -> TokenSplit:
         return TokenSplit(math.prod(grid), self.groups.seq_size, self.groups.seq_rank)
@@ -372,7 +382,8 @@ class SequenceParallelDiT(nn.Module):
         kv: optional per-block context K/V (`model.context_kv(ctx_img, ctx_txt)`, replicated on every rank)."""
         self._state.split = split
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, None if kv is None else kv[i])
+            tokens = self._run_block(block, tokens, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale,
+                                     None if kv is None else kv[i])
         return self.model.head(tokens, e)
 
     def gather(self, local: torch.Tensor, split: TokenSplit) -> torch.Tensor:
@@ -404,7 +415,8 @@ class SequenceParallelDiT(nn.Module):
         e, e0 = m.embed_time(t)
         if emo is not None:
             emo = emo.to(tokens.dtype)
-        out = self.forward_tokens(split.shard(tokens), e, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, kv, split)
+        local = split.shard(tokens).contiguous()  # same strides as every later block input: one compile serves all
+        out = self.forward_tokens(local, e, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale, kv, split)
         return m.unpatchify(self.gather(out, split).float(), grid)
 
     def forward_branches(self, branches: Sequence[dict], **inputs) -> torch.Tensor:
