@@ -32,13 +32,16 @@ Where (b) differs from (a)
         - a one-step schedule: no blending happens at step 0 in either;
         - a denoiser without cross-window coupling (per frame and independent of the frame's window position):
           both windows then produce the same value for a shared frame, so every blend is the identity.
-      With a coupled denoiser (attention over the window, local RoPE) they differ; `tests/test_wsws.py` measures
-      the relative difference and the seam jump of both on a deterministic toy denoiser (smoothing across the
-      window + a local-position term).
+      With a coupled denoiser (attention over the window, local RoPE) they differ. Measured in
+      `tests/test_wsws.py` on a deterministic toy denoiser (3-frame smoothing across the window + a term of the
+      local frame position, 10 Euler steps, size 6, overlap 3, 21 frames): ||b - a|| / ||a|| = 0.26, against 1.53
+      for a hard cut (no blending) vs (a); seam jump (mean temporal step at overlaps / elsewhere) 0.59 for (a),
+      0.76 for (b), 1.30 for the hard cut. So (b) keeps the seams smooth but is not a drop-in for (a)'s output.
     * The pinned last window of (a) needs the video length in advance; (b) never pins: the stream length is
       unknown, all windows share one stride, and the tail frames leave through `flush()`.
     * Latency and memory: (b) emits S frames per window after `steps` x passes DiT calls on `size` frames; it keeps
-      (steps + 1) x overlap frames of stored latents (the previous window's per-step latents and its initial noise).
+      two buffers of (steps + 1) x overlap frames (the previous window's initial noise and per-step latents, read,
+      and the current window's, written).
       (a) keeps the whole video's latents and emits nothing until the last step.
     * Re-noising (distilled) steps draw fresh noise per window in both; which draw a frame gets differs, so (a) and
       (b) agree only in distribution there. Equality statements above are for the Euler schedule.
