@@ -119,5 +119,5 @@ def load_clip_vision(weights_dir: str | os.PathLike | None, cfg: ClipVisionConfi
     sd = vision_state_dict(load_state_dict(path), cfg)
     with torch.device("meta"):
         model = ClipVision(cfg)
-    load_into(model, sd, path, dtype=dtype)
-    return model.to(device).eval()
+    load_into(model, sd, path, dtype=dtype, device=device)
+    return model.eval()

@@ -159,8 +159,8 @@ def load_t5_encoder(weights_dir: str | os.PathLike | None, cfg: T5Config = T5Con
     path = find_file(weights_dir, T5_FILE, "umT5-XXL text encoder")
     with torch.device("meta"):
         model = T5Encoder(cfg)
-    load_into(model, load_state_dict(path), path, dtype=dtype)
-    return model.to(device).eval()
+    load_into(model, load_state_dict(path), path, dtype=dtype, device=device)
+    return model.eval()
 
 
 # --- tokenizer -------------------------------------------------------------------------------------------------

@@ -204,5 +204,5 @@ def load_tiny_vae(weights_dir: str | os.PathLike | None, cfg: TinyVAEConfig = Ti
     sd = load_state_dict(path)
     with torch.device("meta"):
         model = TinyVAE(cfg, encoder=any(k.startswith("encoder.") for k in sd))
-    load_into(model, _keep_last_tgrow_rows(model, sd), path, dtype=dtype)
-    return model.to(device).eval()
+    load_into(model, _keep_last_tgrow_rows(model, sd), path, dtype=dtype, device=device)
+    return model.eval()

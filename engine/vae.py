@@ -105,8 +105,9 @@ class RMS_norm(nn.Module):
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The norm of a bf16 vector of hundreds of channels loses bits; compute it in fp32.
-        return F.normalize(x.float(), dim=1).type_as(x) * self.scale * self.gamma
+        # The norm over hundreds of bf16 channels is reduced in fp32, without an fp32 copy of the whole tensor.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+        return x * (self.scale / norm).to(x.dtype) * self.gamma
 
 
 class ResidualBlock(nn.Module):
@@ -345,5 +346,5 @@ def load_vae(weights_dir: str | os.PathLike | None, cfg: VAEConfig = VAEConfig()
     path = find_file(weights_dir, VAE_FILE, "Wan2.1 VAE")
     with torch.device("meta"):
         model = WanVAE(cfg)
-    load_into(model, load_state_dict(path), path, dtype=dtype)
-    return model.to(device).eval()
+    load_into(model, load_state_dict(path), path, dtype=dtype, device=device)
+    return model.eval()
