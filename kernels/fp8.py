@@ -46,6 +46,8 @@ class Fp8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rowwise = rowwise
+        # decided once, here: a device query inside forward would break torch.compile's graph
+        self.use_scaled_mm = _scaled_mm_supported(linear.weight.device)
         w_q, w_scale = quantize(linear.weight.detach(), rowwise)
         self.register_buffer("weight", w_q)
         self.register_buffer("weight_scale", w_scale)
@@ -61,7 +63,7 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         x_q, x_scale = quantize(x2, self.rowwise)
-        if _scaled_mm_supported(x.device):
+        if self.use_scaled_mm and x.device.type == self.weight.device.type:
             # b must be column-major: the (out, in) row-major weight transposed is exactly that.
             w_scale = self.weight_scale.t() if self.rowwise else self.weight_scale  # (1, out) or ()
             fused_bias = self.bias if not self.rowwise else None  # rowwise kernels reject a fused bias on some builds

@@ -110,6 +110,20 @@ def test_compiled_step_traces_whole_and_compiles_one_block_graph(scope):
     torch._dynamo.reset()
 
 
+def test_fp8_step_stays_close_to_full_precision():
+    import dataclasses
+
+    from kernels.fp8 import Fp8Linear, relative_error
+
+    model, shape, session, call = make(batch=1, frames=2, hw=4)
+    ref = reference(model, session, call)
+    step = CompiledStep(model, shape, dataclasses.replace(CPU, fp8=True))  # swaps the block linears in place
+    assert isinstance(model.blocks[0].ffn[0], Fp8Linear)
+    step.set_session(**session)
+    err = relative_error(step(call["x"], call["t"], call["emo"], 0.7), ref)
+    assert 1e-4 < err < 0.08  # e4m3 noise, not garbage (and not silently full precision)
+
+
 def test_step_flops_match_hand_count():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.dit_step import step_flops
