@@ -12,7 +12,7 @@ Forward, in the pieces the renderer, the compiled step and ALPA recompose:
 
 Optional, bit-identical fast path: `kv = model.context_kv(ctx_img, ctx_txt)` once per session (context K/V of every
 block), then `block(..., ip_scale, kv=kv[i])` / `model.forward_tokens(..., kv=kv)` skip the per-pass context
-projections.
+projections. `ip_scale` may be a (B,) tensor, so the expression-guidance pair (0 and 1) runs as one batch of 2.
 
 Inputs: x (B, 16, F, H, W) noisy latent, t (B,) timesteps in [0, 1000], context (B, <=text_len, text_dim) umT5
 output, clip_fea (B, clip_tokens, clip_dim), y (B, 20, F, H, W) = [mask 4 | reference latent 16],
@@ -129,13 +129,19 @@ class WanI2VCrossAttention(nn.Module):
 
     def forward(self, x, ctx_img, ctx_txt, emo=None, ip_scale: float = 1.0, kv=None):
         """x (B, L, D) -> (B, L, D). `kv`: this module's `context_kv(ctx_img, ctx_txt)` computed once per session
-        (then ctx_img / ctx_txt are not read); bit-identical to recomputing it."""
+        (then ctx_img / ctx_txt are not read); bit-identical to recomputing it.
+
+        `ip_scale` is a float, or a (B,) tensor so the expression-guidance pair (ip_scale 0 and 1) can run as one
+        batch of 2: the NFEB statistics are per sample, so each sample gets what its own pass would.
+        """
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
         k_img, v_img, k_txt, v_txt = self.context_kv(ctx_img, ctx_txt) if kv is None else kv
         base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
-        if emo is not None and ip_scale != 0:
+        per_sample = isinstance(ip_scale, torch.Tensor)
+        if emo is not None and (per_sample or ip_scale != 0):
             emo_out = expression_attention(q, emo, self.emo_k_proj, self.emo_v_proj)
-            base = base + ip_scale * normalise_to(emo_out, base)
+            scale = ip_scale.to(base.dtype).view(-1, 1, 1) if per_sample else ip_scale
+            base = base + scale * normalise_to(emo_out, base)
         return self.o(base)
 
 

@@ -191,3 +191,15 @@ def test_overlong_text_is_refused():
     model = WanModel(get_preset("tiny").dit)
     with pytest.raises(ValueError, match="at most 16"):
         model.embed_context(torch.zeros(1, 17, 32), torch.zeros(1, 5, 32))
+
+
+@torch.no_grad()
+def test_guidance_pair_batched_with_per_sample_ip_scale():
+    ours = randomise(WanModel(CFG), seed=13).eval()
+    one = inputs(CFG, B=1, seed=14, t=(400.0,))
+    emo = torch.randn(1, one["x"].shape[2], CFG.emo_tokens_per_frame, CFG.emo_dim)
+    no_emo, with_emo = ours(**one, emo=emo, ip_scale=0.0), ours(**one, emo=emo, ip_scale=1.0)
+    pair = {k: torch.cat([v, v]) for k, v in one.items()}
+    both = ours(**pair, emo=torch.cat([emo, emo]), ip_scale=torch.tensor([0.0, 1.0]))
+    assert torch.allclose(both[0], no_emo[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(both[1], with_emo[0], rtol=1e-5, atol=1e-5)
