@@ -9,13 +9,16 @@ Two schedules, both as a `Schedule` (timesteps fed to the DiT, sigmas used by th
   `set_timesteps(steps)`, which is what FlashPortrait's "Flow" sampler runs (30 steps, shift 5). That includes
   diffusers' quirk that the linspace ends at the *already shifted* sigma_min = shift(1/1000) and is then shifted a
   second time, so with shift 5 the last sigma is about 0.0244, not 0.0010. Timesteps are sigma * 1000 (float).
-* `distilled_schedule((1000, 750, 500, 250), shift)` is LightX2V's / FlashPortrait's step-distillation schedule.
-  The list names positions on the unshifted 1000-step grid: sigma_i = shift(t_i / 1000) where
-  shift(s) = k s / (1 + (k - 1) s); with shift 5 that is sigmas [1.0, 0.9375, 0.8333, 0.625] and DiT timesteps
-  [1000, 937.5, 833.3, 625], then 0. Its step is not Euler: the distilled model is sampled consistency-style,
-  x0 = x - sigma * v, then re-noised with fresh Gaussian noise to sigma_next, (1 - sigma_next) x0 + sigma_next n;
-  the last step returns x0. `Schedule.renoise` marks that; a deterministic Euler step on the same sigmas is
-  available with `renoise=False` (the Wan2.2 distilled variant, and what a bit-reproducible stream may prefer).
+* `distilled_schedule((1000, 750, 500, 250), shift)` is the step-distillation schedule of FlashPortrait's
+  `fast_infer.py` (its StepDistillScheduler, taken from LightX2V). The list names positions on the unshifted
+  1000-step grid: sigma_i = shift(t_i / 1000) where shift(s) = k s / (1 + (k - 1) s); with shift 5 that is sigmas
+  [1.0, 0.9375, 0.8333, 0.625] and DiT timesteps [1000, 937.5, 833.3, 625], then 0.
+  Its step (`Schedule.step_kind`):
+    "distill" (default, FlashPortrait): x0 = x - sigma v, then x0 + sigma_next v in fp32, cast to v's dtype:
+              Euler, with FlashPortrait's order of rounding;
+    "renoise" (LightX2V's Wan2.1 scheduler): x0 = x - sigma v, then (1 - sigma_next) x0 + sigma_next * fresh
+              Gaussian noise (consistency-model sampling); the last step returns x0.
+  `flow_schedule` steps with "euler" (diffusers' arithmetic: fp32 sample + dt * v).
 
 Guidance (FlashPortrait's emotion CFG): noise = no_emo + emo_cfg * (emo - no_emo), the no-emotion pass being the
 same DiT call with `ip_scale = 0`. `emo_cfg <= 1` runs the emotion pass alone (one DiT pass per step).
@@ -34,6 +37,7 @@ from engine.config import SamplerConfig
 
 NUM_TRAIN_TIMESTEPS = 1000
 DISTILLED_TIMESTEPS = (1000, 750, 500, 250)
+STEP_KINDS = ("euler", "distill", "renoise")
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -47,13 +51,13 @@ class Schedule:
 
     timesteps: (N,) fp32, what the DiT receives (in [0, 1000]);
     sigmas: (N + 1,) fp32, noise level before each step and a terminal 0;
-    renoise: the distilled consistency step (x0 then fresh noise) instead of Euler.
+    step_kind: "euler" (diffusers), "distill" (FlashPortrait's distilled Euler) or "renoise" (LightX2V).
     `sigma_list` (Python floats) lets the hot loop step without a device sync.
     """
 
     timesteps: torch.Tensor
     sigmas: torch.Tensor
-    renoise: bool = False
+    step_kind: str = "euler"
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -76,12 +80,14 @@ def flow_schedule(steps: int = 30, shift: float = 5.0, num_train_timesteps: int 
     t = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, steps)
     sigmas = torch.from_numpy(shift_sigmas(t / num_train_timesteps, shift)).to(torch.float32)
     timesteps = sigmas * num_train_timesteps
-    return Schedule(timesteps=timesteps, sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]), renoise=False)
+    return Schedule(timesteps=timesteps, sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]), step_kind="euler")
 
 
 def distilled_schedule(step_list: Sequence[int] = DISTILLED_TIMESTEPS, shift: float = 5.0,
-                       num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, renoise: bool = True) -> Schedule:
-    """LightX2V step-distillation schedule: sigma_i = shift(t_i / 1000) read off the fp32 1000-point grid."""
+                       num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, step_kind: str = "distill") -> Schedule:
+    """Step-distillation schedule: sigma_i = shift(t_i / 1000) read off the fp32 1000-point grid."""
+    if step_kind not in STEP_KINDS:
+        raise ValueError(f"step_kind must be one of {', '.join(STEP_KINDS)}, got {step_kind!r}.")
     if not step_list or any(not 0 < t <= num_train_timesteps for t in step_list):
         raise ValueError(f"distilled timesteps must lie in (0, {num_train_timesteps}] (got {list(step_list)}).")
     grid = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
@@ -89,7 +95,7 @@ def distilled_schedule(step_list: Sequence[int] = DISTILLED_TIMESTEPS, shift: fl
     idx = torch.tensor([num_train_timesteps - int(t) for t in step_list])
     sigmas = grid[idx]
     return Schedule(timesteps=sigmas * num_train_timesteps, sigmas=torch.cat([sigmas, sigmas.new_zeros(1)]),
-                    renoise=renoise)
+                    step_kind=step_kind)
 
 
 def make_schedule(cfg: SamplerConfig) -> Schedule:
@@ -103,6 +109,12 @@ def euler_step(sample: torch.Tensor, flow: torch.Tensor, dt: float | torch.Tenso
     """x + dt * v, returned in the flow's dtype: (...) -> (...). With dt a 0-dim fp32 tensor (as `Sampler` passes
     it) this is diffusers' `step` bit for bit: the sample is upcast to fp32 while dt * v stays in v's dtype."""
     return (sample.to(torch.float32) + dt * flow).to(flow.dtype)
+
+
+def distill_step(sample: torch.Tensor, flow: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
+    """FlashPortrait's distilled step: (x - sigma v) + sigma_next v in fp32, returned in v's dtype."""
+    v = flow.to(torch.float32)
+    return (sample.to(torch.float32) - sigma * v + v * sigma_next).to(flow.dtype)
 
 
 def renoise_step(sample: torch.Tensor, flow: torch.Tensor, sigma: float, sigma_next: float,
@@ -147,8 +159,11 @@ class Sampler:
         return self._timesteps[key][i].expand(batch)
 
     def step(self, i: int, sample: torch.Tensor, flow: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Latent after step i. `noise` (optional, fp32, sample's shape) fixes the re-noise draw of distilled steps."""
-        if self.schedule.renoise:
+        """Latent after step i. `noise` (optional, fp32, sample's shape) fixes the draw of a "renoise" step."""
+        kind = self.schedule.step_kind
+        if kind == "distill":
+            return distill_step(sample, flow, self._sigmas[i], self._sigmas[i + 1])
+        if kind == "renoise":
             return renoise_step(sample, flow, self._sigmas[i], self._sigmas[i + 1], noise, self.generator)
         return euler_step(sample, flow, self._dt[i])
 

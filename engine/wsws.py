@@ -43,8 +43,9 @@ Where (b) differs from (a)
       two buffers of (steps + 1) x overlap frames (the previous window's initial noise and per-step latents, read,
       and the current window's, written).
       (a) keeps the whole video's latents and emits nothing until the last step.
-    * Re-noising (distilled) steps draw fresh noise per window in both; which draw a frame gets differs, so (a) and
-      (b) agree only in distribution there. Equality statements above are for the Euler schedule.
+    * LightX2V-style "renoise" steps draw fresh noise per window in both; which draw a frame gets differs, so (a)
+      and (b) agree only in distribution there. The equality statements above hold for the deterministic steps
+      ("euler", and FlashPortrait's "distill").
 """
 from __future__ import annotations
 

@@ -45,30 +45,36 @@ def test_distilled_schedule_matches_lightx2v_definition():
     expect = 5 * s / (1 + 4 * s)
     torch.testing.assert_close(sch.sigmas[:-1].double(), expect, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sch.timesteps.double(), expect * 1000, rtol=1e-6, atol=1e-4)
-    assert sch.sigmas[-1] == 0 and sch.renoise
+    assert sch.sigmas[-1] == 0 and sch.step_kind == "distill"
     assert make_schedule(SamplerConfig(fast=True)).timesteps.tolist() == sch.timesteps.tolist()
     assert len(make_schedule(SamplerConfig())) == 30
 
 
-def test_renoise_step_is_consistency_sampling():
-    sch = distilled_schedule()
-    sampler = Sampler(sch)
+def test_distilled_steps():
+    """FlashPortrait's step is Euler ((x - sigma v) + sigma_next v); LightX2V's re-noises x0 with fresh noise.
+    With the exact flow of a straight path both land on x0."""
     x0 = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     noise = torch.randn_like(x0)
-    x = sch.sigma_list[0] * noise + (1 - sch.sigma_list[0]) * x0
-    v = noise - x0  # the exact flow: every step lands on x0 re-noised with the supplied noise
+    v = noise - x0
+    fp = Sampler(distilled_schedule())
+    x = noise.clone()  # sigma 1
+    for i in range(len(fp)):
+        x_next = fp.step(i, x, v)
+        s, sn = fp.sigma(i), fp.schedule.sigmas[i + 1].item()
+        torch.testing.assert_close(x_next, x + (sn - s) * v, rtol=1e-6, atol=1e-6)
+        x = x_next
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+
+    sch = distilled_schedule(step_kind="renoise")
+    lx = Sampler(sch)
     fresh = torch.randn_like(x0)
-    x1 = sampler.step(0, x, v, noise=fresh)
+    x1 = lx.step(0, noise, v, noise=fresh)
     s1 = sch.sigma_list[1]
     torch.testing.assert_close(x1, (1 - s1) * x0 + s1 * fresh)
-    last = sampler.step(len(sch) - 1, x, v)  # sigma_next = 0: the x0 estimate x - sigma v, no noise
-    torch.testing.assert_close(last, x - sch.sigma_list[-2] * v)
-    # deterministic Euler on the same sigmas is exact for the true flow too
-    eul = Sampler(distilled_schedule(renoise=False))
-    y = x
-    for i in range(4):
-        y = eul.step(i, y, v)
-    torch.testing.assert_close(y, x0, atol=1e-5, rtol=0)
+    last = lx.step(len(sch) - 1, x1, v)  # sigma_next = 0: the x0 estimate x - sigma v, no noise
+    torch.testing.assert_close(last, x1 - sch.sigma_list[-2] * v)
+    with pytest.raises(ValueError, match="step_kind"):
+        distilled_schedule(step_kind="dpm")
 
 
 def test_guidance_passes_and_formula():
