@@ -42,6 +42,8 @@ INNER_LIP_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
 INNER_LIP_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
 # Lip pairs across the mouth gap, for the mouth-opening measure.
 LIP_PAIRS = np.array([[82, 87], [13, 14], [312, 317]])
+# Lid pairs across each eye, for the eye-opening measure.
+EYE_PAIRS = np.array([[159, 145], [386, 374]])
 # Eye contours (upper chain, lower chain), corner to corner.
 RIGHT_EYE_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
 RIGHT_EYE_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]
@@ -53,6 +55,7 @@ MOUTH_COLOUR = np.array([52, 18, 22], np.float32)  # RGB of the dark inner mouth
 TEETH_COLOUR = np.array([200, 190, 176], np.float32)  # RGB of the upper-teeth band
 TEETH_DEPTH = 0.3  # the teeth band covers this fraction of the lip gap, from the upper lip down...
 TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
+NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the dark fill is fully opaque
 
 
@@ -109,9 +112,34 @@ def _fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[complex, complex]
     return a, md - a * ms
 
 
+def _eye_opening(q: np.ndarray) -> float:
+    """Mean lid gap of both eyes of normalised complex landmarks q (in inter-ocular distances)."""
+    return float(np.abs(q[EYE_PAIRS[:, 1]] - q[EYE_PAIRS[:, 0]]).mean())
+
+
 def _mouth_opening(q: np.ndarray) -> float:
     """Mean lip gap of normalised complex landmarks q (in inter-ocular distances)."""
     return float(np.abs(q[LIP_PAIRS[:, 1]] - q[LIP_PAIRS[:, 0]]).mean())
+
+
+_SLITS = [(np.array(u[1:-1]), np.array(l[1:-1])) for u, l in
+          ((INNER_LIP_UPPER, INNER_LIP_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
+
+
+def _no_crossing(q: np.ndarray) -> np.ndarray:
+    """Meet the lips (eyelids) in the middle where the target would push the lower one above the upper one.
+
+    That happens when the driver's neutral frame had its mouth open and it then closes further than the
+    reference's closed mouth; crossing would fold the mesh. q: (478,) complex, normalised (y = down the face).
+    """
+    for upper, lower in _SLITS:
+        crossed = q[lower].imag < q[upper].imag
+        if crossed.any():
+            q = q.copy()
+            mid = (q[upper[crossed]].imag + q[lower[crossed]].imag) / 2
+            q[upper[crossed]] = q[upper[crossed]].real + 1j * mid
+            q[lower[crossed]] = q[lower[crossed]].real + 1j * mid
+    return q
 
 
 # --- mesh construction ------------------------------------------------------------------------------------------------
@@ -256,14 +284,14 @@ class PreviewRenderer(ThreadedRenderer):
 
         # Warp mesh: 468 face vertices + fixed border points. Two layers, drawn in order so the face wins: a Delaunay
         # cover of the whole frame (background, hair, neck; only its triangles not hidden under the face are kept),
-        # then the face tesselation plus the mouth and eye slits (holes in the tesselation) as strips that stretch
-        # when they open.
+        # then the mouth and eye slits (holes in the tesselation) as strips that stretch when they open, and the
+        # face tesselation.
         border = _border_points(self.width, self.height)
         self._src = np.concatenate([ref_pts[:N_MESH], border]).astype(np.float64)  # (V, 2) source vertices
         self._n_border = len(border)
-        face = np.concatenate([
-            _tesselation_triangles(), _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER),
-            _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)])
+        face = np.concatenate([  # slits first: where a closed slit is a hairline, the lips and lids drawn over it win
+            _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
+            _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER), _tesselation_triangles()])
         self._tris = np.concatenate([_outside(_delaunay(self._src), face, self._src, self.width, self.height), face])
         self._lip_upper, self._lip_lower = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)
 
@@ -330,7 +358,7 @@ class PreviewRenderer(ThreadedRenderer):
             self.faces_missed += 1
             return None
         z = _complex(landmarks)
-        if self._neutral is None:
+        if self._neutral is None or self._better_neutral(z):
             self._neutral = (z, *_face_frame(z))
             if self._filter is not None:
                 self._filter.reset()
@@ -348,7 +376,19 @@ class PreviewRenderer(ThreadedRenderer):
         self._last_pts = pts
         if self._filter is not None:
             q_target = self._filter(q_target, dt)
+        q_target = _no_crossing(q_target)
         return self._ref_origin + self._ref_axis * q_target
+
+    def _better_neutral(self, z: np.ndarray) -> bool:
+        """Whether this face is more neutral than the neutral frame: its mouth more closed, or its eyes open where
+        the neutral frame caught a blink. The first face seen is often mid-word or mid-blink; measured against it,
+        a closed mouth would squeeze the portrait's lips shut past closed."""
+        z0, origin0, axis0 = self._neutral
+        origin, axis = _face_frame(z)
+        q0, q = (z0 - origin0) / axis0, (z - origin) / axis  # each in its own face frame
+        mouth0, mouth = _mouth_opening(q0), _mouth_opening(q)
+        eyes0, eyes = _eye_opening(q0), _eye_opening(q)
+        return mouth < mouth0 - NEUTRAL_SLACK or (eyes0 < 0.5 * eyes and eyes > NEUTRAL_SLACK)
 
     def warp(self, target: np.ndarray) -> np.ndarray:
         """Warp the reference so its landmarks land on `target` (478,) complex; (height, width, 3) uint8 RGB."""
@@ -361,17 +401,20 @@ class PreviewRenderer(ThreadedRenderer):
         s0, s1, s2 = src[tris[:, 0]], src[tris[:, 1]], src[tris[:, 2]]
         e1, e2, f1, f2 = t1 - t0, t2 - t0, s1 - s0, s2 - s0
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
-        ok = np.abs(det) > 1e-6
+        src_det = f1[:, 0] * f2[:, 1] - f1[:, 1] * f2[:, 0]
+        # A triangle squeezed to a sliver would magnify its source enormously, and the pixels rasterised along its
+        # edges (just outside it) would sample far away: such a triangle takes its source centroid's colour.
+        ok = np.abs(det) > np.maximum(np.abs(src_det) / 16, 1e-6)
         inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
         # E^-1 = [[e2y, -e2x], [-e1y, e1x]] / det ; A = [f1 f2] E^-1 (columns f1, f2)
         a00 = (f1[:, 0] * e2[:, 1] - f2[:, 0] * e1[:, 1]) * inv
         a01 = (-f1[:, 0] * e2[:, 0] + f2[:, 0] * e1[:, 0]) * inv
         a10 = (f1[:, 1] * e2[:, 1] - f2[:, 1] * e1[:, 1]) * inv
         a11 = (-f1[:, 1] * e2[:, 0] + f2[:, 1] * e1[:, 0]) * inv
-        a00 = np.where(ok, a00, 1.0)  # a collapsed triangle keeps its translation only
-        a11 = np.where(ok, a11, 1.0)
         b0 = s0[:, 0] - a00 * t0[:, 0] - a01 * t0[:, 1]
         b1 = s0[:, 1] - a10 * t0[:, 0] - a11 * t0[:, 1]
+        b0 = np.where(ok, b0, (s0[:, 0] + s1[:, 0] + s2[:, 0]) / 3)
+        b1 = np.where(ok, b1, (s0[:, 1] + s1[:, 1] + s2[:, 1]) / 3)
         coef = np.stack([a00, a01, b0, a10, a11, b1], 1).astype(np.float32)  # (K, 6)
 
         # Rasterise triangle ids of the target mesh at map resolution (later triangles win: face over background).
@@ -405,6 +448,8 @@ class PreviewRenderer(ThreadedRenderer):
         ref_open = _mouth_opening(self._ref_q)
         open_now = _mouth_opening((target - self._ref_origin) / self._ref_axis)
         strength = float(np.clip((open_now - ref_open) / MOUTH_FULL_OPEN, 0.0, 1.0))
+        # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
+        teeth_strength = 0.85 * float(np.clip((open_now - ref_open - 0.5 * MOUTH_FULL_OPEN) / MOUTH_FULL_OPEN, 0, 1))
         if strength <= 0.02:
             return
         upper, lower = target[self._lip_upper], target[self._lip_lower]
@@ -423,7 +468,7 @@ class PreviewRenderer(ThreadedRenderer):
         corners = np.array([upper[0], upper[-1]])
         centre_x, half_w = corners.real.mean() - x0, max(abs(corners.real[1] - corners.real[0]) / 2, 1.0)
         fade = np.clip(1.0 - ((np.arange(x1 - x0) - centre_x) / half_w) ** 2, 0.0, 1.0) ** 0.5
-        for poly, colour, weight in ((inner, MOUTH_COLOUR, 1.0), (teeth, TEETH_COLOUR, 0.85 * fade[None, :, None])):
+        for poly, colour, weight in ((inner, MOUTH_COLOUR, 1.0), (teeth, TEETH_COLOUR, teeth_strength * fade[None, :, None])):
             mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
             pts = np.stack([poly.real - x0, poly.imag - y0], 1)
             cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)

@@ -257,3 +257,13 @@ def test_one_euro_filter_smooths_jitter_but_follows_motion():
     assert np.abs(np.diff(smoothed[10:], axis=0)).mean() < 0.7 * np.abs(np.diff(still[10:], axis=0)).mean()
     jump = f(still[-1] + 0.3, 1 / 25)  # a fast move of 0.3 inter-ocular distances
     assert np.abs(jump - smoothed[-1]).mean() > 0.8 * 0.3
+
+
+def test_open_mouth_first_frame_is_replaced_as_neutral(driving):
+    """A driver who starts mid-smile: once they close their mouth, that face becomes the neutral, so the portrait
+    returns to its own closed mouth instead of squeezing its lips past closed."""
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))))
+    renderer.process(driving[40], 0.0)  # wide open smile, taken as neutral at first
+    out = renderer.process(driving[0], 0.04)[0][0]  # mouth closed
+    renderer.close()
+    assert np.abs(out.astype(np.float32) - renderer.reference).mean() < 0.1
