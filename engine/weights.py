@@ -525,8 +525,8 @@ _OTHER_FILES = [
 
 
 def _size(p: Path) -> str:
-    return f"{p.stat().st_size / 2**30:.2f} GiB" if p.stat().st_size >= 2**28 else \
-        f"{p.stat().st_size / 2**20:.1f} MiB"
+    n = p.stat().st_size
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _probe(p: Path) -> str:
@@ -577,7 +577,7 @@ def scan_weights(weights_dir: str | os.PathLike, preset) -> list[tuple[str, bool
             except WeightsError as err:
                 msg = err.args[0]
                 if "shape mismatch" in msg:
-                    msg += _preset_hint(read_dit_state_dict([p]))
+                    msg = msg[:-1] + _preset_hint(read_dit_state_dict([p])) + "."
                 rows.append((str(p), False, msg))
         if fp is None:
             rows.append((FLASHPORTRAIT_DIT, False, f"missing: without FlashPortrait {FLASHPORTRAIT_DIT} the "
