@@ -268,14 +268,21 @@ class CachedDiT:
         self._t: torch.Tensor | None = None
         self._kv = None
         self._state: dict = {}
+        self._done_full = self._done_predicted = 0  # passes of trajectories already replaced
 
     # --- bookkeeping ---------------------------------------------------------------------------------------------
     def reset(self, key=None) -> None:
         """Forget the caches of one key, or of all keys."""
         if key is None:
             self._state.clear()
+            self._done_full = self._done_predicted = 0
         else:
-            self._state.pop(key, None)
+            self._retire(self._state.pop(key, None))
+
+    def _retire(self, st) -> None:
+        if st is not None:  # keep its pass counts for the statistics
+            self._done_full += st.full_passes
+            self._done_predicted += st.predicted
 
     def is_full_step(self, step: int) -> bool:
         """Schedule of full passes for alpa / taylorseer (teacache decides from its accumulator)."""
@@ -288,11 +295,12 @@ class CachedDiT:
 
     @property
     def full_passes(self) -> int:
-        return sum(s.full_passes for s in self._state.values())
+        """Full DiT passes since construction or the last reset() of all keys (every key, every window)."""
+        return self._done_full + sum(s.full_passes for s in self._state.values())
 
     @property
     def predicted_passes(self) -> int:
-        return sum(s.predicted for s in self._state.values())
+        return self._done_predicted + sum(s.predicted for s in self._state.values())
 
     def cache_nbytes(self) -> int:
         total = 0
@@ -310,6 +318,7 @@ class CachedDiT:
     def _trajectory(self, key, step: int) -> _Trajectory:
         st = self._state.get(key)
         if st is None or step <= st.last_step:
+            self._retire(st)
             st = self._state[key] = _Trajectory()
         st.last_step = step
         return st

@@ -227,9 +227,12 @@ def test_full_pass_schedule_and_separate_branch_caches(tiny):
     consec = CachedDiT(model, sch, ALPAConfig(mode="alpa", interval=5, order=3),
                        ALPAOptions(warmup=4, final_full=True))
     assert [s for s in range(12) if consec.is_full_step(s)] == [0, 1, 2, 3, 8, 11]
-    # a key whose step goes back starts a new trajectory (a rolling window reusing the key)
+    # a key whose step goes back starts a new trajectory (a rolling window reusing the key); counts accumulate
     _sample(model, ctx, inp, sch, cached)
     assert cached._state["emo"].history == list("FPPFPPFPPFPP")
+    assert cached.full_passes == 2 * 2 * 4
+    cached.reset()
+    assert cached.full_passes == 0 and not cached._state
 
 
 def test_order_zero_layer_prediction_equals_teacache_reuse(tiny):
@@ -269,3 +272,36 @@ def test_alpa_scales_extrapolation_by_s_and_w(tiny):
     rates = [float((xs[i] - xs[i - 1]).norm() / xs[i - 1].norm()) for i in (1, 2)]
     assert abs(s_anchor - (rates[1] / (sum(rates) / 2)) ** 1.5) < 1e-5
     torch.testing.assert_close(outs_a[3] - outs_a[2], (outs_t[3] - outs_t[2]) / s_anchor, rtol=1e-4, atol=1e-5)
+
+
+def test_rolling_windows_with_alpa(tiny):
+    """The pieces compose: RollingWSWS drives CachedDiT.guided; every window restarts the branch caches at its step
+    0 (same keys), every latent frame comes out once, and the conditioning reaches the DiT window by window."""
+    from engine.wsws import RollingWSWS
+
+    model, ctx, inp = tiny
+    cfg = model.cfg
+    sch = flow_schedule(4, 5.0)
+    size, overlap, n_frames = 3, 1, 7  # windows [0, 3), [2, 5), [4, 7)
+    cached = CachedDiT(model, sch, ALPAConfig(mode="alpa", interval=2, order=1))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(n_frames, cfg.emo_tokens_per_frame, cfg.emo_dim, generator=g)
+    y = inp["y"][:, :, :1].expand(-1, -1, size, -1, -1)  # one window-sized y reused by every window
+    seen = []
+
+    def denoise(x, i, win, cond):
+        seen.append((win.start, i))
+        return cached.guided(x, i, *ctx, y, cond[None], emo_cfg=4.0)
+
+    roll = RollingWSWS(Sampler(sch), size, overlap, (1, 16, 4, 4), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for f in range(n_frames):
+        roll.push(tokens[f])
+        while roll.ready():
+            outs.append(roll.run(denoise))
+            assert cached._state["emo"].history == list("FPFP")  # the window's own trajectory
+    outs.append(roll.flush())
+    out = torch.cat(outs, dim=2)
+    assert out.shape == (1, 16, n_frames, 4, 4) and torch.isfinite(out).all()
+    assert [s for s, i in seen if i == 0] == [0, 2, 4]
+    assert cached.full_passes == 3 * 2 * 2 and cached.predicted_passes == 3 * 2 * 2  # windows x branches x 2
