@@ -218,7 +218,13 @@ class AvatarServer:
 
         sid = uuid.uuid4().hex[:12]
         if incoming:
-            renderer = await asyncio.to_thread(self._new_renderer)  # model set-up may take a while
+            try:
+                renderer = await asyncio.to_thread(self._new_renderer)  # model set-up may take a while
+            except (ValueError, RuntimeError, MemoryError) as err:  # e.g. CUDA out of memory with many sessions
+                await pc.close()
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                return self._error(503, f"The renderer could not start a session ({reason}): close other "
+                                        "sessions or lower --max-sessions.")
             session = Session(sid, "camera", pc, self._avatar_track(renderer), renderer=renderer)
             session.capture = WebRTCCapture(incoming[0], renderer.push,
                                             on_end=lambda: asyncio.ensure_future(self.close_session(sid)))
