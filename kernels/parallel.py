@@ -360,7 +360,8 @@ class SequenceParallelDiT(nn.Module):
 
     def compile_blocks(self, **options) -> None:
         """torch.compile one block function that serves every block (same code and shapes; the collectives are
-        traced as functional collectives), as kernels/graphs.py does for one GPU. options go to torch.compile."""
+        traced as functional collectives), as kernels/graphs.py does for one GPU. options go to torch.compile.
+        Each token count / split compiles once more (dynamo's recompile limit bounds how many shapes stay compiled)."""
         self._run_block = torch.compile(_run_block, **{"dynamic": False, **options})
 
     def split(self, grid: tuple[int, int, int]) -> TokenSplit:
