@@ -332,8 +332,11 @@ class PreviewRenderer(ThreadedRenderer):
         return stats
 
     def close(self) -> None:
+        """Stop the worker thread and free the face-mesh graph; safe to call more than once."""
         super().close()
-        self._mesh.close()
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
 
     def reset_neutral(self) -> None:
         """Take the next driving frame with a face as the new neutral (zero-expression) pose."""

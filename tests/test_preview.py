@@ -215,6 +215,7 @@ def test_threaded_push_pull(driving):
         renderer.close()
     assert [pts for _, pts in got] == [i / 25 for i in range(12)]
     assert renderer.stats()["frames_out"] == 12 and renderer.error is None
+    renderer.close()  # a second close (session teardown racing a peer failure) is harmless
 
 
 def _face_pose(pts: np.ndarray) -> tuple[complex, complex]:
