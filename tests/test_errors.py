@@ -130,3 +130,29 @@ def test_bad_offers_get_400_and_server_keeps_serving(data):
         assert_one_sentence(body["error"])
     assert "SDP" in replies[2][1]["error"] and "SDP" in replies[4][1]["error"]
     assert all(f.width == 128 and f.height == 128 for f in frames)
+
+
+def test_renderer_failure_is_503_and_frees_everything(data):
+    reference = load_reference(data("reference", "lp_s6.jpg"))
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    async def scenario():
+        async with running_server(StreamConfig(port=0, width=128, height=128), out_of_memory, reference,
+                                  renderer_name="flashportrait") as (server, url):
+            from aiortc import RTCPeerConnection, VideoStreamTrack
+
+            pc = RTCPeerConnection()
+            pc.addTrack(VideoStreamTrack())
+            await pc.setLocalDescription(await pc.createOffer())
+            async with aiohttp.ClientSession() as http:
+                async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
+                    reply = (r.status, await r.json())
+            await pc.close()
+            return reply, await get_stats(url)
+
+    (status, body), stats = asyncio.run(scenario())
+    assert status == 503 and "out of memory" in body["error"]
+    assert_one_sentence(body["error"])
+    assert stats["session_count"] == 0
