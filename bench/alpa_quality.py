@@ -9,6 +9,8 @@ that computes every pass. Methods, for every K in --intervals:
     alpa              block residual features of every layer, Newton expansion, s(t) from the latent change, w
     alpa-output       ALPA caching only the DiT output (the light variant)
     alpa-taylor       ALPA with the paper's literal Taylor coefficients
+    alpa-sigma        ALPA with s(t) from the schedule's sigma steps instead of the measured latent change
+    alpa-blockout     ALPA on block outputs instead of block residuals
     taylorseer        s = w = 1 (layers), and taylorseer-output
     fewer-steps       plain sampling with ceil(steps / K) steps (same number of full passes, no prediction)
     teacache          a sweep of thresholds (TeaCache-style reuse of the block-stack residual); the plot places
@@ -107,7 +109,8 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=1.5)
     ap.add_argument("--teacache", default="0.003,0.01,0.03,0.06,0.1,0.2,0.4,0.8,1.6",
                     help="TeaCache thresholds to sweep")
-    ap.add_argument("--methods", default="alpa,alpa-output,alpa-taylor,taylorseer,taylorseer-output,fewer-steps,teacache")
+    ap.add_argument("--methods", default="alpa,alpa-output,alpa-taylor,alpa-sigma,alpa-blockout,taylorseer,"
+                                         "taylorseer-output,fewer-steps,teacache")
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
 
@@ -158,6 +161,10 @@ def main(argv=None):
         "alpa-output": (ALPAConfig(mode="alpa", order=args.order, alpha=args.alpha, cache="output"), ALPAOptions()),
         "alpa-taylor": (ALPAConfig(mode="alpa", order=args.order, alpha=args.alpha, cache="layers"),
                         ALPAOptions(expansion="taylor")),
+        "alpa-sigma": (ALPAConfig(mode="alpa", order=args.order, alpha=args.alpha, cache="layers"),
+                       ALPAOptions(rate="sigma")),
+        "alpa-blockout": (ALPAConfig(mode="alpa", order=args.order, alpha=args.alpha, cache="layers"),
+                          ALPAOptions(feature="output")),
         "taylorseer": (ALPAConfig(mode="taylorseer", order=args.order, cache="layers"), ALPAOptions()),
         "taylorseer-output": (ALPAConfig(mode="taylorseer", order=args.order, cache="output"), ALPAOptions()),
     }
