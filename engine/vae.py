@@ -12,6 +12,7 @@ result equals one pass over the whole video. Two resamplers break the plain rule
 
     vae = load_vae(weights_dir, device="cuda", dtype=torch.bfloat16)
     z_ref = vae.encode(video)                # (B, 3, 1+4k, H, W) in [-1, 1] -> (B, 16, 1+k, H/8, W/8), normalised
+    y_lat = vae.encode_reference(image, n)   # (B, 3, H, W) -> (B, 16, n, H/8, W/8): [image, zeros...] as Wan's y
     stream = StreamingDecoder(vae)
     frames = stream.decode(z[:, :, 0:3])     # (B, 3, 1+4*2, H, W): 1 frame for latent 0, then 4 per latent
     frames = stream.decode(z[:, :, 3:4])     # (B, 3, 4, H, W)
@@ -309,6 +310,15 @@ class WanVAE(nn.Module):
         mu = self.conv1(torch.cat(outs, dim=2))[:, :self.cfg.z_dim]
         mean, std = self.latent_stats()
         return ((mu.float() - mean) / std).to(mu.dtype)
+
+    @torch.no_grad()
+    def encode_reference(self, image: torch.Tensor, latent_frames: int) -> torch.Tensor:
+        """The I2V conditioning latent, once per session: image (B, 3, H, W) in [-1, 1] -> (B, z, latent_frames,
+        H/8, W/8), the encoding of the video [image, 4*(latent_frames-1) black-at-zero frames] as Wan2.1 builds y."""
+        b, c, h, w = image.shape
+        video = image.new_zeros(b, c, 1 + self.cfg.temporal_stride * (latent_frames - 1), h, w)
+        video[:, :, 0] = image
+        return self.encode(video)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, chunk: int = 1) -> torch.Tensor:

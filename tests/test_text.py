@@ -2,6 +2,8 @@
 tokenizer is read from the weights folder; the prompt context is cached on disk and the encoder is not kept."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -108,6 +110,8 @@ def test_prompt_cache_hit_on_second_call(weights, tmp_path_factory):
     first = enc.encode("a person is talking")
     assert (enc.hits, enc.misses) == (0, 1)
     assert first.shape == (5, CFG.dim)  # 4 words + </s>
+    gc.collect()
+    assert not any(type(o) is T5Encoder for o in gc.get_objects())  # the encoder was freed
     model = T5Encoder(CFG)
     model.load_state_dict(sd)
     with torch.no_grad():

@@ -151,6 +151,18 @@ def test_stream_reset_starts_over(models, latents_and_whole):
     assert torch.equal(stream.decode(z[:, :, :2]), first)
 
 
+def test_encode_reference_is_causal(models):
+    ours, _ = models
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    y = ours.encode_reference(image, 3)  # video [image, 8 zero frames]
+    assert y.shape == (1, CFG.z_dim, 3, 2, 2)
+    # Causality: the first latent depends on the first frame only.
+    assert torch.allclose(y[:, :, :1], ours.encode(image[:, :, None]), atol=1e-6)
+    video = torch.zeros(1, 3, 9, 16, 16)
+    video[:, :, 0] = image
+    assert torch.equal(y, ours.encode(video))
+
+
 def test_encode_rejects_bad_frame_count(models):
     ours, _ = models
     with pytest.raises(ValueError, match="1\\+4k"):
