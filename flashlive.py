@@ -18,6 +18,8 @@ import socket
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent
 RENDERERS = ("preview", "flashportrait")
 
@@ -105,20 +107,46 @@ def renderer_factory(args, reference, width: int, height: int, input_queue: int 
     return make, device
 
 
-def idle_image(make_renderer, reference):
-    """Build one renderer up front (so a bad reference or config fails before the server starts) and take the
-    portrait as the renderer frames it, shown until the first avatar frame."""
-    renderer = make_renderer()
+def idle_image(args, make_renderer, reference, width: int, height: int) -> np.ndarray:
+    """The portrait as the avatar frames it, shown until the first avatar frame. For preview, one renderer is built
+    up front so a bad reference fails before the server starts; a model renderer is not loaded twice for this."""
+    if args.renderer == "preview":
+        renderer = make_renderer()
+        try:
+            return renderer.reference
+        finally:
+            renderer.close()
+    import cv2
+
+    h, w = reference.shape[:2]
+    scale = max(width / w, height / h)  # cover the output, crop the overflow evenly
+    resized = cv2.resize(reference, (max(width, round(w * scale)), max(height, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    y0, x0 = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
+
+
+def load_reference(path, renderer: str = "preview"):
+    """(H, W, 3) uint8 RGB portrait; None -> the bundled one. A bad file is one sentence (ValueError)."""
     try:
-        return getattr(renderer, "reference", reference)
-    finally:
-        renderer.close()
-
-
-def load_reference(path):
-    from engine.preview import load_reference as load
-
+        from engine.preview import load_reference as load
+    except ImportError as err:  # a GPU box without mediapipe can still run flashportrait, which finds faces itself
+        if renderer == "preview":
+            raise ValueError(f"The preview renderer needs {err.name}: pip install mediapipe==0.10.21.") from None
+        return read_image(path)
     return load(path)
+
+
+def read_image(path) -> np.ndarray:
+    import cv2
+
+    path = str(path or ROOT / "engine" / "assets" / "portrait.jpg")
+    if not Path(path).is_file():
+        raise ValueError(f"reference image {path} does not exist: pass the path of a portrait JPEG or PNG.")
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"reference {path} is not a readable image: pass a portrait as a JPEG or PNG file.")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
 # --- serve -------------------------------------------------------------------------------------------------------
@@ -128,13 +156,13 @@ def cmd_serve(args) -> int:
     if args.input_queue is None and args.renderer == "preview":
         args.input_queue = 1  # a backlog only adds latency when every frame is rendered on its own
     cfg = stream_config(args)
-    reference = load_reference(args.reference)
+    reference = load_reference(args.reference, args.renderer)
     make, device = renderer_factory(args, reference, cfg.width, cfg.height, cfg.input_queue)
     if args.driving:
         from streaming.capture import open_video
 
         open_video(args.driving).close()  # a bad path fails here, in one sentence, not in a thread later
-    idle = idle_image(make, reference)
+    idle = idle_image(args, make, reference, cfg.width, cfg.height)
     if args.loopback_ice:
         srv.restrict_ice_to_loopback()
     server = srv.AvatarServer(cfg, make, idle, renderer_name=args.renderer, device=device,
@@ -157,7 +185,7 @@ def cmd_render(args) -> int:
     from streaming.capture import open_video
     from streaming.sinks import Mp4Writer
 
-    reference = load_reference(args.reference)
+    reference = load_reference(args.reference, args.renderer)
     src = open_video(args.driving)
     if args.driving.startswith("/dev/"):
         src.close()

@@ -11,7 +11,7 @@ import aiohttp
 import cv2
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection
+from aiortc import RTCPeerConnection, VideoStreamTrack
 from aiortc.contrib.media import MediaPlayer
 
 import flashlive
@@ -141,8 +141,6 @@ def test_renderer_failure_is_503_and_frees_everything(data):
     async def scenario():
         async with running_server(StreamConfig(port=0, width=128, height=128), out_of_memory, reference,
                                   renderer_name="flashportrait") as (server, url):
-            from aiortc import RTCPeerConnection, VideoStreamTrack
-
             pc = RTCPeerConnection()
             pc.addTrack(VideoStreamTrack())
             await pc.setLocalDescription(await pc.createOffer())
