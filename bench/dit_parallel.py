@@ -38,7 +38,6 @@ from engine.dit import WanModel  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels.parallel import SequenceParallelDiT, init_distributed, make_groups  # noqa: E402
 
-PARITY_TOL = 2e-2  # bf16: the split changes reduction order and kernel tiling, not the maths
 
 
 def torchrun_command(gpus: int, argv: list[str]) -> list[str]:
@@ -132,6 +131,9 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="auto", choices=attn.BACKENDS)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (one function for all)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager for CPU smoke)")
+    p.add_argument("--parity-tol", type=float, default=3e-2,
+                   help="relative error allowed vs N=1 (bf16: matmuls over Lp instead of L rows tile and round "
+                        "differently; the maths is the same, fp32 CPU runs agree to ~1e-7)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--launch", type=int, default=None, metavar="N", help="start torchrun with N processes and exit")
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
             window_s = args.steps * r["ms_per_step"] / 1e3
             r["projected_fps"] = 4 * r["new_latents"] / window_s
             r["realtime"] = r["projected_fps"] >= args.fps
-            r["parity_ok"] = r["gpus"] == 1 or (r["rel_error_vs_1"] <= PARITY_TOL and r["finite"])
+            r["parity_ok"] = r["gpus"] == 1 or (r["rel_error_vs_1"] <= args.parity_tol and r["finite"])
         print(f"\n{args.preset} {args.size}x{args.size}, {args.steps} steps x {args.passes} passes per window, "
               f"target {args.fps:g} fps")
         print("frames tokens  S  N  cfg x seq   ms/step  ms/pass  speedup   eff   fps  real-time  parity")

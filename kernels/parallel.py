@@ -21,20 +21,25 @@ ends with every branch (`SequenceParallelDiT.forward_branches`).
 
 Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS_ENABLE=0):
 
-    torchrun --nproc_per_node N ...      ->  info = init_distributed(); worker(info, args)
-    flashlive serve --gpus N             ->  spawn(worker, N, args)      # worker(info, args) in N processes
+    torchrun --nproc_per_node N -m flashlive serve ...  ->  worker(init_distributed(), args)
+    flashlive serve --gpus N                           ->  spawn(worker, N, args)   # worker(info, args), N processes
 
-    def worker(info, args):
-        model = <WanModel on info.device, weights loaded>
-        dit = SequenceParallelDiT(model, make_groups(cfg_size=args.cfg_parallel))
-        if info.rank == 0:      # owns the WebRTC side: server, capture, renderer, sinks
-            driver = Driver(dit)            # drop-in for the DiT: driver(x, t, context, clip_fea, y, emo, ip_scale)
-            ... run the server with a renderer that calls driver(...) / driver.branches(...) ...
-            driver.close()                  # releases the followers
+    def worker(info, args):                 # module level (spawn pickles it by name)
+        model = <WanModel on info.device, weights loaded>            # every rank holds the full weights
+        dit = SequenceParallelDiT(model, make_groups(cfg_size=args.cfg_parallel))   # 1, or 2 for emotion CFG
+        if info.rank == 0:                  # owns the WebRTC side: server, capture, expression, VAE, sinks
+            driver = Driver(dit)
+            driver.set_session(context, clip_fea)        # per session: context K/V on every rank
+            ... the renderer calls driver.branches([{"ip_scale": 1.0}, {"ip_scale": 0.0}], x=x, t=t, context=None,
+                clip_fea=None, y=y, emo=emo) (or driver(x, t, None, None, y, emo, ip_scale)) where it would call
+                the DiT, from one thread ...
+            driver.close()                  # at shutdown: releases the followers
         else:
             follow(dit)                     # runs every call rank 0 makes, until driver.close()
 
-Only rank 0 touches the network, the camera and the encoder; the other ranks only ever run DiT calls.
+Only rank 0 touches the network, the camera and the encoder; the other ranks only ever run DiT calls. Self-attention
+heads must split over the sequence ranks to avoid padding work: 14b (40 heads) takes 2, 4, 5 or 8 sequence ranks
+at full efficiency, 1.3b (12 heads) 2, 3, 4 or 6.
 """
 from __future__ import annotations
 
@@ -141,12 +146,13 @@ def spawn(fn: Callable, world_size: int, *args, device: str | None = None, backe
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """cfg_size CFG groups x seq_size sequence ranks over `ranks`: rank = ranks[cfg_rank * seq_size + seq_rank]."""
+    """cfg_size CFG groups x seq_size sequence ranks over `ranks`: rank = ranks[cfg_rank * seq_size + seq_rank].
+    A group of one rank is None (nothing to communicate)."""
 
-    seq_group: dist.ProcessGroup
+    seq_group: dist.ProcessGroup | None
     seq_rank: int
     seq_size: int
-    cfg_group: dist.ProcessGroup
+    cfg_group: dist.ProcessGroup | None
     cfg_rank: int
     cfg_size: int
 
@@ -158,15 +164,15 @@ def make_groups(cfg_size: int = 1, ranks: Sequence[int] | None = None) -> Parall
     if len(ranks) % cfg_size:
         raise ValueError(f"{len(ranks)} ranks do not split into {cfg_size} CFG groups: use a divisor of {len(ranks)}.")
     seq_size = len(ranks) // cfg_size
+    # Only groups of two or more ranks become communicators (each NCCL communicator holds GPU buffers).
+    seq_groups = [dist.new_group(ranks[g * seq_size:(g + 1) * seq_size]) if seq_size > 1 else None
+                  for g in range(cfg_size)]
+    cfg_groups = [dist.new_group(ranks[s::seq_size]) if cfg_size > 1 else None for s in range(seq_size)]
     me = dist.get_rank()
-    mine = None
-    seq_groups = [dist.new_group(ranks[g * seq_size:(g + 1) * seq_size]) for g in range(cfg_size)]
-    cfg_groups = [dist.new_group(ranks[s::seq_size]) for s in range(seq_size)]
-    if me in ranks:
-        i = ranks.index(me)
-        g, s = divmod(i, seq_size)
-        mine = ParallelGroups(seq_groups[g], s, seq_size, cfg_groups[s], g, cfg_size)
-    return mine
+    if me not in ranks:
+        return None
+    g, s = divmod(ranks.index(me), seq_size)
+    return ParallelGroups(seq_groups[g], s, seq_size, cfg_groups[s], g, cfg_size)
 
 
 # --- token split ------------------------------------------------------------------------------------------------
