@@ -140,7 +140,14 @@ def load_state_dict(path: str | os.PathLike, strip_prefix: str | Iterable[str] =
         if path.suffix == ".safetensors":
             sd = _read_safetensors(path)
         else:
-            sd = _unwrap(torch.load(path, map_location="cpu", mmap=True, weights_only=True), path)
+            try:
+                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as err:
+                if "mmap can only be used" not in str(err):
+                    raise
+                # legacy (pre-zip) torch.save format cannot be mapped: read it whole, still weights_only
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _unwrap(obj, path)
     except WeightsError:
         raise
     except pickle.UnpicklingError as err:

@@ -237,3 +237,9 @@ def test_scan_weights(tmp_path, reference):
     # the same folder scanned for the wrong preset says which preset fits
     rows = {Path(f).name: (ok, msg) for f, ok, msg in scan_weights(tmp_path, "1.3b")}
     assert not rows["transformer.pt"][0] and "--preset tiny" in rows["transformer.pt"][1]
+
+
+def test_legacy_torch_save_format_still_loads(tmp_path, reference):
+    sd = state(reference)
+    torch.save(sd, tmp_path / "transformer.pt", _use_new_zipfile_serialization=False)
+    assert_same_weights(load_dit(tmp_path, CFG, dtype=torch.float32), sd)
