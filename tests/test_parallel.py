@@ -151,3 +151,4 @@ def test_split_expression_attention_follows_the_frame_of_each_token(length, fram
         assert out.shape == (2, split.local, H * hd)
         torch.testing.assert_close(out[:, :split.valid], ref[:, split.start:split.start + split.valid],
                                    rtol=1e-5, atol=1e-6)
+
