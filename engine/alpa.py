@@ -102,13 +102,17 @@ class DifferenceTable:
         """Bytes of the table itself (what `cache_bytes` counts); two feature-sized scratch buffers come on top."""
         return 0 if self.dd is None else self.dd.numel() * self.dd.element_size()
 
+    def clear(self) -> None:
+        """Forget every cached pass but keep the storage (a new trajectory of the same shape)."""
+        self.nodes, self._old_nodes = [], []
+
     def begin(self, step: int) -> None:
         self._old_nodes = self.nodes
         self.nodes = [step] + self.nodes[: self.n]
 
     def update(self, l: int, f: torch.Tensor) -> None:
         """Insert feature l of the full pass announced by begin(); f any shape, same for every call."""
-        if self.dd is None:
+        if self.dd is None or self.dd.shape[2:] != f.shape or self.dd.device != f.device:
             self.dd = torch.zeros((self.L, self.n + 1, *f.shape), dtype=self.dtype, device=f.device)
             self._a = torch.empty(f.shape, dtype=self.dtype, device=f.device)
             self._b = torch.empty_like(self._a)
@@ -169,7 +173,8 @@ def layer_sqrt_r(norms: torch.Tensor, reference: torch.Tensor | None = None) -> 
 class ChangeRate:
     """Latent change-rate factor s = (rate / running mean rate)^alpha, updated once per step.
 
-    update(step, x=..., sigma_prev=..., sigma=...) -> s (0-dim tensor, or 1.0 before a rate exists).
+    update(x, sigma_prev, sigma) -> s (0-dim tensor, or 1.0 before a rate exists); x (any shape) the latent
+    entering the step, sigma_prev / sigma the noise levels of the previous and the current step (None at step 0).
     measure "latent": rate = ||x - x_prev|| / ||x_prev|| (x the latent entering the step); "sigma": rate =
     sigma_prev - sigma. Everything stays on the device: no host sync.
     """
@@ -263,6 +268,12 @@ class CachedDiT:
             raise ValueError("ALPA needs interval >= 1, order >= 0 and warmup >= 1.")
         if self.cfg.cache not in ("layers", "output"):
             raise ValueError(f"ALPA cache must be 'layers' or 'output', got {self.cfg.cache!r}.")
+        for name, allowed in (("feature", ("residual", "output")), ("rate", ("latent", "sigma")),
+                              ("s_at", ("anchor", "current")), ("w_reference", ("mean_norm", "norm_mean")),
+                              ("expansion", ("newton", "taylor"))):
+            if getattr(self.opt, name) not in allowed:
+                raise ValueError(f"ALPA option {name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self.opt, name)!r}.")
         self.schedule = schedule
         self._sigmas = schedule.sigma_list
         self._t: torch.Tensor | None = None
@@ -319,7 +330,12 @@ class CachedDiT:
         st = self._state.get(key)
         if st is None or step <= st.last_step:
             self._retire(st)
-            st = self._state[key] = _Trajectory()
+            new = self._state[key] = _Trajectory()
+            if st is not None:  # a new window of a stream: reuse the big buffers, drop their contents
+                new.table, new.residual = st.table, st.residual
+                if new.table is not None:
+                    new.table.clear()
+            st = new
         st.last_step = step
         return st
 
@@ -466,7 +482,7 @@ class CachedDiT:
             h = tokens
             for l, block in enumerate(m.blocks):
                 h = self._block(l, block, h, e0, cos, sin, ctx_img, ctx_txt, emo, ip_scale)
-            if st.residual is None:
+            if st.residual is None or st.residual.shape != h.shape:
                 st.residual = torch.empty(h.shape, dtype=self.opt.cache_dtype, device=h.device)
             torch.sub(h.float(), tokens.float(), out=st.residual)
         else:

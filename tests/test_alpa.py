@@ -294,12 +294,14 @@ def test_rolling_windows_with_alpa(tiny):
         return cached.guided(x, i, *ctx, y, cond[None], emo_cfg=4.0)
 
     roll = RollingWSWS(Sampler(sch), size, overlap, (1, 16, 4, 4), generator=torch.Generator().manual_seed(0))
-    outs = []
+    outs, ptrs = [], set()
     for f in range(n_frames):
         roll.push(tokens[f])
         while roll.ready():
             outs.append(roll.run(denoise))
             assert cached._state["emo"].history == list("FPFP")  # the window's own trajectory
+            ptrs.add(cached._state["emo"].table.dd.data_ptr())
+    assert len(ptrs) == 1  # the cache storage is reused window after window
     outs.append(roll.flush())
     out = torch.cat(outs, dim=2)
     assert out.shape == (1, 16, n_frames, 4, 4) and torch.isfinite(out).all()
