@@ -323,10 +323,12 @@ class SequenceParallelCrossAttention(nn.Module):
         q = m.norm_q(m.q(x)).unflatten(-1, (m.num_heads, -1))
         k_img, v_img, k_txt, v_txt = m.context_kv(ctx_img, ctx_txt) if kv is None else kv
         base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
-        if emo is not None and ip_scale != 0:
+        per_sample = isinstance(ip_scale, torch.Tensor)  # (B,): e.g. the guidance pair [1, 0] as one batch
+        if emo is not None and (per_sample or ip_scale != 0):
             split = self.state.split
             emo_out = split_expression_attention(q, emo, m.emo_k_proj, m.emo_v_proj, split)
-            base = base + ip_scale * split_normalise_to(emo_out, base, split, self.state.group)
+            scale = ip_scale.to(base.dtype).view(-1, 1, 1) if per_sample else ip_scale
+            base = base + scale * split_normalise_to(emo_out, base, split, self.state.group)
         return m.o(base)
 
 

@@ -50,9 +50,10 @@ def _inputs(cfg, batch: int, frames: int, h: int, w: int, seed: int, global_emo:
     )
 
 
-# (batch, latent frames, latent h, latent w, global emo, ip_scale): tokens 45, 45 (B=2), 5 (a rank with no real
-# token at world 4), 36 (the global-emo variant of the NFEB).
-CASES = [(1, 3, 6, 10, False, 0.7), (2, 3, 6, 10, False, 1.3), (1, 1, 2, 10, False, 0.5), (1, 4, 6, 6, True, 0.9)]
+# (batch, latent frames, latent h, latent w, global emo, ip_scale): tokens 45, 45 (B=2, and B=2 with the guidance
+# pair as a per-sample ip_scale), 5 (a rank with no real token at world 4), 36 (the global-emo variant of the NFEB).
+CASES = [(1, 3, 6, 10, False, 0.7), (2, 3, 6, 10, False, 1.3), (2, 3, 6, 10, False, torch.tensor([1.0, 0.0])),
+         (1, 1, 2, 10, False, 0.5), (1, 4, 6, 6, True, 0.9)]
 
 
 def _check_forward(model, dit, rank: int) -> None:
