@@ -14,7 +14,6 @@ mp4 behind.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import fractions
 import os

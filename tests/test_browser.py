@@ -89,6 +89,11 @@ PLAYBACK = """(() => { const v = document.getElementById('avatar');
 })()"""
 
 
+VIEWER = """(() => { const v = document.getElementById('avatar'); if (!v) return null;
+  return {time: v.currentTime, width: v.videoWidth, height: v.videoHeight,
+          frames: v.getVideoPlaybackQuality().totalVideoFrames}; })()"""
+
+
 def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
     reference = load_reference(data("reference", "lp_s6.jpg"))
     make = lambda: PreviewRenderer(reference, W, H)  # noqa: E731
@@ -113,7 +118,19 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
                     last_page = await cdp.evaluate(page, PLAYBACK)
                     later = await wait_for(lambda: _advanced(cdp, page, last_page), 10)
                     stats = await get_stats(url)
+
+                    # The OBS page: receive-only, it mirrors the newest camera session.
+                    viewer = (await cdp.send("Target.createTarget", url=url + "viewer"))["targetId"]
+                    vpage = (await cdp.send("Target.attachToTarget", targetId=viewer, flatten=True))["sessionId"]
+
+                    async def viewer_playing():
+                        v = await cdp.evaluate(vpage, VIEWER)
+                        return v if v and v["frames"] >= 10 and v["time"] > 0.2 else None
+                    viewer_state = await wait_for(viewer_playing, 30, interval=0.5)
+                    kinds = sorted(s["kind"] for s in (await get_stats(url))["sessions"])
+
                     await cdp.send("Target.closeTarget", targetId=target)
+                    await cdp.send("Target.closeTarget", targetId=viewer)
                     freed = await wait_for(lambda: _count_is(url, 0), 15)
                     cdp.reader.cancel()
             finally:
@@ -122,9 +139,9 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            return state, last_page, later, stats, freed
+            return state, last_page, later, stats, viewer_state, kinds, freed
 
-    state, last_page, later, stats, freed = asyncio.run(scenario())
+    state, last_page, later, stats, viewer_state, kinds, freed = asyncio.run(scenario())
 
     assert state is not None, f"the avatar video never played: {last_page}"
     assert (state["width"], state["height"]) == (W, H)
@@ -135,7 +152,9 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
     assert session["fps_out"] > 0 and session["fps_in"] > 0, session
     assert session["face_found"] is False, "the fake camera shows a test pattern: no face should be reported"
     assert last_page["face"].startswith("no"), f"the page shows face found = {last_page['face']!r}"
-    assert freed, "the session was not freed after the page closed"
+    assert viewer_state is not None and (viewer_state["width"], viewer_state["height"]) == (W, H), viewer_state
+    assert kinds == ["camera", "viewer"], kinds
+    assert freed, "the sessions were not freed after the pages closed"
 
 
 async def _advanced(cdp: DevTools, page: str, before: dict):
