@@ -12,6 +12,11 @@
         cur[j] = w_j * cur[j] + (1 - w_j) * prev[j],  w_j = j / (L - 1), j = 0..L-1
     (the upstream code divides by zero for L = 1; we use w = 0.5 there). RoPE positions are local to the window:
     the callback sees a window-sized latent and runs the DiT on it exactly as on a short video.
+    Conditioning is also per window upstream: every window's first latent frame carries the reference-image
+    flag of the (window-sized) y, and its expression tokens are those of a window starting there: the 24 tokens
+    of its first video frame plus 73 zero pads, where the global layout has 97 tokens ending with those 24. So
+    a caller passing per-frame 97-token blocks as `cond` rebuilds frame 0 of each window as
+    cat(cond[0][-24:], zeros(73)).
 
 (b) Rolling, window-major (`RollingWSWS`)
     A fixed window of `size` frames advances by stride S = size - overlap: window k covers [kS, kS + size). It
