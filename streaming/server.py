@@ -126,16 +126,21 @@ class AvatarServer:
     async def startup(self, app: web.Application | None = None) -> None:
         """Start the --driving pipeline and the sinks (opened here so their errors stop the server at once)."""
         c = self.config
+        if c.vcam:
+            backend, device = self._vcam
+            self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
+        if c.record:
+            try:
+                self.sinks.append(RecordSink(c.record, c.width, c.height, c.fps))
+            except ValueError:
+                for sink in self.sinks:
+                    sink.close()
+                raise
         if c.driving:
             self._program_renderer = self._new_renderer()
             self._program_capture = AVCapture(c.driving, self._program_renderer.push)
             self._program = self._avatar_track(self._program_renderer)
             self._program_capture.start()
-        if c.vcam:
-            backend, device = self._vcam
-            self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
-        if c.record:
-            self.sinks.append(RecordSink(c.record, c.width, c.height, c.fps))
         if self._program is not None:  # the driving pipeline renders even with nobody watching: /viewer mirrors it
             self._tasks.append(asyncio.ensure_future(pump(self._program, self.sinks)))
         elif self.sinks:

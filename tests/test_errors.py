@@ -81,7 +81,8 @@ def test_serve_port_in_use_and_missing_renderer(capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for args, words in [(["--port", str(port)], "in use"), (["--renderer", "flashportrait"], "flashportrait")]:
+        for args, words in [(["--port", str(port)], "in use"), (["--renderer", "flashportrait"], "flashportrait"),
+                            (["--port", "0", "--record", "/nonexistent-folder/show.mp4"], "does not exist")]:
             code = flashlive.main(["serve", *args])
             err = capsys.readouterr().err
             lines = [ln for ln in err.splitlines() if ln.startswith("flashlive serve:")]
