@@ -314,7 +314,7 @@ class WanVAE(nn.Module):
     @torch.no_grad()
     def encode_reference(self, image: torch.Tensor, latent_frames: int) -> torch.Tensor:
         """The I2V conditioning latent, once per session: image (B, 3, H, W) in [-1, 1] -> (B, z, latent_frames,
-        H/8, W/8), the encoding of the video [image, 4*(latent_frames-1) black-at-zero frames] as Wan2.1 builds y."""
+        H/8, W/8), the encoding of the video [image, 4*(latent_frames-1) zero (mid-grey) frames] as Wan2.1 builds y."""
         b, c, h, w = image.shape
         video = image.new_zeros(b, c, 1 + self.cfg.temporal_stride * (latent_frames - 1), h, w)
         video[:, :, 0] = image
