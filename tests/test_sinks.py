@@ -130,3 +130,39 @@ def test_missing_virtual_camera_is_one_sentence():
         VirtualCameraSink(W, H, 25, backend="no-such-backend")
     message = str(err.value)
     assert "v4l2loopback" in message and message.count("\n") == 0
+
+
+class ScriptedRenderer:
+    """Stands in for a renderer's output queue: pull() hands out what the test put in, then None."""
+
+    def __init__(self):
+        self.ready = []
+
+    def pull(self):
+        return self.ready.pop(0) if self.ready else None
+
+
+def test_avatar_track_paces_repeats_and_bounds_the_playout_buffer():
+    from streaming.tracks import AvatarTrack
+
+    renderer = ScriptedRenderer()
+    idle = np.full((32, 48, 3), 7, np.uint8)
+    track = AvatarTrack(renderer, fps=100, width=48, height=32, playout_frames=2, idle=idle)
+    frame = lambda v: (np.full((32, 48, 3), v, np.uint8), time.monotonic())  # noqa: E731
+
+    async def scenario():
+        shown = []
+        t0 = time.monotonic()
+        shown.append(await track.next_image())       # nothing rendered yet: the idle portrait, a repeat
+        renderer.ready += [frame(1), frame(2), frame(3), frame(4)]  # a burst: 2 fit the playout buffer
+        for _ in range(4):
+            shown.append(await track.next_image())
+        renderer.ready += [frame(5)]
+        shown.append(await track.next_image())
+        return shown, time.monotonic() - t0
+
+    shown, elapsed = asyncio.run(scenario())
+    values = [int(img[0, 0, 0]) for img in shown]
+    assert values == [7, 3, 4, 4, 4, 5], values  # oldest of the burst dropped, the last frame held while behind
+    assert (track.fresh, track.repeats, track.skipped) == (3, 3, 2)
+    assert elapsed >= 5 / 100 * 0.9, "six frames at 100 fps must take about 50 ms"
