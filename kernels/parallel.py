@@ -119,7 +119,9 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
 def _spawned(rank: int, fn: Callable, world_size: int, port: int, device: str | None, backend: str | None,
              args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":  # spawned processes share one host: keep gloo's traffic on the loopback interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     info = init_distributed(device, backend)
     try:
         fn(info, *args)
