@@ -45,6 +45,9 @@ from kernels.graphs import CompiledStep, StepShape  # noqa: E402
 
 MODES = ("eager", "compiled", "graphs", "fp8", "eager_graphs")
 BF16_TOL = 1.6e-2  # two bf16 steps, relative
+# Whole-step relative error allowed between two bf16 implementations (eager vs compiled): on CPU, the 30-layer
+# 1.3b step with these random weights is 1.5% from its fp32 result, so two bf16 orderings stay well within 4%.
+STEP_REL_TOL = 0.04
 
 
 # --- arithmetic ----------------------------------------------------------------------------------------------------
@@ -176,26 +179,83 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype, cuda: bool) ->
 @torch.no_grad()
 def check_attention(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype: torch.dtype, cuda: bool,
                     warmup: int, iters: int) -> list[dict]:
-    """Every attention backend at the self-attention shape: parity with math and TFLOP/s."""
+    """Every attention backend on the step's three attention shapes (self, image cross, NFEB per frame): parity with
+    the math backend on all three, TFLOP/s on the self-attention one."""
     L = shape.tokens(cfg.patch_size)
+    B, H, hd = shape.batch, cfg.num_heads, cfg.head_dim
     g = torch.Generator(device=device).manual_seed(2)
-    q, k, v = (torch.randn(shape.batch, L, cfg.num_heads, cfg.head_dim, generator=g, device=device).to(dtype)
-               for _ in range(3))
+
+    def rnd(b, n):
+        return torch.randn(b, n, H, hd, generator=g, device=device).to(dtype)
+
+    per_frame = L // shape.frames
+    cases = {"self": (rnd(B, L), rnd(B, L), rnd(B, L)),
+             "cross_img": (rnd(B, L), rnd(B, cfg.clip_tokens), rnd(B, cfg.clip_tokens)),
+             "nfeb": (rnd(B * shape.frames, per_frame), rnd(B * shape.frames, cfg.emo_tokens_per_frame),
+                      rnd(B * shape.frames, cfg.emo_tokens_per_frame))}
+    refs = {}
     with attn.backend("math"):
-        ref = attn.attention(q, k, v)
-    flops = 4 * shape.batch * L * L * cfg.dim
+        for k, (q, kk, v) in cases.items():
+            refs[k] = attn.attention(q.float(), kk.float(), v.float())
+    flops = 4 * B * L * L * cfg.dim
     rows = []
     names = ["sdpa", "flash", "cudnn", "efficient"] + (["fa3"] if attn.fa3_available() else [])
     for name in names if cuda else ["sdpa"]:
+        row = {"backend": name, "tokens": L}
         try:
             with attn.backend(name):
-                ok, max_diff = bf16_close(attn.attention(q, k, v), ref)
-                ms = bench_ms(lambda: attn.attention(q, k, v), warmup, iters, cuda)
-            rows.append({"backend": name, "tokens": L, "ok": ok, "max_abs_diff": max_diff, "ms": ms,
-                         "tflops": flops / ms / 1e9})
+                diffs = {k: bf16_close(attn.attention(*cases[k]), refs[k]) for k in cases}
+                q, k, v = cases["self"]
+                row["ms"] = bench_ms(lambda: attn.attention(q, k, v), warmup, iters, cuda)
+            row.update(ok=all(ok for ok, _ in diffs.values()), max_abs_diff={k: d for k, (_, d) in diffs.items()},
+                       tflops=flops / row["ms"] / 1e9)
         except RuntimeError as e:  # a backend that does not support this GPU / shape
-            rows.append({"backend": name, "tokens": L, "error": str(e).splitlines()[0][:200]})
+            row["error"] = str(e).splitlines()[0][:200]
+        rows.append(row)
     return rows
+
+
+def best_backend(rows: list[dict]) -> str:
+    """Fastest backend that matched the math backend on every shape."""
+    good = [r for r in rows if r.get("ok")]
+    return min(good, key=lambda r: r["ms"])["backend"] if good else "sdpa"
+
+
+@torch.no_grad()
+def profile_kernels(fn, steps: int = 3) -> dict:
+    """CUDA kernel time per step by category (GEMM, attention, Inductor/Triton fused, other) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    categories: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        if us is None:
+            us = getattr(evt, "self_cuda_time_total", 0.0)
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        if any(s in name for s in ("flash", "fmha", "cudnn", "attention", "sdpa", "fwd_kernel")):
+            cat = "attention"
+        elif any(s in name for s in ("gemm", "xmma", "cutlass", "nvjet", "cublas", "matmul", "scaled_mm")):
+            cat = "gemm"
+        elif "triton" in name or name.startswith(("_rms_norm", "_layer_norm")):
+            cat = "fused_elementwise"
+        elif "memcpy" in name or "memset" in name:
+            cat = "memcpy"
+        else:
+            cat = "other"
+        categories[cat] = categories.get(cat, 0.0) + us / 1e3 / steps
+        kernels.append((us / 1e3 / steps, evt.key[:120], cat))
+    kernels.sort(reverse=True)
+    return {"ms_per_step_by_category": categories,
+            "top_kernels": [{"ms": ms, "name": n, "category": c} for ms, n, c in kernels[:12]]}
 
 
 def alloc_count(device) -> int:
@@ -210,6 +270,7 @@ def check_graph_step(step: CompiledStep, inputs: dict, ref_eager: torch.Tensor, 
            "graph_matches_compiled": bf16_close(out, ref_compiled)[0],
            "graph_vs_compiled_max_abs": (out - ref_compiled).abs().max().item(),
            "graph_vs_eager_rel": relative_error(out, ref_eager)}
+    res["graph_matches_eager"] = res["graph_vs_eager_rel"] < STEP_REL_TOL
     torch.cuda.synchronize()
     before = alloc_count(step.device)
     torch.cuda.set_sync_debug_mode("error")
@@ -235,12 +296,12 @@ def free_memory(cuda: bool):
 
 def run_preset(preset: str, frames_list: list[int], modes: list[str], args, device, dtype, peak: float, cuda: bool):
     cfg = get_preset(preset).dit
-    results, checks = [], []
+    results, checks, profiles = [], [], []
     try:
         model = random_model(cfg, device, dtype)
     except torch.OutOfMemoryError:
         print(f"{preset}: out of memory building the model, skipped")
-        return [{"preset": preset, "skipped": "out of memory building the model"}], []
+        return [{"preset": preset, "skipped": "out of memory building the model"}], [], []
     eager_out = {}
 
     def record(frames, shape, mode, ms, extra=None):
@@ -287,8 +348,17 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
             if "compiled" in wanted:
                 record(frames, shape, "compiled", bench_ms(step._step, args.warmup, args.iters, cuda),
                        {"compile_s": compile_s})
+            if args.profile and not fp8:
+                # the kernels of the compiled step are the kernels the graph replays
+                prof = profile_kernels(step._step)
+                profiles.append({"preset": preset, "frames": frames, **prof})
+                print(f"      kernel ms by category: " +
+                      ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_per_step_by_category"].items()), flush=True)
             step.capture()
             check.update(check_graph_step(step, inputs, eager_out.get(frames, compiled_out), compiled_out))
+            if fp8:  # compared with the bf16 eager step: this is the FP8 accuracy, not a pass/fail parity
+                check["fp8_vs_bf16_rel"] = check.pop("graph_vs_eager_rel")
+                check.pop("graph_matches_eager")
             mode = "fp8" if fp8 else "graphs"
             if mode in wanted:
                 record(frames, shape, mode, bench_ms(lambda: step(*call), args.warmup, args.iters, cuda),
@@ -315,7 +385,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
             free_memory(cuda)
     del model
     free_memory(cuda)
-    return results, checks
+    return results, checks, profiles
 
 
 def breakdown(cfg: DiTConfig, shape: StepShape) -> dict[str, float]:
@@ -359,7 +429,10 @@ def main(argv=None):
     p.add_argument("--frames", default="3,6,21", help="latent frames per window, comma-separated")
     p.add_argument("--modes", default="eager,compiled,graphs,fp8")
     p.add_argument("--size", type=int, default=512, help="video width = height in pixels")
-    p.add_argument("--attention", default="auto", choices=attn.BACKENDS)
+    p.add_argument("--attention", default="best", choices=("best",) + attn.BACKENDS,
+                   help="best: the fastest backend that matched the math backend in this run")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the per-kernel profile of the compiled step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
@@ -384,7 +457,6 @@ def main(argv=None):
         args.fp8_frames = args.fp8_frames or [6]
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    attn.set_backend(args.attention)
     print(f"device {env_info()['device']}, torch {torch.__version__}, attention {args.attention}, "
           f"FA3 {'yes' if attn.fa3_available() else 'no'}, triton {'yes' if fused.triton_available() else 'no'}")
 
@@ -398,21 +470,26 @@ def main(argv=None):
     attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)
     for r in attention_rows:
         print(f"  attention {r}")
+    if args.attention == "best":
+        args.attention = best_backend(attention_rows) if cuda else "auto"
+        print(f"attention backend for the step: {args.attention}")
+    attn.set_backend(args.attention)
 
-    results, checks = [], []
+    results, checks, profiles = [], [], []
     for preset in presets:
         fl = frames
         if args.quick and preset == "14b":
             fl = [f for f in frames if f == 6] or frames[:1]
-        r, c = run_preset(preset, fl, modes, args, device, dtype, peak["tflops"], cuda)
+        r, c, pr = run_preset(preset, fl, modes, args, device, dtype, peak["tflops"], cuda)
         results += r
         checks += c
+        profiles += pr
 
     shares = {f"{pr}@{f}": breakdown(get_preset(pr).dit, StepShape.from_video(args.size, args.size, f))
               for pr in presets for f in frames}
     payload = {"config": vars(args) | {"device_dtype": str(dtype)}, "matmul_peak": peak,
                "peak_tflops": peak["tflops"], "kernel_checks": kernels, "attention": attention_rows,
-               "step_checks": checks, "results": results, "flop_shares": shares}
+               "step_checks": checks, "results": results, "flop_shares": shares, "profiles": profiles}
     path = write_result(args.out, payload)
     plot(results, peak["tflops"], RESULTS / f"{args.out}.png")
 
@@ -422,7 +499,8 @@ def main(argv=None):
             print(f"{r['preset']:>6} {r['frames']:>6} {r['mode']:<13} {r['ms_per_step']:8.2f} {r['tflops']:8.1f} "
                   f"{100 * r['fraction_of_peak']:6.1f}")
     bad = [c for c in checks if c.get("allocations_per_call", 0) != 0 or c.get("host_sync_free") is False
-           or c.get("graph_matches_compiled") is False or c.get("finite") is False]
+           or c.get("graph_matches_compiled") is False or c.get("graph_matches_eager") is False
+           or c.get("finite") is False]
     bad += [k for k in kernels if k.get("ok") is False]
     print(f"wrote {path}; checks {'FAILED: ' + str(bad) if bad else 'passed'}")
     return 1 if bad else 0
