@@ -169,7 +169,8 @@ def main() -> None:
     print_table(payload["results"])
     path = write_result(out, payload)
     widths = "tiny widths" if args.tiny else "real widths"
-    title = f"streaming decode {args.size}x{args.size} {args.dtype} {widths}, random weights, {payload['config']['device']}"
+    title = (f"streaming decode {args.size}x{args.size} {args.dtype} {widths}, random weights, "
+             f"{payload['config']['device']}")
     try:
         plot(payload["results"], title, RESULTS / f"{out}.png")
         print(f"wrote {path} and {out}.png")

@@ -105,7 +105,8 @@ def test_preprocess_is_wans(checkpoint):
     image = torch.rand(1, 3, 40, 56) * 2 - 1
     x = model.preprocess(image)
     resized = F.interpolate(image, size=(CFG.image_size,) * 2, mode="bicubic", align_corners=False)
-    expected = (resized * 0.5 + 0.5 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    expected = (resized * 0.5 + 0.5 - mean) / std
     assert torch.allclose(x, expected, atol=1e-6)
     assert model.encode(image).shape == (1, CFG.num_tokens, CFG.width)
 

@@ -1,4 +1,5 @@
-"""TAEHV (taew2_1 layout): key layout, frame accounting per chunk, streaming == whole == per-timestep reference, loading."""
+"""TAEHV (taew2_1 layout): key layout, frame accounting per chunk, streaming == whole == per-timestep reference,
+loading."""
 from __future__ import annotations
 
 import pytest
