@@ -19,7 +19,7 @@ Reported per (frames, N, layout): ms per step, all passes (max over ranks of the
 --warmup), speedup and scaling efficiency against N = 1 `seq`, and the live renderer's projected fps: a window of W
 latent frames that emits S new latents (4S video frames) costs steps x step time, so fps = 4S / (steps x step time).
 Eager by default (no CUDA graph; --compile compiles the blocks): the comparison across N is like for like.
-Writes bench/results/<out>.json.
+Writes bench/results/<out>.json and <out>.png (speedup against N).
 """
 from __future__ import annotations
 
@@ -131,6 +131,29 @@ def batch_pair(inputs: dict) -> dict:
     """The two guidance passes as one batch: every input doubled, ip_scale 1 for sample 0 and 0 for sample 1."""
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     return doubled | {"ip_scale": torch.tensor([1.0, 0.0], device=inputs["x"].device)}
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    """Speedup against N per (frames, layout), with the ideal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = sorted({r["gpus"] for r in rows})
+    ax.plot(ns, ns, "k--", lw=1, label="ideal")
+    for key in sorted({(r["frames"], r["layout"]) for r in rows}):
+        pts = sorted((r["gpus"], r["speedup"]) for r in rows if (r["frames"], r["layout"]) == key)
+        ax.plot(*zip(*pts), "o-", label=f"{key[0]} latent frames, {key[1]}")
+    ax.set_xlabel("ranks (GPUs)")
+    ax.set_ylabel("speedup per denoising step vs 1 GPU")
+    ax.set_xticks(ns)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -275,6 +298,7 @@ def main(argv=None) -> int:
                                        "mode": mode, "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")},
                    "model": {"preset": args.preset, "params": cfg.num_params()}, "results": rows}
         path = write_result(args.out, payload)
+        plot(rows, f"{args.preset} {args.size}x{args.size} {mode}, {env_info()['device']}", path.with_suffix(".png"))
         bad = [r for r in rows if not r["parity_ok"]]
         print(f"wrote {path}; parity {'FAILED for ' + str(len(bad)) + ' rows' if bad else 'ok'}")
     failed = torch.tensor([0 if rank != 0 else int(any(not r["parity_ok"] for r in rows))], device=device)
