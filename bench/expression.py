@@ -169,7 +169,9 @@ def main() -> None:
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed 224x224 shapes: pick the fastest conv algorithms once
     if args.compile:
-        encoder = torch.compile(encoder, mode="reduce-overhead")
+        # One static graph per batch size (all are warmed before timing), so raise dynamo's per-function limit.
+        torch._dynamo.config.cache_size_limit = 64
+        encoder = torch.compile(encoder, mode="reduce-overhead", dynamic=False)
 
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), dtype {args.dtype}, "
           f"torch threads {torch.get_num_threads()}, encoder {'tiny' if args.tiny else 'full'} ({weights_used})")
