@@ -153,6 +153,7 @@ def read_image(path) -> np.ndarray:
 def cmd_serve(args) -> int:
     from streaming import server as srv
 
+    tls = tls_context(args.cert, args.key)
     if args.input_queue is None and args.renderer == "preview":
         args.input_queue = 1  # a backlog only adds latency when every frame is rendered on its own
     cfg = stream_config(args)
@@ -170,12 +171,29 @@ def cmd_serve(args) -> int:
 
     def ready(url: str) -> None:
         print(f"FlashLive ({args.renderer} renderer) is serving {url}  (OBS viewer: {url}viewer)", flush=True)
-        if cfg.host in ("0.0.0.0", "::"):
-            print("Other machines: browsers allow the camera only on https or localhost; use an SSH tunnel "
-                  "or a reverse proxy with TLS.", flush=True)
+        if cfg.host not in ("127.0.0.1", "localhost", "::1") and args.cert is None:
+            print("Other machines: browsers share a camera only with https or localhost pages; pass --cert/--key "
+                  "or use an SSH tunnel.", flush=True)
 
-    srv.run(server, ready)
+    srv.run(server, ready, ssl_context=tls)
     return 0
+
+
+def tls_context(cert: str | None, key: str | None):
+    """An ssl.SSLContext from --cert/--key (PEM files), or None for plain http."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--cert and --key go together: pass both PEM files (e.g. from mkcert) or neither.")
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise ValueError(f"Cannot load the TLS certificate {cert} / key {key} ({err}): pass PEM files that "
+                         "belong together.") from None
+    return context
 
 
 # --- render ------------------------------------------------------------------------------------------------------
@@ -376,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="driving frames queued before the oldest drops (default: 1 for preview, so it always renders "
                         "the newest frame; the StreamConfig default for flashportrait, whose windows need a backlog)")
     p.add_argument("--max-sessions", type=int, default=8, help="peers served at once")
+    p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https, for cameras on other machines")
+    p.add_argument("--key", default=None, help="TLS private key (PEM) for --cert")
     p.add_argument("--loopback-ice", action="store_true",
                    help="offer only 127.0.0.1 ICE candidates (same-machine clients, tests, benchmarks)")
     p.set_defaults(func=cmd_serve)

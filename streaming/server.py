@@ -292,13 +292,16 @@ class AvatarServer:
 
 
 async def serve(server: AvatarServer, ready: Callable[[str], None] | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set (or SIGINT/SIGTERM); `ready(url)` is called once the port is bound."""
+                stop: asyncio.Event | None = None, ssl_context=None) -> None:
+    """Serve until `stop` is set (or SIGINT/SIGTERM); `ready(url)` is called once the port is bound.
+
+    ssl_context (ssl.SSLContext) serves https, which browsers on other machines need before they share a camera.
+    """
     host, port = server.config.host, server.config.port
     runner = web.AppRunner(server.app(), handle_signals=False)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         await site.start()
     except OSError as err:
         await runner.cleanup()
@@ -314,7 +317,8 @@ async def serve(server: AvatarServer, ready: Callable[[str], None] | None = None
         except (NotImplementedError, RuntimeError):
             pass  # not the main thread, or Windows: Ctrl-C raises KeyboardInterrupt instead
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    url = f"http://{shown}:{runner.addresses[0][1]}/"  # the bound port, also when --port 0 let the OS choose
+    scheme = "https" if ssl_context is not None else "http"
+    url = f"{scheme}://{shown}:{runner.addresses[0][1]}/"  # the bound port, also when --port 0 let the OS choose
     if ready is not None:
         ready(url)
     try:
@@ -323,11 +327,11 @@ async def serve(server: AvatarServer, ready: Callable[[str], None] | None = None
         await runner.cleanup()
 
 
-def run(server: AvatarServer, ready: Callable[[str], None] | None = None) -> None:
+def run(server: AvatarServer, ready: Callable[[str], None] | None = None, ssl_context=None) -> None:
     """Blocking entry point of `flashlive serve`: uvloop when available."""
     try:
         import uvloop
     except ImportError:  # Windows
-        asyncio.run(serve(server, ready))
+        asyncio.run(serve(server, ready, ssl_context=ssl_context))
     else:
-        uvloop.run(serve(server, ready))
+        uvloop.run(serve(server, ready, ssl_context=ssl_context))
