@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4, help="denoising steps per window (4: the distilled fast path)")
     p.add_argument("--passes", type=int, default=2, help="DiT passes per step (2: emotion CFG, 1: guidance-free)")
     p.add_argument("--fps", type=float, default=25.0, help="target output fps (the real-time line)")
-    p.add_argument("--gpus-list", default=None, help="rank counts to measure besides 1, e.g. 2,8 (default: powers of 2)")
+    p.add_argument("--gpus-list", default=None,
+                   help="rank counts to measure besides 1, e.g. 2,8 (default: powers of 2)")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (gloo)")
     p.add_argument("--dtype", default=None, help="bf16 on CUDA, fp32 on CPU by default")
     p.add_argument("--attention", default="auto", choices=attn.BACKENDS)
@@ -289,8 +290,8 @@ def main(argv=None) -> int:
         print("frames tokens  S  N  layout cfg x seq   ms/step  ms/pass  speedup   eff   fps  real-time  parity")
         for r in rows:
             print(f"{r['frames']:>6} {r['tokens']:>6} {r['new_latents']:>2} {r['gpus']:>2}  {r['layout']:<6} "
-                  f"{r['cfg_groups']:>3} x {r['seq_ranks']:<3} {r['ms_per_step']:9.1f} {r['ms_per_pass']:8.1f} {r['speedup']:8.2f} "
-                  f"{r['efficiency']:5.2f} {r['projected_fps']:5.1f} {'yes' if r['realtime'] else 'no':>9}  "
+                  f"{r['cfg_groups']:>3} x {r['seq_ranks']:<3} {r['ms_per_step']:9.1f} {r['ms_per_pass']:8.1f} "
+                  f"{r['speedup']:8.2f} {r['efficiency']:5.2f} {r['projected_fps']:5.1f} {'yes' if r['realtime'] else 'no':>9}  "
                   f"{'ok' if r['parity_ok'] else 'FAIL'} ({r['rel_error_vs_1']:.1e})")
         config = {k: v for k, v in vars(args).items() if k != "launch"}
         mode = "compiled blocks" if args.compile else "eager"
