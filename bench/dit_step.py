@@ -454,8 +454,8 @@ def main(argv=None):
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the per-kernel profile of the compiled step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per mode (3; 2 with --quick)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per mode, median reported (15; 8 with --quick)")
     p.add_argument("--fp8-frames", default=None, help="latent frames for the fp8 mode (default: --frames)")
     p.add_argument("--quick", action="store_true",
                    help="fits ~8 min on one H100: 8 timed calls, 6 frames first, 14b and fp8 only at 6 frames")
@@ -472,8 +472,9 @@ def main(argv=None):
         if m not in MODES:
             p.error(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
     args.fp8_frames = [int(f) for f in args.fp8_frames.split(",")] if args.fp8_frames else None
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    args.iters = args.iters if args.iters is not None else (8 if args.quick else 15)
     if args.quick:
-        args.warmup, args.iters = 2, 8
         args.fp8_frames = args.fp8_frames or [6]
         frames.sort(key=lambda f: (f != 6, f))  # the headline configuration first
     if cuda:

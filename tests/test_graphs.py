@@ -153,3 +153,22 @@ def test_cuda_graph_step_matches_eager_and_allocates_nothing():
     step(call["x"], call["t"], call["emo"], 0.7)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+
+
+def test_bench_dit_step_runs_and_writes_results(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import json
+
+    import bench.common
+    from bench import dit_step
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(dit_step, "RESULTS", tmp_path)
+    assert dit_step.main(["--presets", "tiny", "--size", "64", "--frames", "3", "--quick", "--warmup", "1", "--iters", "2",
+                          "--out", "smoke"]) == 0
+    data = json.loads((tmp_path / "smoke.json").read_text())
+    row = data["results"][0]
+    assert (row["preset"], row["frames"], row["tokens"], row["mode"]) == ("tiny", 3, 48, "eager")
+    assert row["ms_per_step"] > 0 and row["tflops"] > 0 and 0 < row["fraction_of_peak"]
+    assert data["peak_tflops"] > 0 and "git_commit" in data["env"]
+    assert (tmp_path / "smoke.png").stat().st_size > 0
