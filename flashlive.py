@@ -54,6 +54,12 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpa", default=None, help="off, alpa, taylorseer or teacache (flashportrait)")
     g.add_argument("--no-compile", dest="compile", action="store_false", default=None,
                    help="skip torch.compile and CUDA graphs (flashportrait)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="flashportrait with random weights at the preset's size: timing without downloads")
+    g.add_argument("--latency-target-ms", type=float, default=None,
+                   help="flashportrait: the controller trades ALPA interval, steps and stride to stay within this")
+    g.add_argument("--decoder", choices=("tiny", "wan"), default=None,
+                   help="flashportrait latent decoder: tiny (TAEHV, real time) or wan (full Wan VAE)")
 
 
 def engine_configs(args) -> dict:
@@ -77,14 +83,17 @@ def stream_config(args):
                    vcam=args.vcam or None, record=args.record)
 
 
-def renderer_factory(args, reference, width: int, height: int, input_queue: int = 4):
-    """-> (make_renderer, device name); a missing or broken renderer is one sentence (ValueError)."""
+def renderer_factory(args, reference, width: int, height: int, input_queue: int = 4, fps: float = 25.0,
+                     offline: bool = False):
+    """-> (make_renderer, device name); a missing or broken renderer is one sentence (ValueError).
+
+    offline (flashlive render): the renderer may look at the whole clip before emitting (`flush()`)."""
     if args.renderer == "preview":
         from engine.preview import PreviewRenderer
 
         return (lambda: PreviewRenderer(reference, width=width, height=height, input_queue=input_queue)), "cpu"
     try:
-        from engine.renderer import FlashPortraitRenderer
+        from engine.renderer import EngineOptions, FlashPortraitRenderer
     except ModuleNotFoundError as err:
         if err.name == "engine.renderer":
             raise ValueError("The flashportrait renderer is not in this installation (engine/renderer.py is "
@@ -100,9 +109,13 @@ def renderer_factory(args, reference, width: int, height: int, input_queue: int 
                              "preview, or install the CUDA build of torch (flashlive doctor checks this).")
         device = torch.cuda.get_device_name(torch.device(device))
 
+    options = EngineOptions(**({"decoder": args.decoder} if args.decoder else {}))
+
     def make():
         return FlashPortraitRenderer(reference, weights_dir=args.weights, width=width, height=height,
-                                     input_queue=input_queue, **cfgs)
+                                     input_queue=input_queue, random_weights=args.random_weights,
+                                     latency_target_ms=args.latency_target_ms, fps=fps, offline=offline,
+                                     options=options, **cfgs)
 
     return make, device
 
@@ -158,7 +171,7 @@ def cmd_serve(args) -> int:
         args.input_queue = 1  # a backlog only adds latency when every frame is rendered on its own
     cfg = stream_config(args)
     reference = load_reference(args.reference, args.renderer)
-    make, device = renderer_factory(args, reference, cfg.width, cfg.height, cfg.input_queue)
+    make, device = renderer_factory(args, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
     if args.driving:
         from streaming.capture import open_video
 
@@ -213,7 +226,7 @@ def cmd_render(args) -> int:
     fps = args.fps or video.average_rate or video.guessed_rate
     width, height = args.size
     output = Path(args.output or f"{Path(args.driving).stem}-{Path(args.reference or 'portrait').stem}.mp4")
-    make, _ = renderer_factory(args, reference, width, height)
+    make, _ = renderer_factory(args, reference, width, height, fps=float(fps), offline=True)
     renderer = make()  # not started: render calls process() directly so no driving frame is ever dropped
     frames_in = frames_out = 0
     try:
