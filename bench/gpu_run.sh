@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Run GPU benches in one go on a CUDA machine: bash bench/gpu_run.sh STAGE [STAGE ...]
+# Stages: env tests decode expression dit_step dit_step_full alpa realtime stream parallel load_memory.
+# Wheels in .whl/ (aiortc, av, mediapipe, ...) are installed to /tmp/site first when present; the driving video
+# is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
+# Results go to bench/results/ and, where $OUT is set, a tarball of them to $OUT.
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || echo "wheel install failed"
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
+VIDEO=${FLASHLIVE_VIDEO:-.devdata/lp_d3.mp4}
+[ -f "$VIDEO" ] || VIDEO=../shared/data/driving/lp_d3.mp4
+LOG=${OUT:-/tmp}/gpu_run.log
+
+stage() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${secs}s)" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"
+  tail -n 25 "$LOG" | grep -vE '^\s*$' | tail -n 12
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" bench/results; fi
+}
+
+for s in "$@"; do
+  case $s in
+    env) stage env 120 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__, torch.cuda.get_device_name())
+for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\"):
+    try: __import__(m); print(m, \"ok\")
+    except Exception as e: print(m, \"MISSING\", type(e).__name__, e)
+"' ;;
+    tests) stage tests 420 python3 -m pytest -q -x tests/test_graphs.py tests/test_kernels.py tests/test_dit.py tests/test_nfeb.py ;;
+    decode) stage decode 300 python3 bench/decode.py ;;
+    expression) stage expression 240 python3 bench/expression.py --device cuda ;;
+    dit_step) stage dit_step 560 python3 bench/dit_step.py --quick ;;
+    dit_step_full) stage dit_step_full 580 python3 bench/dit_step.py --presets 1.3b,14b --frames 3,6,21 --no-profile ;;
+    alpa) stage alpa 500 python3 bench/alpa_quality.py ;;
+    realtime) stage realtime 500 python3 bench/realtime.py --video "$VIDEO" ;;
+    stream) stage stream 500 python3 bench/stream_latency.py --renderer flashportrait --preset 1.3b --random-weights --video "$VIDEO" ;;
+    parallel) stage parallel 400 torchrun --standalone --nproc_per_node "$(nvidia-smi -L | wc -l)" bench/dit_parallel.py --preset 14b ;;
+    load_memory) stage load_memory 400 python3 bench/load_memory.py --preset 1.3b --device cuda ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
