@@ -1,0 +1,728 @@
+"""The FlashPortrait renderer: driving frames -> expression tokens -> rolling WSWS windows of DiT + ALPA -> decode.
+
+    engine = FlashPortraitEngine.shared(reference, weights_dir, 512, 512, preset=get_preset("1.3b"), ...)
+    engine.warm_up()                                  # load, build conditioning, compile, capture: seconds
+    r = FlashPortraitRenderer(reference, weights_dir, 512, 512, preset=..., engine=engine).start()
+    r.push(frame_rgb, pts)      # (H, W, 3) uint8 RGB driving frame; never blocks
+    r.pull()                    # -> ((512, 512, 3) uint8 RGB, pts of the driving frame it renders) | None
+    r.stats()                   # window/DiT/decode ms, passes, ALPA full/predicted, real-time factor, controller
+
+`FlashPortraitEngine` is shared per process (one per distinct set of arguments): it owns every model (loaded once
+from `weights_dir`, or built with random weights at the preset's size for `random_weights=True`, which the stats
+say), the per-reference conditioning (CLIP tokens, the VAE latent of [reference, zeros...] and the first-frame
+mask: the 36-channel input's last 20 channels `y`, built once and reused by every window, so each window's first
+latent frame is flagged as the reference), the prompt context (engine/text.py's on-disk cache; random weights: a
+fixed random context) and the fixed-shape DiT step (kernels/graphs.CompiledStep: compiled + CUDA graph on CUDA,
+eager on CPU). A lock serialises the DiT work of the sessions that share it.
+
+`FlashPortraitRenderer` is one session (one peer). Per driving frame j (on the renderer's thread):
+  PD-FGC features (554) -> PortraitEncoder tokens (24) ; latent frame i is complete once frame 4i has arrived
+  (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)`.
+Whenever enough latent frames of tokens exist, a rolling WSWS window (engine/wsws.RollingWSWS, W latent frames,
+stride S) runs every sampler step: the two guidance branches (emotion, and ip_scale 0) as ONE batch of 2, ALPA via
+engine/alpa.CachedDiT (full passes run the compiled step), then the window's S final latent frames are decoded by
+a streaming decoder (TAEHV by default, the Wan VAE optionally) and handed out.
+
+Frame accounting. Video frame j belongs to latent frame ceil(j / 4): latent 0 is frame 0 alone, latent i >= 1 is
+frames 4i-3 .. 4i. Both decoders turn the first latent of a stream into 1 frame and every later latent into 4, so
+the frames a window emits are exactly the driving frames of its S latent frames; each output frame carries the pts
+of its driving frame, every driving frame that reached process() gets exactly one output frame, in order, and no
+window seam drops or repeats one (the rolling window releases each latent frame once, see engine/wsws.py). Frames
+after the last complete window wait for the next window (a live stream never ends; `flush()` renders the tail).
+
+Lookahead. A window [a, a + W) emits [a, a + S). By default (lookahead = W - S, exact rolling WSWS) it waits for
+the tokens of all W frames: the first emitted frame waits for 4W - 1 later driving frames. `lookahead=L < W - S`
+lets it start once a + S + L frames have tokens; frames beyond hold the newest tokens (they are re-rendered, and
+blended, by the next window). Lower latency, slightly less exact expression on the blended overlap.
+
+Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
+frame j at (push time of driving frame j) + playout delay, the delay tracking the measured worst latency of a
+window's first frame (+ one frame), so the sinks receive a steady stream at the input rate. The controller
+(engine/controller.py) adapts ALPA interval, steps and stride within `latency_target_ms`; its decision is in
+`stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
+window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
+
+Offline (`offline=True`, `flashlive render`): process() only extracts expression features; `flush()` runs
+offline step-major WSWS (engine/wsws.wsws_sample) over the whole clip and returns every frame in order.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.alpa import CachedDiT, DifferenceTable
+from engine.base import ThreadedRenderer
+from engine.config import (ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig, WindowConfig, get_preset,
+                           replace)
+from engine.controller import Budget, BudgetController, ControllerConfig
+from engine.portrait_encoder import latent_token_range
+from engine.sampler import DISTILLED_TIMESTEPS, Sampler, distilled_schedule, flow_schedule
+from engine.weights import WeightsError, find_file
+from engine.wsws import RollingWSWS, wsws_sample
+
+log = logging.getLogger("flashlive.renderer")
+
+TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
+# Live default: 4 latent frames per window, 2 emitted per window (8 video frames), 2 of overlap blended. On one
+# H100 the 1.3b step at 512x512 is ~28 ms per pass at 4 latent frames (DESIGN.md: 20 ms at 3, 42 ms at 6), the
+# guidance pair as one batch ~2x that, so 4 distilled steps cost ~225 ms for 8 frames that play for 320 ms.
+LIVE_WINDOW = WindowConfig(context_size=4, context_overlap=2)
+DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
+
+
+@dataclass
+class EngineOptions:
+    """Engine choices beyond the config dataclasses."""
+
+    decoder: str = "tiny"  # tiny (TAEHV, real-time) | wan (full Wan VAE)
+    prompt: str = DEFAULT_PROMPT
+    prompt_cache: str = "~/.cache/flashlive/prompts"
+    expression_backend: str = "auto"  # PD-FGC landmarks: auto | onnx | mediapipe
+    step_delay_s: float = 0.0  # test hook: sleep this long in every full DiT pass (an artificially slowed step)
+    seed: int = 0
+
+
+def fit_reference(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (height, width, 3): scaled to cover, centre crop (what `flashlive serve` shows idle)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = max(width / w, height / h)
+    resized = cv2.resize(image, (max(width, round(w * scale)), max(height, round(h * scale))),
+                         interpolation=cv2.INTER_AREA)
+    y0, x0 = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
+    return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
+
+
+def make_schedule_for(sampler: SamplerConfig, steps: int):
+    """The live schedule with `steps` steps: the distilled one (a subset of its timesteps when fewer) or the
+    shifted flow-matching Euler schedule."""
+    if sampler.fast:
+        if steps >= len(DISTILLED_TIMESTEPS):
+            return distilled_schedule(DISTILLED_TIMESTEPS, sampler.shift)
+        picks = [round(1000 - i * 1000 / steps) for i in range(steps)]  # evenly from 1000: (1000, 500) for 2
+        return distilled_schedule(picks, sampler.shift)
+    return flow_schedule(steps, sampler.shift)
+
+
+class _StepCachedDiT(CachedDiT):
+    """CachedDiT whose full passes at the compiled window shape run the engine's CompiledStep.
+
+    Only the output-feature cache (ALPAConfig.cache = "output") is fed from the compiled step (the flow is all it
+    keeps); layer caches and TeaCache run CachedDiT's eager passes. `delay_s` sleeps in every full pass (test hook).
+    """
+
+    def __init__(self, model, schedule, cfg, options=None, step=None, ip_scale=None, delay_s: float = 0.0):
+        super().__init__(model, schedule, cfg, options)
+        self.step, self.ip_step, self.delay_s = step, ip_scale, delay_s
+
+    def _full(self, st, x, step, ctx_img, ctx_txt, y, emo, ip_scale, record: bool):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        compiled = self.step
+        if compiled is None or tuple(x.shape) != tuple(compiled.x.shape) or (record and self.cfg.cache == "layers"):
+            return super()._full(st, x, step, ctx_img, ctx_txt, y, emo, ip_scale, record)
+        flow = compiled(x, self._timestep(step, x.shape[0], x.device), emo, self.ip_step)
+        if record:
+            if st.table is None:
+                st.table = DifferenceTable(1, self.cfg.order, self.opt.expansion, self.opt.cache_dtype)
+            st.table.begin(step)
+            st.table.update(0, flow)
+            if self.cfg.mode == "alpa":  # one feature: the cross-layer weight is 1, as CachedDiT does for "output"
+                st.s_anchor, st.scale, st.sqrt_r = st.rate.s, None, None
+        return flow
+
+
+class FlashPortraitEngine:
+    """Models, conditioning and the compiled step, shared by every session of one process (see module docstring).
+
+    reference (H, W, 3) uint8 RGB; width/height of the output (multiples of 16); preset: ModelPreset or name;
+    runtime / sampler / window / alpa: the config dataclasses; random_weights: build every network at the preset's
+    size with random weights (timing and tests; nothing is read from `weights_dir`).
+    """
+
+    _shared: dict = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, reference: np.ndarray, weights_dir=None, width: int = 512, height: int = 512, *,
+                 preset: ModelPreset | str = "tiny", runtime: RuntimeConfig | None = None,
+                 sampler: SamplerConfig | None = None, window: WindowConfig | None = None,
+                 alpa: ALPAConfig | None = None, random_weights: bool = False, options: EngineOptions | None = None):
+        if width % 16 or height % 16:
+            raise ValueError(f"The flashportrait renderer needs a size divisible by 16 (got {width}x{height}): "
+                             f"pass --size 512x512 or another multiple of 16.")
+        self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        self.runtime = runtime or RuntimeConfig()
+        self.sampler_cfg = sampler or SamplerConfig()
+        self.window_cfg = window or WindowConfig()
+        self.alpa_cfg = alpa or ALPAConfig()
+        self.options = options or EngineOptions()
+        self.random_weights = random_weights
+        self.weights_dir = weights_dir
+        self.width, self.height = width, height
+        self.device = torch.device(self.runtime.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("The flashportrait renderer needs a CUDA GPU and none is visible: pass --device cpu "
+                             "(slow) or use --renderer preview.")
+        # bf16 on CPU is slow and not what tests compare: the CPU path computes in fp32.
+        self.dtype = self.runtime.torch_dtype if self.device.type == "cuda" else torch.float32
+        W, O = self.window_cfg.context_size, self.window_cfg.context_overlap
+        if not 0 < W or not 0 <= O < W:
+            raise ValueError(f"The window needs 0 <= overlap < size (got size {W}, overlap {O}): pass "
+                             f"--context-size and --context-overlap accordingly.")
+        self.reference = fit_reference(reference, width, height)
+        self.lock = threading.RLock()  # GPU work of the sessions sharing this engine, one at a time
+        self.loaded = False
+        self.warm_up_s: float | None = None
+        self.sessions = 0  # open renderer sessions (close() decrements)
+        self.notes: list[str] = []
+
+    # --- sharing -------------------------------------------------------------------------------------------------
+    @classmethod
+    def shared(cls, reference: np.ndarray, weights_dir=None, width: int = 512, height: int = 512,
+               **kwargs) -> "FlashPortraitEngine":
+        """One engine per distinct (reference, weights, size, configs) in this process."""
+        ref = np.ascontiguousarray(reference)
+        key = (hashlib.sha1(ref.tobytes()).hexdigest(), ref.shape, str(weights_dir), width, height,
+               repr(sorted((k, repr(v)) for k, v in kwargs.items())))
+        with cls._shared_lock:
+            engine = cls._shared.get(key)
+            if engine is None:
+                engine = cls._shared[key] = cls(ref, weights_dir, width, height, **kwargs)
+            return engine
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Forget the shared engines (their models are freed once no session holds them)."""
+        with cls._shared_lock:
+            cls._shared.clear()
+
+    # --- loading -------------------------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        """Batch of one DiT call: the two guidance branches run as one batch of 2 when emo_cfg > 1."""
+        return 2 if self.sampler_cfg.emo_cfg > 1.0 else 1
+
+    def warm_up(self) -> float:
+        """Load every model, build the conditioning and the compiled step, compile and capture; returns seconds."""
+        with self.lock:
+            if self.warm_up_s is not None:
+                return self.warm_up_s
+            t0 = time.perf_counter()
+            self._load()
+            self._build_conditioning()
+            self._build_step()
+            if self.step is not None and self.step.use_graph:
+                self.step.write_inputs(self.step.x, 1000.0, self.step.emo, self.ip_scale_step)
+                self.step.capture()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.warm_up_s = time.perf_counter() - t0
+            return self.warm_up_s
+
+    def _load(self) -> None:
+        if self.loaded:
+            return
+        from engine.clip_vision import ClipVision, load_clip_vision
+        from engine.dit import WanModel
+        from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+        from engine.portrait_encoder import PortraitEncoder
+        from engine.tiny_vae import TinyVAE, load_tiny_vae
+        from engine.vae import WanVAE, load_vae
+        from engine.weights import load_dit, load_portrait_encoder
+
+        p, dev, dt = self.preset, self.device, self.dtype
+        fan_cfg = FanEncoderConfig.tiny() if p.name == "tiny" else FanEncoderConfig()
+        wd = self.weights_dir
+        if self.random_weights:
+            torch.manual_seed(self.options.seed)
+            with torch.device(dev):
+                self.dit = WanModel(p.dit).to(dt).eval().requires_grad_(False)
+                self.portrait = PortraitEncoder(p.portrait).to(dt).eval().requires_grad_(False)
+                self.fan = FanEncoder(fan_cfg).to(dt).eval().requires_grad_(False)
+                self.clip = ClipVision(p.clip).to(dt).eval().requires_grad_(False)
+                self.vae = WanVAE(p.vae).to(dt).eval().requires_grad_(False)
+                self.tiny_vae = TinyVAE(p.tiny_vae, encoder=False).to(dt).eval().requires_grad_(False)
+            self.context = torch.randn(1, p.dit.text_len, p.dit.text_dim, device=dev, dtype=dt,
+                                       generator=torch.Generator(dev).manual_seed(self.options.seed + 1))
+            self.notes.append("random weights: every network is randomly initialised (timing only, output is noise)")
+        else:
+            self.dit = load_dit(wd, p.dit, dtype=dt, device=dev)
+            if self.sampler_cfg.fast:
+                try:
+                    from engine.lora import load_and_merge_lora
+
+                    lora = find_file(wd, "fast_lora_rank64.safetensors", "4-step distillation LoRA")
+                    load_and_merge_lora(self.dit, lora)
+                    self.notes.append(f"merged {lora.name}")
+                except WeightsError as err:
+                    self.notes.append(f"no distillation LoRA ({err}); the 4-step schedule runs on the base DiT")
+            self.portrait = load_portrait_encoder(wd, p.portrait, dtype=dt, device=dev)
+            self.fan = FanEncoder.from_checkpoint(wd, fan_cfg, dev, dt)
+            self.clip = load_clip_vision(wd, p.clip, device=dev, dtype=dt)
+            self.vae = load_vae(wd, p.vae, device=dev, dtype=dt)
+            self.tiny_vae = None
+            if self.options.decoder == "tiny":
+                try:
+                    self.tiny_vae = load_tiny_vae(wd, p.tiny_vae, device=dev, dtype=dt)
+                except WeightsError as err:
+                    self.notes.append(f"no tiny VAE ({err}); decoding with the Wan VAE")
+            from engine.text import PromptEncoder
+
+            prompts = PromptEncoder(wd, Path(self.options.prompt_cache).expanduser(), p.t5, device=dev, dtype=dt)
+            self.context = prompts.encode(self.options.prompt)[None]
+        self.loaded = True
+
+    @torch.no_grad()
+    def _build_conditioning(self) -> None:
+        """CLIP tokens, y = [mask 4 | VAE latent of (reference, zeros...)] over one window, and context K/V."""
+        W = self.window_cfg.context_size
+        img = torch.from_numpy(self.reference).to(self.device).permute(2, 0, 1)[None].float() / 127.5 - 1
+        self.clip_fea = self.clip.encode(img.to(self.dtype))                                 # (1, 257, 1280)
+        ref_lat = self.vae.encode_reference(img.to(self.dtype), W).float()                    # (1, 16, W, h, w)
+        mask = torch.zeros_like(ref_lat[:, :4])
+        mask[:, :, 0] = 1.0  # Wan's I2V mask: the first latent frame is the given image
+        self.y = torch.cat([mask, ref_lat], dim=1)                                             # (1, 20, W, h, w)
+        self.latent_hw = tuple(ref_lat.shape[-2:])
+        B = self.batch
+        ctx_img, ctx_txt = self.dit.embed_context(self.context, self.clip_fea)
+        self.ctx_img = ctx_img.expand(B, -1, -1).contiguous()
+        self.ctx_txt = ctx_txt.expand(B, -1, -1).contiguous()
+        self.kv = self.dit.context_kv(self.ctx_img, self.ctx_txt)
+        self.y_batch = self.y.expand(B, -1, -1, -1, -1).contiguous()
+        self.ip_scale = torch.tensor([1.0, 0.0][:B], device=self.device)                  # per-sample (B,)
+
+    def _build_step(self) -> None:
+        from kernels.graphs import CompiledStep, StepShape
+
+        h, w = self.latent_hw
+        shape = StepShape(self.batch, self.window_cfg.context_size, h, w)
+        self.step = CompiledStep(self.dit, shape, self.runtime)
+        B = self.batch
+        # The guidance pair as one batch: ip_scale is per sample (1 for the emotion branch, 0 for the no-emotion
+        # branch). A step whose ip_scale buffer is a scalar gets a (B, 1, 1) one (it broadcasts over (B, L, D)).
+        if self.step.ip_scale.numel() != B:
+            self.step.ip_scale = torch.zeros(B, 1, 1, device=self.device)
+        self.ip_scale_step = self.ip_scale.view(self.step.ip_scale.shape).clone()
+        self.step.set_session(self.context.expand(B, -1, -1), self.clip_fea.expand(B, -1, -1), self.y_batch)
+
+    # --- per-session helpers ---------------------------------------------------------------------------------------
+    def cached_dit(self, schedule, alpa: ALPAConfig) -> "_StepCachedDiT":
+        return _StepCachedDiT(self.dit, schedule, alpa, step=self.step, ip_scale=self.ip_scale_step,
+                              delay_s=self.options.step_delay_s)
+
+    def guided_flow(self, cached: CachedDiT, x: torch.Tensor, i: int, emo: torch.Tensor, key) -> torch.Tensor:
+        """Guided flow (1, 16, n, h, w) of step i: both guidance branches as one batch of 2 through `cached`.
+
+        x (1, 16, n, h, w) latent, emo (1, n, 97, emo_dim) tokens. The pair shares one ALPA cache key: the
+        difference tables are elementwise, so each batch element (branch) keeps its own trajectory.
+        """
+        n, B = x.shape[2], self.batch
+        y = self.y_batch if n == self.y_batch.shape[2] else self.y_batch[:, :, :n]
+        flows = cached(x.expand(B, -1, -1, -1, -1), i, self.ctx_img, self.ctx_txt, y,
+                       emo.expand(B, -1, -1, -1), ip_scale=self.ip_scale if B > 1 else 1.0, key=key, kv=self.kv)
+        if B == 1:
+            return flows
+        emo_flow, no_emo = flows[:1], flows[1:]
+        return no_emo + self.sampler_cfg.emo_cfg * (emo_flow - no_emo)
+
+    def make_decoder(self):
+        from engine.tiny_vae import StreamingTinyDecoder
+        from engine.vae import StreamingDecoder
+
+        if self.options.decoder == "tiny" and self.tiny_vae is not None:
+            return StreamingTinyDecoder(self.tiny_vae)
+        return StreamingDecoder(self.vae)
+
+    def make_extractor(self):
+        from engine.pdfgc.extractor import ExpressionExtractor, make_landmarks
+
+        landmarks = make_landmarks(None if self.random_weights else self.weights_dir, self.options.expression_backend,
+                                   prefer_cuda=self.device.type == "cuda")
+        return ExpressionExtractor(self.fan, landmarks, channel_order="rgb")
+
+    def stats(self) -> dict:
+        return {"preset": self.preset.name, "random_weights": self.random_weights, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."), "batch": self.batch,
+                "compiled": bool(getattr(getattr(self, "step", None), "compiled", False)),
+                "cuda_graph": bool(getattr(getattr(self, "step", None), "use_graph", False)),
+                "warm_up_s": None if self.warm_up_s is None else round(self.warm_up_s, 2),
+                "decoder": "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None
+                else "wan", "sessions": self.sessions, "notes": self.notes}
+
+
+def _frames_uint8(video: torch.Tensor) -> np.ndarray:
+    """(1, 3, f, H, W) in [-1, 1] -> (f, H, W, 3) uint8 on the host (one copy)."""
+    return video[0].permute(1, 2, 3, 0).add(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+class FlashPortraitRenderer(ThreadedRenderer):
+    """One FlashPortrait session: push driving frames, pull avatar frames (see the module docstring).
+
+    Arguments mirror flashlive's renderer factory: reference (H, W, 3) uint8 RGB, weights_dir, width, height,
+    input_queue, preset, runtime, sampler, window, alpa (config dataclasses). Extra: random_weights,
+    latency_target_ms, fps (nominal input rate, for the real-time factor), offline (flashlive render), engine (a
+    FlashPortraitEngine to share; default: the process-wide shared one), options (EngineOptions), controller
+    (ControllerConfig; `enabled=False` keeps the budget fixed), lookahead, pace (False: pull() hands frames out as
+    soon as they are decoded, for tests and benchmarks that measure the engine alone).
+    """
+
+    name = "flashportrait"
+
+    def __init__(self, reference: np.ndarray, weights_dir=None, width: int = 512, height: int = 512,
+                 input_queue: int | None = None, *, preset: ModelPreset | str = "tiny",
+                 runtime: RuntimeConfig | None = None, sampler: SamplerConfig | None = None,
+                 window: WindowConfig | None = None, alpa: ALPAConfig | None = None, random_weights: bool = False,
+                 latency_target_ms: float | None = None, fps: float = 25.0, offline: bool = False,
+                 engine: FlashPortraitEngine | None = None, options: EngineOptions | None = None,
+                 controller: ControllerConfig | None = None, lookahead: int | None = None, pace: bool = True):
+        window = window or WindowConfig()
+        if not offline and window == WindowConfig():
+            # WindowConfig's defaults are the paper's offline windows (51 latent frames, overlap 30): seconds of
+            # look-ahead. Unless told otherwise, the live engine rolls real-time windows.
+            window = LIVE_WINDOW
+        W = window.context_size
+        # A window blocks the thread for a while: the bounded input queue must hold the frames that arrive meanwhile.
+        super().__init__(input_queue=max(input_queue or 0, 8 * W + 16), output_queue=max(64, 16 * W))
+        alpa = alpa or ALPAConfig()
+        if not offline:
+            # The live path caches the DiT output only: layer caches would run full passes outside the CUDA graph.
+            alpa = replace(alpa, cache="output")
+        self.engine = engine or FlashPortraitEngine.shared(reference, weights_dir, width, height, preset=preset,
+                                                           runtime=runtime, sampler=sampler, window=window,
+                                                           alpa=alpa, random_weights=random_weights,
+                                                           options=options)
+        self.engine.warm_up()
+        eng = self.engine
+        self.offline, self.fps, self.pace = offline, float(fps), pace
+        self.W = eng.window_cfg.context_size
+        self.alpa = alpa
+        self.extractor = eng.make_extractor()
+        self.decoder = eng.make_decoder()
+        self.reference = eng.reference
+        steps0 = len(DISTILLED_TIMESTEPS) if eng.sampler_cfg.fast else eng.sampler_cfg.steps
+        k_max = 1 if alpa.mode == "off" else max(1, alpa.interval)
+        stride0 = eng.window_cfg.stride
+        ctl = controller or ControllerConfig(latency_target_ms=latency_target_ms, max_interval=k_max,
+                                             lookahead=lookahead)
+        if controller is None and offline:
+            ctl.enabled = False
+        self.lookahead = lookahead
+        initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
+        self.controller = BudgetController(initial, self.W, self.fps, ctl)
+        self._budget = initial
+        self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
+        # stream state
+        self._feats: list[np.ndarray] = []          # PD-FGC rows of frames not yet turned into tokens
+        self._frame_index = 0                        # driving frames processed
+        self._last_frame_tokens: torch.Tensor | None = None  # (24, C): the previous latent's last frame
+        self._tokens: dict[int, torch.Tensor] = {}  # global latent index -> (97, C)
+        self._have = 0                               # latent frames with tokens
+        self._pending: collections.deque = collections.deque()  # (pts, push time) of frames not yet emitted
+        self._all_pts: list[float] = []              # offline: every frame's pts
+        self._all_feats: list[np.ndarray] = []       # offline: every frame's features
+        self._released = 0                           # latent frames released (global)
+        self._new_roller(0)
+        self.faces_missed = 0
+        self.face_found: bool | None = None
+        self.rtf: float | None = None                # real-time factor, moving average over windows
+        self.windows = 0
+        self.delay_s = 0.0                           # playout delay of pull()
+        self.frames_pulled = 0
+        self.t = {"expression_ms": 0.0, "window_ms": 0.0, "dit_ms": 0.0, "decode_ms": 0.0}
+        self.last_window_passes = 0
+        self.closed = False
+        self._window_thread: threading.Thread | None = None
+        self._window_cv = threading.Condition()
+        self._stop_windows = False
+        eng.sessions += 1
+
+    # --- budget / rolling window ---------------------------------------------------------------------------------
+    def _new_roller(self, base: int) -> None:
+        """A rolling window (and its sampler and ALPA cache) for the current budget, starting at latent `base`."""
+        b, eng = self._budget, self.engine
+        schedule = make_schedule_for(eng.sampler_cfg, b.steps)
+        self.sampler = Sampler(schedule, generator=self._gen)
+        h, w = eng.latent_hw
+        self.roller = RollingWSWS(self.sampler, self.W, self.W - b.stride, (1, 16, h, w), device=eng.device,
+                                  generator=self._gen)
+        self._base = base
+        mode = "off" if b.interval == 1 else self.alpa.mode
+        self.cached = eng.cached_dit(schedule, replace(self.alpa, mode=mode, interval=b.interval))
+        self._emo_window = -1
+        self._emo = None
+
+    def _apply_budget(self, new: Budget) -> None:
+        old, self._budget = self._budget, new
+        if (new.steps, new.stride) != (old.steps, old.stride):
+            self._new_roller(self._released)  # the held overlap is re-rendered by the new window: exactly once
+        else:
+            schedule = self.sampler.schedule
+            mode = "off" if new.interval == 1 else self.alpa.mode
+            self.cached = self.engine.cached_dit(schedule, replace(self.alpa, mode=mode, interval=new.interval))
+
+    def _lookahead(self) -> int:
+        overlap = self.W - self._budget.stride
+        return overlap if self.lookahead is None else max(0, min(self.lookahead, overlap))
+
+    def _window_ready(self) -> bool:
+        start = self._base + self.roller.window_start
+        return self._have >= start + self._budget.stride + self._lookahead()
+
+    def _window_emo(self, win) -> torch.Tensor:
+        """(1, W, 97, C) tokens of the window's global latent frames; frames without tokens yet hold the newest."""
+        if win.index != self._emo_window:
+            g0 = self._base + win.start
+            newest = self._have - 1
+            self._emo = torch.stack([self._tokens[min(g, newest)] for g in range(g0, g0 + self.W)])[None]
+            self._emo_window = win.index
+        return self._emo
+
+    def _denoise(self, x, i, win, cond):
+        return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window")
+
+    def _run_window(self) -> list:
+        eng = self.engine
+        while not self.roller.ready():
+            self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
+        t0 = time.perf_counter()
+        full0, pred0 = self.cached.full_passes, self.cached.predicted_passes
+        with eng.lock, torch.no_grad():
+            latents = self.roller.run(self._denoise)                                   # (1, 16, S, h, w)
+            if eng.device.type == "cuda":
+                torch.cuda.synchronize(eng.device)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            frames = _frames_uint8(self.decoder.decode(latents.to(eng.dtype)))
+        t2 = time.perf_counter()
+        self.last_window_passes = self.cached.full_passes - full0
+        self.last_window_predicted = self.cached.predicted_passes - pred0
+        self._released += latents.shape[2]
+        self.windows += 1
+        # forget tokens no later window reads
+        first_needed = self._base + self.roller.window_start
+        for g in [g for g in list(self._tokens) if g < first_needed - 1]:
+            del self._tokens[g]
+        out = []
+        for frame in frames:
+            pts, stamp = self._pending.popleft()
+            out.append(((frame, pts), stamp))
+        self._ema("dit_ms", 1e3 * (t1 - t0))
+        self._ema("decode_ms", 1e3 * (t2 - t1))
+        self._ema("window_ms", 1e3 * (t2 - t0))
+        if out:
+            target = time.monotonic() - out[0][1] + 1.0 / self.fps  # the chunk's first frame waited longest
+            self.delay_s = target if target > self.delay_s else 0.95 * self.delay_s + 0.05 * target
+        rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
+        self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
+        new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() - len(out))
+        if new is not None:
+            self._apply_budget(new)
+        return out
+
+    def _ema(self, key: str, value: float) -> None:
+        self.t[key] = value if self.t[key] == 0 else 0.8 * self.t[key] + 0.2 * value
+
+    # --- per frame -------------------------------------------------------------------------------------------------
+    def push(self, frame: np.ndarray, pts: float) -> None:
+        super().push(frame, (pts, time.monotonic()))
+
+    def process(self, frame: np.ndarray, pts) -> list:
+        """One driving frame -> the avatar frames that became final, as (frame (H, W, 3) uint8, pts) pairs.
+
+        Started (`start()`), windows run on the renderer's window thread and their frames reach `pull()` directly,
+        so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
+        (not started), the windows run here and their frames are returned."""
+        pts, stamp = pts if isinstance(pts, tuple) else (pts, time.monotonic())
+        t0 = time.perf_counter()
+        result = self.extractor.push(frame)
+        self.faces_missed += not result.face_found
+        self.face_found = result.face_found
+        self._ema("expression_ms", 1e3 * (time.perf_counter() - t0))
+        if self.offline:
+            self._all_feats.append(result.features)
+            self._all_pts.append(pts)
+            return []
+        self._feats.append(result.features)
+        self._pending.append((pts, stamp))
+        j = self._frame_index
+        self._frame_index += 1
+        if j % TIME_STRIDE == 0:  # frame 4i completes latent i
+            self._add_latent(j // TIME_STRIDE)
+        if self._window_thread is not None:
+            with self._window_cv:
+                self._window_cv.notify()
+            return []
+        out = []
+        while self._window_ready():
+            out.extend(frame_pts for frame_pts, _ in self._run_window())
+        return out
+
+    def _window_loop(self) -> None:
+        """The window thread: run a window whenever enough latent frames of tokens exist."""
+        while True:
+            with self._window_cv:
+                while not self._stop_windows and not self._window_ready():
+                    self._window_cv.wait(0.5)
+                if self._stop_windows:
+                    return
+            try:
+                outputs = self._run_window()
+            except Exception as err:  # keep the session alive; the error shows in /stats
+                self.error = f"{type(err).__name__}: {err}"
+                log.exception("flashportrait window failed")
+                time.sleep(0.1)
+                continue
+            for (frame, pts), stamp in outputs:
+                if len(self._out) == self._out.maxlen:
+                    self.dropped_out += 1
+                self._out.append((frame, pts, stamp))
+                self.frames_out += 1
+
+    def start(self) -> "FlashPortraitRenderer":
+        if not self.offline and self._window_thread is None:
+            self._window_thread = threading.Thread(target=self._window_loop, name="renderer-flashportrait-windows",
+                                                   daemon=True)
+            self._window_thread.start()
+        super().start()
+        return self
+
+    @torch.no_grad()
+    def _add_latent(self, i: int) -> None:
+        """Tokens of latent i from the features of its frames (frame 0 for i = 0, frames 4i-3..4i otherwise)."""
+        eng = self.engine
+        feats = torch.from_numpy(np.stack(self._feats)).to(eng.device, eng.dtype)[None]     # (1, n, 554)
+        self._feats = []
+        tok = eng.portrait(feats)[0]  # (24 n, C); no engine lock: it may overlap another session's window
+        per = eng.preset.portrait.tokens_per_frame
+        if i == 0:
+            lat = torch.cat([tok[:per], tok.new_zeros(eng.preset.dit.emo_tokens_per_frame - per, tok.shape[1])])
+        else:
+            lat = torch.cat([self._last_frame_tokens[-1:], tok])                               # (97, C)
+            start, end = latent_token_range(i, per, TIME_STRIDE)
+            assert lat.shape[0] == end - start
+        self._last_frame_tokens = tok[-per:]
+        self._tokens[i] = lat
+        self._have = i + 1
+
+    # --- output ----------------------------------------------------------------------------------------------------
+    def _emit(self, outputs) -> None:
+        # process() returns frames only when called directly (not started); nothing for the base thread to queue
+        now = time.monotonic()
+        for frame, pts in outputs:
+            self._out.append((frame, pts, now))
+            self.frames_out += 1
+
+    def pull(self):
+        """The next avatar frame once it is due (push time of its driving frame + playout delay), else None."""
+        try:
+            frame, pts, stamp = self._out[0]
+        except IndexError:
+            return None
+        if self.pace and time.monotonic() < stamp + self.delay_s:
+            return None
+        self._out.popleft()
+        self.frames_pulled += 1
+        return frame, pts
+
+    def backlog_frames(self) -> int:
+        """Driving frames received whose avatar frame has not been pulled yet (input queue + waiting + decoded)."""
+        return len(self._in) + len(self._pending) + len(self._out)
+
+    def flush(self) -> list:
+        """Offline: render the whole clip with step-major WSWS. Live: nothing (a stream's tail waits)."""
+        if not self.offline or not self._all_feats:
+            return []
+        return self._render_offline()
+
+    @torch.no_grad()
+    def _render_offline(self) -> list:
+        eng = self.engine
+        n = len(self._all_feats)
+        T = math.ceil((n - 1) / TIME_STRIDE) + 1                  # latent frames covering n driving frames
+        padded = self._all_feats + [self._all_feats[-1]] * (TIME_STRIDE * (T - 1) + 1 - n)
+        from engine.portrait_encoder import group_latent_tokens
+
+        feats = torch.from_numpy(np.stack(padded)).to(eng.device, eng.dtype)[None]
+        emo = group_latent_tokens(eng.portrait(feats))[0]                                # (T, 97, C)
+        steps = len(DISTILLED_TIMESTEPS) if eng.sampler_cfg.fast else eng.sampler_cfg.steps
+        schedule = make_schedule_for(eng.sampler_cfg, steps)
+        sampler = Sampler(schedule, generator=self._gen)
+        cached = eng.cached_dit(schedule, self.alpa)
+        h, w = eng.latent_hw
+        noise = torch.randn((1, 16, T, h, w), generator=self._gen, device=eng.device)
+
+        def denoise(x, i, win, cond):
+            return eng.guided_flow(cached, x, i, cond[None], key=win.index)
+
+        t0 = time.perf_counter()
+        with eng.lock:
+            latents = wsws_sample(noise, sampler, denoise, self.W, eng.window_cfg.context_overlap, cond=emo)
+        t1 = time.perf_counter()
+        video = self.decoder.decode(latents.to(eng.dtype))
+        frames = _frames_uint8(video)[:n]
+        self._ema("dit_ms", 1e3 * (t1 - t0))
+        self._ema("decode_ms", 1e3 * (time.perf_counter() - t1))
+        self.last_window_passes = cached.full_passes
+        self.last_window_predicted = cached.predicted_passes
+        out = list(zip(frames, self._all_pts))
+        self._all_feats, self._all_pts = [], []
+        return out
+
+    # --- lifecycle / stats -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._window_cv:
+            self._stop_windows = True
+            self._window_cv.notify_all()
+        if self._window_thread is not None:
+            self._window_thread.join(timeout=30)
+            self._window_thread = None
+        super().close()
+        if self.closed:
+            return
+        self.closed = True
+        self.engine.sessions -= 1
+        close = getattr(self.extractor.landmarks, "close", None)
+        if close is not None:
+            close()
+        # free the session state: rolling latents, stores, ALPA caches, decoder memory, tokens, queued frames
+        self.roller = self.cached = self.sampler = self.decoder = self._emo = None
+        self._tokens.clear()
+        self._feats, self._all_feats = [], []
+        self._pending.clear()
+        self._out.clear()
+        self._in.clear()
+
+    def session_state_bytes(self) -> int:
+        """Bytes of tensors this session holds on the engine's device (0 after close())."""
+        tensors = list(self._tokens.values())
+        if self.roller is not None:
+            tensors += [self.roller.x, self.roller._store, self.roller._prev]
+        if self.cached is not None:
+            return sum(t.numel() * t.element_size() for t in tensors) + self.cached.cache_nbytes()
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        b = self._budget
+        out.update({
+            "window_ms": round(self.t["window_ms"], 2), "dit_ms": round(self.t["dit_ms"], 2),
+            "decode_ms": round(self.t["decode_ms"], 2), "expression_ms": round(self.t["expression_ms"], 2),
+            "steps": b.steps, "stride": b.stride, "window": self.W, "alpa_interval": b.interval,
+            "passes": self.last_window_passes, "alpa_full_passes": 0 if self.cached is None else
+            self.cached.full_passes, "alpa_predicted_passes": 0 if self.cached is None else
+            self.cached.predicted_passes, "windows": self.windows,
+            "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
+            "backlog_frames": self.backlog_frames(), "playout_delay_ms": round(1e3 * self.delay_s, 1),
+            "face_found": self.face_found, "faces_missed": self.faces_missed,
+            "controller": self.controller.stats(), **self.engine.stats()})
+        return out
