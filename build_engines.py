@@ -10,7 +10,7 @@ artifacts, loaded back with `load_inductor_cache`) and `meta.json` (shapes, vers
 written under a temporary name and renamed when complete, so a crash never leaves half an artifact in the cache.
 
 The exported graph is the step CompiledStep runs: inputs x (B, 16, F, H, W) fp32, t (B,) fp32, emo (B, F, 97,
-emo_dim), ip_scale () fp32 -> flow (B, 16, F, H, W) fp32, with the session constants (per-block context K/V, y,
+emo_dim), ip_scale (B,) fp32 -> flow (B, 16, F, H, W) fp32, with the session constants (per-block context K/V, y,
 RoPE tables) and the weights baked in as initializers. Weights come from --weights (a Wan/FlashPortrait DiT state
 dict) or are random (seeded) for shape and speed work.
 """
@@ -87,7 +87,7 @@ def example_session(cfg: DiTConfig, shape: StepShape, device, dtype, seed: int =
     session = (rnd(B, cfg.text_len, cfg.text_dim), rnd(B, cfg.clip_tokens, cfg.clip_dim),
                rnd(B, cfg.in_dim - cfg.out_dim, F, H, W))
     inputs = (rnd(B, cfg.out_dim, F, H, W), torch.linspace(900.0, 300.0, B, device=device),
-              rnd(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, dt=dtype), torch.tensor(1.0, device=device))
+              rnd(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, dt=dtype), torch.ones(B, device=device))
     return session, inputs
 
 

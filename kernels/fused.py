@@ -77,7 +77,8 @@ def rms_norm_rope_ref(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, 
 
 def layer_norm_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then x * (1 + scale) + shift in fp32; shift/scale broadcast as (B, 1|L, D)."""
-    xf = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    # int(): a Python constant even under the TorchScript tracer (ONNX export needs a static normalized_shape)
+    xf = F.layer_norm(x.float(), (int(x.shape[-1]),), eps=eps)
     return (xf * (1 + scale.float()) + shift.float()).type_as(x)
 
 

@@ -6,13 +6,15 @@
                                                  #   clip_fea, y, emo, ip_scale); a static buffer, overwritten by
                                                  #   the next call (copy it if you keep it)
 
-What goes in the graph: patchify, the time embedding, every block, the head and unpatchify, reading static input
-buffers (latent x, timestep t, expression tokens emo, ip_scale as a 0-dim tensor) and session buffers (per-block
-image/text K/V, y, RoPE cos/sin) and writing a static output. A call copies the inputs in and replays the graph:
-no allocation, no host sync (pass device tensors; Python floats for t / ip_scale are written with fill_).
+What goes in the graph: patchify, the time embedding, every block (WanAttentionBlock with `kv=`, the DiT's
+precomputed-context path), the head and unpatchify, reading static input buffers (`x` latent, `t` timesteps, `emo`
+expression tokens, `ip_scale` (B,) per sample) and session buffers (`kv` per block, `y`, RoPE `cos`/`sin`) and
+writing the static output `out`. A call copies the inputs in and replays the graph: no allocation, no host sync
+(pass device tensors; Python floats for t / ip_scale are written with fill_).
 
 emo=None runs the same graph with ip_scale 0, which equals the model without the expression branch (the NFEB adds
-ip_scale * normalised emotion attention, so 0 adds exactly zero): both CFG passes share one graph.
+ip_scale * normalised emotion attention, so 0 adds exactly zero). The guidance pair runs as one batch of 2 with
+ip_scale = tensor([1, 0]): each sample gets what its own pass would (the NFEB statistics are per sample).
 
 Compilation is regional by default (`scope="block"`): one compiled block function serves all blocks (same code,
 same shapes), so compile time does not grow with depth; the whole-step CUDA graph already removes the launch gaps
@@ -29,11 +31,8 @@ import torch
 from torch import nn
 
 from engine.config import RuntimeConfig
-from engine.nfeb import expression_attention, normalise_to
 from kernels import attention as attention_backend
 from kernels import fused
-from kernels.attention import attention
-from kernels.fused import layer_norm_modulate
 
 
 @dataclass(frozen=True)
@@ -59,29 +58,17 @@ class StepShape:
         return f * h * w
 
 
-# --- the step, recomposed from the model's pieces with per-session context K/V -----------------------------------
-def cross_attention(ca: nn.Module, x: torch.Tensor, kv: tuple, emo: torch.Tensor, ip_scale: torch.Tensor):
-    """WanI2VCrossAttention.forward with precomputed context K/V and the NFEB always on (ip_scale a tensor)."""
-    q = ca.norm_q(ca.q(x)).unflatten(-1, (ca.num_heads, -1))
-    k_img, v_img, k_txt, v_txt = kv
-    base = (attention(q, k_txt, v_txt) + attention(q, k_img, v_img)).flatten(2)
-    emo_out = expression_attention(q, emo, ca.emo_k_proj, ca.emo_v_proj)
-    return ca.o(base + ip_scale * normalise_to(emo_out, base))
-
-
+# --- the step, from the model's pieces with per-session context K/V ---------------------------------------------
 def block_forward(block: nn.Module, x, e0, cos, sin, kv, emo, ip_scale):
-    """WanAttentionBlock.forward with precomputed context K/V: x (B, L, D), e0 (B, 6, D) fp32 -> (B, L, D)."""
-    shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (block.modulation.float() + e0).chunk(6, dim=1)
-    y = block.self_attn(layer_norm_modulate(x, shift_sa, scale_sa, block.eps), cos, sin)
-    x = (x.float() + y.float() * gate_sa).type_as(x)
-    x = x + cross_attention(block.cross_attn, block.norm3(x), kv, emo, ip_scale)
-    y = block.ffn(layer_norm_modulate(x, shift_ff, scale_ff, block.eps))
-    return (x.float() + y.float() * gate_ff).type_as(x)
+    """One WanAttentionBlock with its precomputed context K/V and a per-sample ip_scale (B,): (B, L, D) -> (B, L, D).
+
+    The function torch.compile sees in the regional scope: every block calls it with the same shapes."""
+    return block(x, e0, cos, sin, None, None, emo, ip_scale, kv=kv)
 
 
 def step_forward(model: nn.Module, x, y, t, cos, sin, kvs, emo, ip_scale, block_fn=block_forward, layers=None):
     """The whole step from its inputs: x (B, 16, F, H, W), y (B, 20, F, H, W), t (B,), RoPE cos/sin (L, hd/2), kvs
-    (one (k_img, v_img, k_txt, v_txt) per block), emo (B, F, 97, emo_dim), ip_scale 0-dim -> (B, 16, F, H, W) fp32."""
+    (one (k_img, v_img, k_txt, v_txt) per block), emo (B, F, 97, emo_dim), ip_scale (B,) -> (B, 16, F, H, W) fp32."""
     tokens, grid = model.patchify(x, y)
     e, e0 = model.embed_time(t)
     for i, (block, kv) in enumerate(zip(model.blocks, kvs)):
@@ -131,7 +118,7 @@ class CompiledStep:
             self.x = torch.zeros(B, cfg.out_dim, F, H, W, device=dev)
             self.t = torch.zeros(B, device=dev)
             self.emo = torch.zeros(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, device=dev, dtype=self.dtype)
-            self.ip_scale = torch.zeros((), device=dev)
+            self.ip_scale = torch.zeros(B, device=dev)  # per sample: a guidance pair (1, 0) runs as one batch
             # Session buffers: written by set_session, read by every call.
             self.y = torch.zeros(B, cfg.in_dim - cfg.out_dim, F, H, W, device=dev)
             self.kv = [tuple(torch.zeros(B, n, heads, hd, device=dev, dtype=self.dtype)
@@ -220,7 +207,7 @@ class CompiledStep:
         else:
             self.emo.copy_(emo)
             if isinstance(ip_scale, torch.Tensor):
-                self.ip_scale.copy_(ip_scale)
+                self.ip_scale.copy_(ip_scale.reshape(-1).expand(self.ip_scale.numel()).view_as(self.ip_scale))
             else:
                 self.ip_scale.fill_(float(ip_scale))
 
@@ -237,7 +224,8 @@ class CompiledStep:
             self._step()
         return self.out
 
-    def __call__(self, x: torch.Tensor, t, emo: torch.Tensor | None = None, ip_scale: float = 1.0) -> torch.Tensor:
-        """x (B, 16, F, H, W), t (B,) or float, emo (B, F, 97, emo_dim) or None -> flow (B, 16, F, H, W) fp32."""
+    def __call__(self, x: torch.Tensor, t, emo: torch.Tensor | None = None, ip_scale=1.0) -> torch.Tensor:
+        """x (B, 16, F, H, W), t (B,) or float, emo (B, F, 97, emo_dim) or None, ip_scale float or (B,) tensor
+        -> flow (B, 16, F, H, W) fp32."""
         self.write_inputs(x, t, emo, ip_scale)
         return self.run()

@@ -19,7 +19,7 @@ def test_export_step_equals_model_forward():
     (context, clip_fea, y), (x, t, emo, ip) = be.example_session(cfg, shape, "cpu", torch.float32)
     step = be.ExportStep(model, shape, context, clip_fea, y)
     with torch.no_grad():
-        torch.testing.assert_close(step(x, t, emo, ip), model(x, t, context, clip_fea, y, emo, float(ip)),
+        torch.testing.assert_close(step(x, t, emo, ip), model(x, t, context, clip_fea, y, emo, float(ip[0])),
                                    atol=1e-5, rtol=1e-5)
 
 

@@ -56,6 +56,21 @@ def test_eager_step_equals_model_forward_with_and_without_expression():
     assert not torch.allclose(out0, reference(model, session, call))  # the expression branch did matter
 
 
+def test_guidance_pair_as_one_batch_equals_separate_passes():
+    model, shape, session, call = make()
+    step = CompiledStep(model, shape, CPU)
+    step.set_session(**session)
+    # sample 0: the emotion branch (ip_scale 1); sample 1: the no-emotion branch (ip_scale 0)
+    out = step(call["x"], call["t"], call["emo"], torch.tensor([1.0, 0.0])).clone()
+    with_emo = reference(model, session, call, ip_scale=1.0)
+    without = reference(model, session, call, emo=False)
+    torch.testing.assert_close(out[0], with_emo[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], without[1], atol=1e-5, rtol=1e-5)
+    # the renderer's (B, 1, 1) layout is accepted as well
+    again = step(call["x"], call["t"], call["emo"], torch.tensor([1.0, 0.0]).view(2, 1, 1))
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+
+
 def test_step_reuses_buffers_across_calls_and_sessions():
     model, shape, session, call = make()
     step = CompiledStep(model, shape, CPU)
