@@ -92,6 +92,7 @@ class BudgetController:
         self._backlog: list[int] = []
         self.reason = "starting: full budget until the first windows are measured"
         self.keeping_up = True
+        self.history: list[dict] = []  # the last 64 windows: rtf, backlog, budget, decision
 
     # --- the decision ---------------------------------------------------------------------------------------------
     def lookahead(self, budget: Budget) -> int:
@@ -119,6 +120,14 @@ class BudgetController:
     def observe(self, window_s: float, frames: int, backlog_frames: int = 0) -> Budget | None:
         """Record one window (wall seconds, video frames it produced, backlog after it); returns the new Budget
         when the controller changes it (apply it from the next window on), else None."""
+        budget = self.budget
+        new = self._decide(window_s, frames, backlog_frames)
+        self.history = (self.history + [{"window": self.windows, "rtf": round(self.last_rtf, 3),
+                                         "backlog_frames": backlog_frames, "budget": asdict(budget),
+                                         "changed_to": None if new is None else asdict(new)}])[-64:]
+        return new
+
+    def _decide(self, window_s: float, frames: int, backlog_frames: int) -> Budget | None:
         self.windows += 1
         rtf = (frames / self.fps) / max(window_s, 1e-9)
         self.last_rtf = rtf

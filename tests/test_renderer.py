@@ -1,0 +1,161 @@
+"""FlashPortrait renderer on the tiny preset with random weights, on CPU, driven by lp_d0.mp4 (issue 5, item 5).
+
+Properties: the rolling renderer streams several windows; every driving frame that reached it gets exactly one
+avatar frame, in order, with its own pts, and no window seam (nor a budget change) drops or repeats a frame; the
+guidance pair batched as B=2 equals the two branches run separately; offline WSWS renders every frame of a clip;
+close() frees the session state.
+"""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+try:
+    from tests.conftest import data_file
+except ImportError:  # pytest's rootdir-relative import of conftest
+    from conftest import data_file
+
+from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig
+from engine.controller import Budget, ControllerConfig
+from engine.renderer import FlashPortraitEngine, FlashPortraitRenderer
+
+SIZE = 64
+W, OVERLAP = 4, 2  # stride 2: a window emits 2 latent frames = 8 video frames
+CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # mediapipe and torch share 2 busy cores: oversubscribed intra-op threads make each call ~30x slower
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def driving() -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(data_file("driving", "lp_d0.mp4")))
+    frames = []
+    while len(frames) < 48:
+        ok, bgr = cap.read()
+        assert ok, "lp_d0.mp4 has fewer than 48 frames"
+        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
+    cap.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return np.ascontiguousarray(cv2.imread(str(data_file("reference", "lp_s0.jpg")))[:, :, ::-1])
+
+
+def make(reference, alpa=ALPAConfig(mode="alpa", interval=2, order=1), controller=None, offline=False, **kw):
+    return FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
+                                 sampler=SamplerConfig(fast=True), window=WindowConfig(W, OVERLAP), alpa=alpa,
+                                 random_weights=True, pace=False, offline=offline,
+                                 controller=controller or ControllerConfig(enabled=False), **kw)
+
+
+def check_stream(out, pushed_pts, released_latents):
+    """Frames in order with their own pts, one per driving frame of the released latents, no repeats."""
+    pts = [p for _, p in out]
+    assert len(out) == 4 * released_latents - 3  # latent 0 is 1 frame, every later latent 4
+    assert pts == pushed_pts[:len(out)]
+    frames = np.stack([f for f, _ in out]).astype(np.int16)
+    assert frames.shape[1:] == (SIZE, SIZE, 3)
+    step = np.abs(np.diff(frames, axis=0)).reshape(len(out) - 1, -1).max(axis=1)
+    assert (step > 0).all(), f"repeated frame after output index {np.flatnonzero(step == 0)}"
+
+
+def test_streams_windows_in_order_without_seam_loss(reference, driving):
+    r = make(reference).start()
+    try:
+        pushed, out = [], []
+        for j, frame in enumerate(driving[:37]):
+            pts = 100.0 + j / 25
+            r.push(frame, pts)
+            pushed.append(pts)
+            while (item := r.pull()) is not None:
+                out.append(item)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 30
+        while r.windows < 4 and time.monotonic() < deadline:  # 37 frames: latents 0..9 -> 4 windows of stride 2
+            time.sleep(0.05)
+        while (item := r.pull()) is not None:
+            out.append(item)
+        stats = r.stats()
+        assert stats["error"] is None
+        assert r.windows == 4 and stats["dropped_in"] == 0
+        check_stream(out, pushed, released_latents=4 * 2)
+        assert stats["alpa_full_passes"] == 4 * 2 and stats["alpa_predicted_passes"] == 4 * 2  # K=2 of 4 steps
+        assert stats["random_weights"] is True and stats["renderer"] == "flashportrait"
+        assert stats["backlog_frames"] == 37 - len(out)
+    finally:
+        r.close()
+    assert r.session_state_bytes() == 0
+
+
+def test_budget_change_keeps_every_frame_once(reference, driving):
+    """A new stride and step count start a new rolling window at the first unreleased latent frame."""
+    r = make(reference)
+    out, pushed = [], []
+    for j, frame in enumerate(driving):
+        if r.windows == 2 and r._budget.stride == 2:
+            r._apply_budget(Budget(interval=1, steps=2, stride=3))
+        out += r.process(frame, j * 0.04)
+        pushed.append(j * 0.04)
+    assert r.windows >= 4 and r._budget == Budget(1, 2, 3)
+    check_stream(out, pushed, released_latents=r._released)
+    assert r._released == 2 * 2 + 3 * (r.windows - 2)
+    r.close()
+
+
+def test_guidance_pair_batch_equals_two_passes(reference):
+    r = make(reference, alpa=ALPAConfig(mode="off"))
+    eng = r.engine
+    g = torch.Generator().manual_seed(3)
+    h, w = eng.latent_hw
+    x = torch.randn(1, 16, W, h, w, generator=g)
+    emo = torch.randn(1, W, 97, eng.preset.dit.emo_dim, generator=g)
+    cached = eng.cached_dit(r.sampler.schedule, ALPAConfig(mode="off"))
+    guided = eng.guided_flow(cached, x, 1, emo, key="k")
+    t = r.sampler.schedule.timesteps[1:2]
+    with torch.no_grad():
+        e = eng.dit(x, t, eng.context, eng.clip_fea, eng.y, emo, ip_scale=1.0)
+        n = eng.dit(x, t, eng.context, eng.clip_fea, eng.y, emo, ip_scale=0.0)
+    expect = n + eng.sampler_cfg.emo_cfg * (e - n)
+    torch.testing.assert_close(guided, expect, rtol=1e-4, atol=1e-4)
+    r.close()
+
+
+def test_offline_render_covers_every_frame(reference, driving):
+    r = make(reference, offline=True)
+    pts = [j / 25 for j in range(19)]  # 19 frames: 6 latents (padded to 21 frames), windows [0, 4) and [2, 6)
+    for frame, p in zip(driving, pts):
+        assert r.process(frame, p) == []
+    out = r.flush()
+    assert [p for _, p in out] == pts
+    assert r.last_window_passes == 2 * 2  # two windows x 4 steps at ALPA K=2: 2 full (B=2) passes each
+    assert len({f.tobytes() for f, _ in out}) == len(out)
+    r.close()
+
+
+def test_close_frees_session_state(reference, driving):
+    engine = make(reference).engine
+    before = engine.sessions
+    r = make(reference).start()
+    assert engine.sessions == before + 1 and r.engine is engine  # one shared engine per process
+    for j, frame in enumerate(driving[:13]):
+        r.push(frame, j / 25)
+    deadline = time.monotonic() + 20
+    while r.windows < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert r.session_state_bytes() > 0
+    r.close()
+    assert r.session_state_bytes() == 0 and engine.sessions == before
+    assert r._window_thread is None and r._thread is None
