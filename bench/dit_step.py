@@ -370,7 +370,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
                 # the kernels of the compiled step are the kernels the graph replays
                 prof = profile_kernels(step._step)
                 profiles.append({"preset": preset, "frames": frames, **prof})
-                print(f"      kernel ms by category: " +
+                print("      kernel ms by category: " +
                       ", ".join(f"{k} {v:.2f}" for k, v in prof["ms_per_step_by_category"].items()), flush=True)
             step.capture()
             check.update(check_graph_step(step, inputs, eager_out.get(frames, compiled_out), compiled_out))
@@ -404,7 +404,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
         free_memory(cuda)
         for frames in (args.fp8_frames or frames_list):
             guarded(frames, fp8=True)
-    del model
+    model = None  # noqa: F841 (the closures above hold it; free the weights before the next preset)
     free_memory(cuda)
 
 

@@ -37,12 +37,9 @@ def test_tiny_onnx_export_matches_torch_in_onnxruntime(tmp_path):
     assert json.loads((folder / "meta.json").read_text())["onnx_check"] == check
     # nothing half-written is left beside the finished folder
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
-    try:
-        import tensorrt  # noqa: F401
-        has_trt = True
-    except ImportError:
-        has_trt = False
-    if not has_trt:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None and importlib.util.find_spec("torch_tensorrt") is None:
         assert meta["built"]["tensorrt"] == be.TENSORRT_MISSING
         assert "pip install torch-tensorrt tensorrt" in be.TENSORRT_MISSING
 

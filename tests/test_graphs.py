@@ -179,8 +179,8 @@ def test_bench_dit_step_runs_and_writes_results(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     monkeypatch.setattr(dit_step, "RESULTS", tmp_path)
-    assert dit_step.main(["--presets", "tiny", "--size", "64", "--frames", "3", "--quick", "--warmup", "1", "--iters", "2",
-                          "--out", "smoke"]) == 0
+    argv = ["--presets", "tiny", "--size", "64", "--frames", "3", "--quick", "--warmup", "1", "--iters", "2"]
+    assert dit_step.main(argv + ["--out", "smoke"]) == 0
     data = json.loads((tmp_path / "smoke.json").read_text())
     row = data["results"][0]
     assert (row["preset"], row["frames"], row["tokens"], row["mode"]) == ("tiny", 3, 48, "eager")
