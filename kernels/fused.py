@@ -133,10 +133,18 @@ def _jit(fn, interpret: bool):
     return triton.jit(fn)
 
 
-def _kernel(fn):
-    from triton import knobs
+def _interpreting() -> bool:
+    try:
+        from triton import knobs  # Triton >= 3.4
+    except ImportError:
+        import os
 
-    return _jit(fn, bool(knobs.runtime.interpret))
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
+
+
+def _kernel(fn):
+    return _jit(fn, _interpreting())
 
 
 def _num_warps(block: int) -> int:
