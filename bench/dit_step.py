@@ -1,19 +1,23 @@
 """Speed of one DiT step (one forward) at fixed window shapes: eager vs compiled vs compiled + CUDA graphs (+ FP8).
 
-    python bench/dit_step.py                       # 1.3b and 14b, 512x512, 3/6/21 latent frames, all modes
+    python bench/dit_step.py --presets 1.3b        # 512x512, 3/6/21 latent frames, all modes (one preset per run
+    python bench/dit_step.py --presets 14b         #   keeps each run under ~10 min)
     python bench/dit_step.py --quick               # the same grid with fewer iterations and fewer 14b configs
     python bench/dit_step.py --presets 1.3b --frames 6 --modes eager,graphs
     python bench/dit_step.py --presets tiny --size 128 --frames 3   # CPU smoke test
 
 Self-checking on CUDA before timing anything:
-  1. fused Triton kernels vs the torch reference (bf16, several shapes),
-  2. every SDPA backend (and FA3 if installed) vs the math backend at the 1.3b self-attention shape,
-  3. per config: the graph replay equals the compiled step bit for bit and the eager step to bf16 tolerance, one
-     call allocates nothing (torch.cuda.memory_stats counters) and makes no host sync (sync debug mode "error"),
-     FP8 vs bf16 relative error of the whole step.
+  1. fused Triton kernels vs the torch reference (bf16, several shapes) and their speed against it,
+  2. every SDPA backend (and FA3 if installed) vs the math backend on the step's three attention shapes (self,
+     image cross, NFEB per frame); `--attention best` (default) runs the steps on the fastest one that matched,
+  3. per config: the graph replay equals the compiled step (bf16 tolerance; normally bit for bit) and the eager
+     step (whole-step relative error < 4%), one call allocates nothing (torch.cuda.memory_stats counters) and makes
+     no host sync (sync debug mode "error"); FP8 vs bf16 relative error of the whole step,
+  4. a CUDA-kernel profile of the compiled step (GEMM / attention / fused elementwise / other ms per step).
 Then times each mode with CUDA events (median of --iters calls after --warmup) and reports TFLOP/s against the
 8192^3 bf16 matmul peak measured in the same run. Weights are random, built directly on the device in bf16.
-Writes bench/results/dit_step.json and dit_step.png.
+Writes bench/results/<out>.json after every configuration (a run cut short keeps what it measured) and <out>.png.
+Exit status 1 when any check failed.
 
 Modes: eager (fused Triton kernels, no compile), compiled (regional torch.compile, no graph), graphs (compiled +
 whole-step CUDA graph), fp8 (graphs with e4m3 block linears), eager_graphs (no compile, whole-step graph).
@@ -450,7 +454,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="1.3b,14b")
     p.add_argument("--frames", default="3,6,21", help="latent frames per window, comma-separated")
-    p.add_argument("--modes", default="eager,compiled,graphs,fp8")
+    p.add_argument("--modes", default="eager,eager_graphs,compiled,graphs,fp8")
     p.add_argument("--size", type=int, default=512, help="video width = height in pixels")
     p.add_argument("--attention", default="best", choices=("best",) + attn.BACKENDS,
                    help="best: the fastest backend that matched the math backend in this run")
