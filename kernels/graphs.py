@@ -151,13 +151,16 @@ class CompiledStep:
 
     # --- session -------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_session(self, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor, frame_offset: int = 0):
+    def set_session(self, context: torch.Tensor | None, clip_fea: torch.Tensor | None, y: torch.Tensor,
+                    frame_offset: int = 0, kv: list | None = None):
         """Per-session constants: umT5 context (B, n, text_dim), CLIP tokens (B, clip_tokens, clip_dim), y (B, 20,
-        F, H, W). Computes every block's image/text K/V once and writes them into the graph's buffers."""
+        F, H, W). Computes every block's image/text K/V once (or takes `kv`, the model's `context_kv(...)` already
+        computed, with context / clip_fea None) and writes them into the graph's buffers; no recapture needed."""
         model = self.model
-        ctx_img, ctx_txt = model.embed_context(context, clip_fea)
-        for block, buffers in zip(model.blocks, self.kv):
-            for buf, value in zip(buffers, block.cross_attn.context_kv(ctx_img, ctx_txt)):
+        if kv is None:
+            kv = model.context_kv(*model.embed_context(context, clip_fea))
+        for buffers, values in zip(self.kv, kv):
+            for buf, value in zip(buffers, values):
                 buf.copy_(value)
         self.y.copy_(y)
         cos, sin = model.rope(self.grid, self.device, frame_offset=frame_offset)

@@ -89,6 +89,12 @@ def test_step_reuses_buffers_across_calls_and_sessions():
     out2 = step(call["x"], call["t"], call["emo"], 0.7)
     assert out2.data_ptr() == ptr
     torch.testing.assert_close(out2, reference(model, session2, call), atol=1e-5, rtol=1e-5)
+    # or from K/V the caller already computed for its eager path
+    with torch.no_grad():
+        kv = model.context_kv(*model.embed_context(session["context"], session["clip_fea"]))
+    step.set_session(None, None, session["y"], kv=kv)
+    torch.testing.assert_close(step(call["x"], call["t"], call["emo"], 0.7), reference(model, session, call),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_step_requires_a_session():
