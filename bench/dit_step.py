@@ -328,7 +328,8 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
 
     def record(frames, shape, mode, ms, extra=None):
         flops = sum(step_flops(cfg, shape).values())
-        row = {"preset": preset, "frames": frames, "tokens": shape.tokens(cfg.patch_size), "mode": mode,
+        row = {"preset": preset, "frames": frames, "batch": shape.batch, "tokens": shape.tokens(cfg.patch_size),
+               "mode": mode,
                "ms_per_step": ms, "tflops": flops / ms / 1e9, "fraction_of_peak": flops / ms / 1e9 / peak,
                **(extra or {})}
         results.append(row)
@@ -336,7 +337,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
               f"{100 * row['fraction_of_peak']:5.1f}% of peak", flush=True)
 
     def run_config(frames, fp8: bool):
-        shape = StepShape.from_video(args.size, args.size, frames)
+        shape = StepShape.from_video(args.size, args.size, frames, batch=args.batch)
         inputs = random_inputs(cfg, shape, device, dtype)
         session = (inputs["context"], inputs["clip_fea"], inputs["y"])
         call = (inputs["x"], inputs["t"], inputs["emo"], 1.0)
@@ -459,6 +460,7 @@ def main(argv=None):
     p.add_argument("--frames", default="3,6,21", help="latent frames per window, comma-separated")
     p.add_argument("--modes", default="eager,eager_graphs,compiled,graphs,fp8")
     p.add_argument("--size", type=int, default=512, help="video width = height in pixels")
+    p.add_argument("--batch", type=int, default=1, help="2 = the expression-guidance pair as one batch (renderer)")
     p.add_argument("--attention", default="best", choices=("best",) + attn.BACKENDS,
                    help="best: the fastest backend that matched the math backend in this run")
     p.add_argument("--no-profile", dest="profile", action="store_false",
@@ -503,7 +505,7 @@ def main(argv=None):
     for r in kernels:
         print(f"  kernel {r}")
     ref_cfg = get_preset(presets[0]).dit
-    att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0])
+    att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0], batch=args.batch)
     attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)
     for r in attention_rows:
         print(f"  attention {r}")
