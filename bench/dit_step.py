@@ -214,8 +214,8 @@ def check_attention(cfg: DiTConfig, shape: StepShape, device: torch.device, dtyp
                 row["ms"] = bench_ms(lambda: attn.attention(q, k, v), warmup, iters, cuda)
             row.update(ok=all(ok for ok, _ in diffs.values()), max_abs_diff={k: d for k, (_, d) in diffs.items()},
                        tflops=flops / row["ms"] / 1e9)
-        except RuntimeError as e:  # a backend that does not support this GPU / shape
-            row["error"] = str(e).splitlines()[0][:200]
+        except Exception as e:  # a backend that does not support this GPU / shape ("No available kernel")
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         rows.append(row)
     return rows
 
