@@ -89,6 +89,7 @@ class EngineOptions:
     expression_backend: str = "auto"  # PD-FGC landmarks: auto | onnx | mediapipe
     step_delay_s: float = 0.0  # test hook: sleep this long in every full DiT pass (an artificially slowed step)
     seed: int = 0
+    landmarks: object = None  # a factory () -> landmarks object (five_points, channel_order, reset); default PD-FGC's
 
 
 def fit_reference(image: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -315,6 +316,13 @@ class FlashPortraitEngine:
         self.ip_scale_step = self.ip_scale.view(self.step.ip_scale.shape).clone()
         self.step.set_session(self.context.expand(B, -1, -1), self.clip_fea.expand(B, -1, -1), self.y_batch)
 
+    @property
+    def live_steps(self) -> int:
+        """Sampler steps of the full budget: the distilled schedule's 4 (or fewer when `steps` says so), else
+        `steps` of the flow-matching schedule."""
+        s = self.sampler_cfg
+        return min(s.steps, len(DISTILLED_TIMESTEPS)) if s.fast else s.steps
+
     # --- per-session helpers ---------------------------------------------------------------------------------------
     def cached_dit(self, schedule, alpa: ALPAConfig) -> "_StepCachedDiT":
         return _StepCachedDiT(self.dit, schedule, alpa, step=self.step, ip_scale=self.ip_scale_step,
@@ -346,8 +354,16 @@ class FlashPortraitEngine:
     def make_extractor(self):
         from engine.pdfgc.extractor import ExpressionExtractor, make_landmarks
 
-        landmarks = make_landmarks(None if self.random_weights else self.weights_dir, self.options.expression_backend,
-                                   prefer_cuda=self.device.type == "cuda")
+        if self.options.landmarks is not None:
+            landmarks = self.options.landmarks()
+        else:
+            try:
+                landmarks = make_landmarks(None if self.random_weights else self.weights_dir,
+                                           self.options.expression_backend, prefer_cuda=self.device.type == "cuda")
+            except ImportError as err:
+                raise ValueError(f"Expression extraction needs face_det.onnx + face_landmark.onnx in the weights "
+                                 f"folder or the mediapipe fallback ({err.name} is missing): pip install "
+                                 f"mediapipe==0.10.21.") from None
         return ExpressionExtractor(self.fan, landmarks, channel_order="rgb")
 
     def stats(self) -> dict:
@@ -409,7 +425,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.extractor = eng.make_extractor()
         self.decoder = eng.make_decoder()
         self.reference = eng.reference
-        steps0 = len(DISTILLED_TIMESTEPS) if eng.sampler_cfg.fast else eng.sampler_cfg.steps
+        steps0 = eng.live_steps
         k_max = 1 if alpa.mode == "off" else max(1, alpa.interval)
         stride0 = eng.window_cfg.stride
         ctl = controller or ControllerConfig(latency_target_ms=latency_target_ms, max_interval=k_max,
@@ -654,7 +670,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
 
         feats = torch.from_numpy(np.stack(padded)).to(eng.device, eng.dtype)[None]
         emo = group_latent_tokens(eng.portrait(feats))[0]                                # (T, 97, C)
-        steps = len(DISTILLED_TIMESTEPS) if eng.sampler_cfg.fast else eng.sampler_cfg.steps
+        steps = eng.live_steps
         schedule = make_schedule_for(eng.sampler_cfg, steps)
         sampler = Sampler(schedule, generator=self._gen)
         cached = eng.cached_dit(schedule, self.alpa)
