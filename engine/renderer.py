@@ -308,13 +308,9 @@ class FlashPortraitEngine:
         h, w = self.latent_hw
         shape = StepShape(self.batch, self.window_cfg.context_size, h, w)
         self.step = CompiledStep(self.dit, shape, self.runtime)
-        B = self.batch
-        # The guidance pair as one batch: ip_scale is per sample (1 for the emotion branch, 0 for the no-emotion
-        # branch). A step whose ip_scale buffer is a scalar gets a (B, 1, 1) one (it broadcasts over (B, L, D)).
-        if self.step.ip_scale.numel() != B:
-            self.step.ip_scale = torch.zeros(B, 1, 1, device=self.device)
-        self.ip_scale_step = self.ip_scale.view(self.step.ip_scale.shape).clone()
-        self.step.set_session(self.context.expand(B, -1, -1), self.clip_fea.expand(B, -1, -1), self.y_batch)
+        # The guidance pair runs as one batch: ip_scale per sample, 1 (emotion branch) and 0 (no-emotion branch).
+        self.ip_scale_step = self.ip_scale
+        self.step.set_session(None, None, self.y_batch, kv=self.kv)
 
     @property
     def live_steps(self) -> int:
