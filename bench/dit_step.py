@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -151,12 +152,17 @@ def bf16_close(a: torch.Tensor, b: torch.Tensor) -> tuple[bool, float]:
 
 @torch.no_grad()
 def check_fused_kernels(device: torch.device, dtype: torch.dtype, cuda: bool) -> list[dict]:
-    """Triton kernels vs the torch reference, plus their eager speed at the 1.3b 6-frame shape."""
-    if not (cuda and fused.triton_available()):
-        return [{"kernel": "all", "skipped": "needs CUDA and triton (the CPU interpreter path is in tests)"}]
+    """Fused kernels (Triton norms, FFN GELU epilogue) vs the torch reference, and their eager speed at the 1.3b
+    6-frame shape."""
+    if not cuda:
+        return [{"kernel": "all", "skipped": "needs CUDA (the CPU interpreter path of the Triton kernels is in tests)"}]
     rows = []
     g = torch.Generator(device=device).manual_seed(1)
-    for B, L, H, hd in [(1, 6144, 12, 128), (2, 1024, 40, 128), (1, 777, 12, 128), (3, 100, 4, 16)]:
+    triton_shapes = [(1, 6144, 12, 128), (2, 1024, 40, 128), (1, 777, 12, 128), (3, 100, 4, 16)]
+    if not fused.triton_available():
+        rows.append({"kernel": "triton", "skipped": "triton is not installed: norms run on the torch path"})
+        triton_shapes = []
+    for B, L, H, hd in triton_shapes:
         D = H * hd
         x = (torch.randn(B, L, D, generator=g, device=device) * 3).to(dtype)
         w = (torch.rand(D, generator=g, device=device) + 0.5).to(dtype)
@@ -178,6 +184,15 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype, cuda: bool) ->
                 row["triton_ms"] = bench_ms(tri, 3, 20, cuda)
                 row["torch_ms"] = bench_ms(ref, 3, 20, cuda)
             rows.append(row)
+    # FFN: Linear + bias + GELU(tanh) as one GEMM with a GELU epilogue vs the plain Sequential (1.3b shape)
+    D, Fh = 1536, 8960
+    plain = nn.Sequential(nn.Linear(D, Fh), nn.GELU(approximate="tanh"), nn.Linear(Fh, D)).to(device, dtype)
+    fused_ffn = fused.GeluFFN(*plain)
+    x = torch.randn(1, 6144, D, generator=g, device=device).to(dtype)
+    ok, max_diff = bf16_close(fused_ffn(x), plain(x))
+    rows.append({"kernel": "ffn_gelu_epilogue", "shape": [1, 6144, D, Fh], "ok": ok, "max_abs_diff": max_diff,
+                 "fused_ms": bench_ms(lambda: fused_ffn(x), 3, 20, cuda),
+                 "torch_ms": bench_ms(lambda: plain(x), 3, 20, cuda)})
     return rows
 
 
@@ -343,7 +358,8 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
         call = (inputs["x"], inputs["t"], inputs["emo"], 1.0)
         check = {"preset": preset, "frames": frames, "fp8": fp8}
         if not fp8 and ("eager" in modes or "graphs" in modes or "eager_graphs" in modes):
-            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=False, attention=args.attention)
+            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=False, attention=args.attention,
+                               fused_kernels=args.fused)
             eager = CompiledStep(model, shape, rt)
             eager.set_session(*session)
             eager_out[frames] = eager(*call).clone()
@@ -351,7 +367,8 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
                 record(frames, shape, "eager", bench_ms(lambda: eager(*call), args.warmup, args.iters, cuda))
             del eager
         if not fp8 and "eager_graphs" in modes and cuda:
-            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=True, attention=args.attention)
+            rt = RuntimeConfig(device=str(device), compile=False, cuda_graphs=True, attention=args.attention,
+                               fused_kernels=args.fused)
             step = CompiledStep(model, shape, rt)
             step.set_session(*session)
             step.capture()
@@ -359,7 +376,8 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
             del step
         wanted = ({"fp8"} if fp8 else {"compiled", "graphs"}) & set(modes)
         if wanted and cuda:
-            rt = RuntimeConfig(device=str(device), compile=True, cuda_graphs=True, attention=args.attention)
+            rt = RuntimeConfig(device=str(device), compile=True, cuda_graphs=True, attention=args.attention,
+                               fused_kernels=args.fused)
             step = CompiledStep(model, shape, rt, compile_mode=args.compile_mode)
             step.set_session(*session)
             step.write_inputs(*call)
@@ -463,6 +481,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="2 = the expression-guidance pair as one batch (renderer)")
     p.add_argument("--attention", default="best", choices=("best",) + attn.BACKENDS,
                    help="best: the fastest backend that matched the math backend in this run")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="run the steps with the torch reference ops (no Triton kernels, no FFN GELU epilogue)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the per-kernel profile of the compiled step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
@@ -504,6 +524,9 @@ def main(argv=None):
         fused.set_fused_kernels(False)
     for r in kernels:
         print(f"  kernel {r}")
+    if any(r.get("ok") is False for r in kernels):
+        args.fused = False  # time the steps on the reference path rather than on a kernel that disagreed
+        print("a fused kernel disagreed with its reference: steps run with fused kernels off")
     ref_cfg = get_preset(presets[0]).dit
     att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0], batch=args.batch)
     attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)

@@ -1,9 +1,12 @@
-"""Norm, RoPE and modulation ops of the DiT block: torch reference + fused Triton kernels.
+"""Norm, RoPE, modulation and FFN ops of the DiT block: torch reference + fused kernels.
 
 The `*_ref` torch functions are the reference and the CPU path. The public functions (`rms_norm`, `rms_norm_rope`,
 `layer_norm_modulate`) run one fused Triton kernel per call on CUDA tensors when Triton imports, and the reference
 otherwise. Inside `torch.compile` they take the reference path on purpose: Inductor generates the same one-pass
 kernel from it and can also fuse it with the neighbouring bias add / residual, which an opaque custom kernel blocks.
+
+`GeluFFN` / `fuse_ffn_gelu(model)`: the FFN's first Linear, its bias and the tanh GELU as one cuBLASLt GEMM with a
+GELU epilogue on CUDA (in eager and compiled code alike: Inductor calls that op as is).
 
 Shapes: x (B, L, D); q/k heads (B, L, H, hd); RoPE tables cos/sin (L, hd/2) in fp32; shift/scale broadcast as
 (B, 1|L, D). The Triton kernels round where the reference rounds (to x's dtype after the normalisation, after the
@@ -16,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     import triton
@@ -220,3 +224,35 @@ def layer_norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     if _use_triton(x) and x.dim() == 3:
         return layer_norm_modulate_triton(x, shift, scale, eps)
     return layer_norm_modulate_ref(x, shift, scale, eps)
+
+
+# --- FFN: Linear + bias + GELU(tanh) in one GEMM epilogue -------------------------------------------------------
+class GeluFFN(nn.Sequential):
+    """Wan's FFN, Linear(D, ffn) -> GELU(tanh) -> Linear(ffn, D), same children and state-dict keys (ffn.0, ffn.2).
+
+    On CUDA (with fused kernels on) the first Linear, its bias and the GELU run as one cuBLASLt GEMM with a GELU
+    epilogue (`torch._addmm_activation`, whose CUDA GELU is the tanh form Wan uses): the (tokens, ffn) hidden
+    activation, the largest of the block, is written once instead of written, read and written again.
+    Elsewhere (CPU, where that op's GELU is the erf form; FP8 linears) it runs as the plain Sequential.
+    (B, L, D) -> (B, L, D).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, _, down = self
+        if _enabled and x.is_cuda and type(up) is nn.Linear and up.bias is not None:
+            hidden = torch._addmm_activation(up.bias, x.reshape(-1, x.shape[-1]), up.weight.t(), use_gelu=True)
+            return down(hidden.view(*x.shape[:-1], -1))
+        return super().forward(x)
+
+
+def fuse_ffn_gelu(model: nn.Module) -> int:
+    """Swap every block's `ffn` Sequential(Linear, GELU(tanh), Linear) for a GeluFFN in place (same weights, same
+    keys); returns how many were swapped (0 when already done)."""
+    swapped = 0
+    for block in getattr(model, "blocks", []):
+        ffn = block.ffn
+        if (type(ffn) is nn.Sequential and len(ffn) == 3 and isinstance(ffn[0], nn.Linear)
+                and isinstance(ffn[1], nn.GELU) and ffn[1].approximate == "tanh"):
+            block.ffn = GeluFFN(*ffn)
+            swapped += 1
+    return swapped

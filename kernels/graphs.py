@@ -81,7 +81,8 @@ def step_forward(model: nn.Module, x, y, t, cos, sin, kvs, emo, ip_scale, block_
 class CompiledStep:
     """One DiT forward at a fixed shape, compiled and graph-captured on CUDA, eager elsewhere.
 
-    model: WanModel (its weights are used in place; with runtime.fp8 its block linears are swapped for FP8 ones).
+    model: WanModel, used in place: with runtime.fused_kernels each block's FFN becomes a GeluFFN (same weights and
+    keys, one GEMM + GELU epilogue on CUDA) and with runtime.fp8 the block linears become FP8 ones.
     shape: StepShape. runtime: RuntimeConfig (compile, cuda_graphs, attention, fp8, fused_kernels).
     compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
     torch.compile with that backend on any device. pool: a CUDA graph memory pool to share with other steps
@@ -104,6 +105,8 @@ class CompiledStep:
 
         attention_backend.configure(runtime)
         fused.set_fused_kernels(runtime.fused_kernels)
+        if runtime.fused_kernels:
+            fused.fuse_ffn_gelu(model)  # same weights and keys; differs from the Sequential only on CUDA
         if runtime.fp8:
             from kernels.fp8 import quantize_linears
 

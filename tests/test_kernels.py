@@ -198,3 +198,20 @@ def test_quantize_linears_swaps_block_linears_only():
     assert not any(isinstance(m, nn.Linear) for m in model.blocks.modules())
     assert isinstance(model.head.head, nn.Linear) and isinstance(model.text_embedding[0], nn.Linear)
     assert fp8.quantize_linears(model) == []  # idempotent
+
+
+def test_fuse_ffn_gelu_keeps_weights_keys_and_cpu_numbers():
+    from engine.config import get_preset
+    from engine.dit import WanModel
+
+    torch.manual_seed(0)
+    model = WanModel(get_preset("tiny").dit).eval()
+    keys = list(model.state_dict())
+    x = torch.randn(2, 5, model.cfg.dim)
+    with torch.no_grad():
+        before = model.blocks[0].ffn(x)
+    assert fused.fuse_ffn_gelu(model) == len(model.blocks)
+    assert all(isinstance(b.ffn, fused.GeluFFN) for b in model.blocks)
+    assert list(model.state_dict()) == keys and fused.fuse_ffn_gelu(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model.blocks[0].ffn(x), before)  # CPU: the plain Sequential path
