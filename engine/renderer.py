@@ -402,6 +402,10 @@ class FlashPortraitRenderer(ThreadedRenderer):
             # WindowConfig's defaults are the paper's offline windows (51 latent frames, overlap 30): seconds of
             # look-ahead. Unless told otherwise, the live engine rolls real-time windows.
             window = LIVE_WINDOW
+        if not offline and (sampler is None or sampler == SamplerConfig()):
+            # 30 flow-matching steps x 2 guidance passes cannot be real time on any GPU: live defaults to the
+            # 4-step distilled schedule (FlashPortrait's fast path; its LoRA is merged when present).
+            sampler = replace(sampler or SamplerConfig(), fast=True)
         W = window.context_size
         # A window blocks the thread for a while: the bounded input queue must hold the frames that arrive meanwhile.
         super().__init__(input_queue=max(input_queue or 0, 8 * W + 16), output_queue=max(64, 16 * W))

@@ -159,3 +159,84 @@ def test_close_frees_session_state(reference, driving):
     r.close()
     assert r.session_state_bytes() == 0 and engine.sessions == before
     assert r._window_thread is None and r._thread is None
+
+
+class RecordingRenderer(FlashPortraitRenderer):
+    """Records the pts of every driving frame it renders and of every avatar frame the track pulls."""
+
+    instances: list = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.processed_pts, self.pulled_pts = [], []
+        RecordingRenderer.instances.append(self)
+
+    def process(self, frame, pts):
+        self.processed_pts.append(pts[0])
+        return super().process(frame, pts)
+
+    def pull(self):
+        item = super().pull()
+        if item is not None:
+            self.pulled_pts.append(item[1])
+        return item
+
+
+def test_webrtc_loopback_streams_flashportrait(reference):
+    """Issue 7 item 1: an aiortc client streams lp_d0.mp4 and receives FlashPortrait avatar frames; each rendered
+    frame is sent once and in order at the output pace; disconnecting frees the session state."""
+    import asyncio
+
+    from aiortc import RTCPeerConnection
+    from aiortc.contrib.media import MediaPlayer
+    from live_util import get_stats, post_offer, running_server, wait_for
+
+    from engine.config import StreamConfig
+
+    RecordingRenderer.instances.clear()
+
+    def make():
+        return RecordingRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
+                                 sampler=SamplerConfig(fast=True), window=WindowConfig(W, OVERLAP),
+                                 alpa=ALPAConfig(mode="alpa", interval=2, order=1), random_weights=True, fps=25)
+
+    async def count_is(url, n):
+        return (await get_stats(url))["session_count"] == n
+
+    async def scenario():
+        async with running_server(StreamConfig(port=0, width=SIZE, height=SIZE, fps=25), make, reference,
+                                  renderer_name="flashportrait") as (server, url):
+            player = MediaPlayer(str(data_file("driving", "lp_d0.mp4")), loop=True)
+            pc = RTCPeerConnection()
+            pc.addTrack(player.video)
+            tracks = []
+            pc.on("track", tracks.append)
+            await post_offer(url, pc)
+            assert await wait_for(lambda: asyncio.sleep(0, tracks), 10), "no avatar track in the answer"
+            received, deadline = [], time.monotonic() + 40
+            while len(received) < 150 and time.monotonic() < deadline:
+                frame = await asyncio.wait_for(tracks[0].recv(), 10)
+                received.append((time.monotonic(), frame.to_ndarray(format="rgb24")))
+            stats = await get_stats(url)
+            await pc.close()
+            player.video.stop()
+            closed = await wait_for(lambda: count_is(url, 0), 15)
+            return received, stats, closed
+
+    received, stats, closed = asyncio.run(scenario())
+    (r,) = RecordingRenderer.instances
+    (session,) = stats["sessions"]
+    rs = session["renderer_stats"]
+    assert session["renderer"] == "flashportrait" and rs["random_weights"] is True and rs["error"] is None
+    assert all(f.shape == (SIZE, SIZE, 3) for _, f in received)
+    # every avatar frame the track took is a rendered driving frame, once, in order
+    assert len(r.pulled_pts) >= 40, rs
+    assert r.pulled_pts == r.processed_pts[:len(r.pulled_pts)]
+    assert session["fresh"] + session["skipped"] <= len(r.pulled_pts)
+    # pacing: the client receives frames at the output rate (stalls repeat the last frame, counted)
+    times = np.array([t for t, _ in received])
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 18 < rate < 32, rate
+    assert session["repeats"] + session["fresh"] == session["frames_out"]
+    assert closed, "the session was not freed after the client closed its peer connection"
+    assert r.closed and r.session_state_bytes() == 0 and r._window_thread is None
