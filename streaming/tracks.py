@@ -132,6 +132,7 @@ class AvatarTrack(PacedTrack):
         self.skipped = 0  # rendered frames dropped because the playout buffer was full
         self.latency_ms = 0.0  # moving average, capture -> send on this server
         self.last_fresh_time: float | None = None
+        self.on_air: tuple[float, float] | None = None  # (capture pts, send time) of the newest fresh frame
 
     def _drain(self) -> None:
         while True:
@@ -152,6 +153,7 @@ class AvatarTrack(PacedTrack):
         self.last_image = fit_image(image, self.width, self.height)
         self.fresh += 1
         self.last_fresh_time = now
+        self.on_air = (pts, now)  # a new tuple per frame: streaming.audio.OnAirLatency delays the audio by this
         ms = (now - pts) * 1e3
         self.latency_ms = ms if self.fresh == 1 else 0.9 * self.latency_ms + 0.1 * ms
         return self.last_image
