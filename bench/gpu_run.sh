@@ -37,7 +37,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
 "' ;;
     tests) stage tests 420 python3 -m pytest -q -x tests/test_graphs.py tests/test_kernels.py tests/test_dit.py tests/test_nfeb.py ;;
     decode) stage decode 300 python3 bench/decode.py ;;
-    expression) stage expression 240 python3 bench/expression.py --device cuda ;;
+    expression) stage expression 240 python3 bench/expression.py --device cuda --video "$VIDEO" ;;
     dit_step) stage dit_step 560 python3 bench/dit_step.py --quick ;;
     dit_step_full) stage dit_step_full 580 python3 bench/dit_step.py --presets 1.3b,14b --frames 3,6,21 --no-profile ;;
     alpa) stage alpa 500 python3 bench/alpa_quality.py ;;
