@@ -9,6 +9,10 @@ WebRTCCapture, answered with its AvatarTrack. A receive-only offer is a *viewer*
 it mirrors the programme, which is the `--driving` pipeline when there is one, else the newest camera session,
 else the reference portrait. The virtual camera and the recording follow the programme too.
 
+A camera offer that also sends a microphone gets its voice back delayed by the avatar's latency, and a viewer
+offer with an audio section gets the `--driving` file's audio the same way (streaming/audio.py). /stats carries
+the GPU telemetry (streaming/telemetry.py: utilisation, memory, power, or "no GPU").
+
 A session is freed when its peer closes or fails, when its camera track ends, or when its camera sends nothing for
 `idle_timeout_s`; the server keeps serving the others. User errors (a body that is not an offer, malformed SDP,
 too many sessions) answer HTTP 400/503 with one sentence in `{"error": ...}`.
@@ -31,8 +35,11 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from engine.config import StreamConfig
-from streaming.capture import AVCapture, WebRTCCapture
+from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, OnAirLatency, PacketArrivals,
+                             VideoHold)
+from streaming.capture import AVCapture, WebRTCCapture, is_device
 from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
+from streaming.telemetry import GpuTelemetry
 from streaming.tracks import AvatarTrack, MirrorTrack, PacedTrack, fit_image
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -59,6 +66,8 @@ class Session:
     track: PacedTrack
     renderer: object | None = None
     capture: WebRTCCapture | None = None
+    audio_in: AudioInput | None = None  # the peer's microphone, into the session's audio ring
+    audio_out: DelayedAudioTrack | None = None  # audio sent back, delayed by the avatar's latency
     created: float = field(default_factory=time.monotonic)
     connected_at: float | None = None
 
@@ -68,11 +77,16 @@ class Session:
         out.update(self.track.stats())
         if self.capture is not None:
             out.update(self.capture.stats())
+        if self.audio_in is not None:
+            out.update(self.audio_in.stats())
+        if self.audio_out is not None:
+            out.update(self.audio_out.stats())
         if self.renderer is not None:
             rs = self.renderer.stats()
             out["renderer"] = rs.get("renderer")
             out["face_found"] = rs.get("face_found")
             out["input_queue"] = rs.get("input_queue")
+            out["controller"] = rs.get("controller")  # flashportrait: the budget it chose and why
             out["renderer_stats"] = rs
         return out
 
@@ -86,7 +100,8 @@ class AvatarServer:
 
     def __init__(self, config: StreamConfig, make_renderer: Callable[[], object], reference: np.ndarray,
                  renderer_name: str, device: str = "cpu", max_sessions: int = 8, idle_timeout_s: float = 10.0,
-                 vcam_backend: str | None = None, vcam_device: str | None = None):
+                 vcam_backend: str | None = None, vcam_device: str | None = None, info: dict | None = None,
+                 telemetry: GpuTelemetry | None = None):
         self.config = config
         self.make_renderer = make_renderer
         self.renderer_name = renderer_name
@@ -105,6 +120,10 @@ class AvatarServer:
         self._program_capture: AVCapture | None = None
         self._tasks: list[asyncio.Task] = []
         self._closing: set[str] = set()
+        self.info = dict(info or {})  # shown at the top of /stats, e.g. random_weights, warm_up_s
+        self.telemetry = telemetry or GpuTelemetry()
+        self._program_audio: AudioRing | None = None  # the --driving file's audio, on the programme's clock
+        self._program_file_audio: FileAudio | None = None
 
     # --- programme: what /viewer, the virtual camera and the recording show ------------------------------------
     def program_image(self) -> np.ndarray:
@@ -126,6 +145,7 @@ class AvatarServer:
     async def startup(self, app: web.Application | None = None) -> None:
         """Start the --driving pipeline and the sinks (opened here so their errors stop the server at once)."""
         c = self.config
+        self.telemetry.start()
         if c.vcam:
             backend, device = self._vcam
             self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
@@ -138,7 +158,12 @@ class AvatarServer:
                 raise
         if c.driving:
             self._program_renderer = self._new_renderer()
-            self._program_capture = AVCapture(c.driving, self._program_renderer.push)
+            push = self._program_renderer.push
+            if not is_device(c.driving):  # a file's own audio goes to the viewers, in step with its video
+                self._program_audio = AudioRing()
+                self._program_file_audio = FileAudio(c.driving, self._program_audio)
+                push = self._program_file_audio.wrap(push)
+            self._program_capture = AVCapture(c.driving, push)
             self._program = self._avatar_track(self._program_renderer)
             self._program_capture.start()
         if self._program is not None:  # the driving pipeline renders even with nobody watching: /viewer mirrors it
@@ -160,6 +185,7 @@ class AvatarServer:
             await asyncio.to_thread(self._program_renderer.close)
         for sink in self.sinks:
             await asyncio.to_thread(sink.close)
+        await asyncio.to_thread(self.telemetry.close)
 
     # --- sessions ------------------------------------------------------------------------------------------------
     async def close_session(self, sid: str) -> None:
@@ -170,6 +196,10 @@ class AvatarServer:
         try:
             if session.capture is not None:
                 session.capture.stop()
+            if session.audio_in is not None:
+                session.audio_in.stop()
+            if session.audio_out is not None:
+                session.audio_out.stop()
             session.track.stop()
             await session.pc.close()
             if session.renderer is not None:  # joins the render thread: off the event loop
@@ -212,8 +242,8 @@ class AvatarServer:
                                     "flashlive serve with a larger --max-sessions.")
 
         pc = RTCPeerConnection()
-        incoming = []
-        pc.on("track", lambda track: incoming.append(track) if track.kind == "video" else None)
+        incoming, microphones = [], []
+        pc.on("track", lambda track: (incoming if track.kind == "video" else microphones).append(track))
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as err:  # aiortc raises ValueError/KeyError/IndexError/OperationError on bad SDP
@@ -231,12 +261,26 @@ class AvatarServer:
                 return self._error(503, f"The renderer could not start a session ({reason}): close other "
                                         "sessions or lower --max-sessions.")
             session = Session(sid, "camera", pc, self._avatar_track(renderer), renderer=renderer)
-            session.capture = WebRTCCapture(incoming[0], renderer.push,
+            camera = incoming[0]
+            if microphones:  # the voice goes back delayed by the avatar's latency (streaming/audio.py)
+                receivers = {id(t.receiver.track): t.receiver for t in pc.getTransceivers()}
+                hold = VideoHold(PacketArrivals(receivers[id(camera)]) if id(camera) in receivers else None)
+                camera = hold.wrap(camera)
+                ring = AudioRing()
+                mic = microphones[0]
+                session.audio_in = AudioInput(mic, ring, PacketArrivals(receivers[id(mic)])
+                                              if id(mic) in receivers else None, hold)
+                session.audio_out = DelayedAudioTrack(ring, OnAirLatency(session.track))
+            session.capture = WebRTCCapture(camera, renderer.push,
                                             on_end=lambda: asyncio.ensure_future(self.close_session(sid)))
         else:
             c = self.config
             session = Session(sid, "viewer", pc, MirrorTrack(self.program_image, c.fps, c.width, c.height))
+            if self._program_audio is not None and "\nm=audio " in sdp.replace("\r\n", "\n"):
+                session.audio_out = DelayedAudioTrack(self._program_audio, OnAirLatency(self._program))
         pc.addTrack(session.track)
+        if session.audio_out is not None:
+            pc.addTrack(session.audio_out)
         self.sessions[sid] = session
         self.sessions_opened += 1
 
@@ -250,6 +294,8 @@ class AvatarServer:
 
         if session.capture is not None:
             session.capture.start()
+        if session.audio_in is not None:
+            session.audio_in.start()
         try:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as err:  # e.g. no codec in common with the browser
@@ -261,15 +307,16 @@ class AvatarServer:
 
     # --- pages and stats -----------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        return {"renderer": self.renderer_name, "device": self.device, "fps": self.config.fps,
+        return {"renderer": self.renderer_name, "device": self.device, **self.info, "fps": self.config.fps,
                 "width": self.config.width, "height": self.config.height,
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "session_count": len(self.sessions), "sessions_opened": self.sessions_opened,
                 "sessions_closed": self.sessions_closed,
                 "sessions": [s.stats() for s in self.sessions.values()],
                 "program": None if self._program is None else {
-                    **self._program.stats(), **self._program_renderer.stats(), **self._program_capture.stats()},
-                "sinks": [s.stats() for s in self.sinks]}
+                    **self._program.stats(), **self._program_renderer.stats(), **self._program_capture.stats(),
+                    **({} if self._program_file_audio is None else self._program_file_audio.stats())},
+                "sinks": [s.stats() for s in self.sinks], "gpu": self.telemetry.stats()}
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats(), headers={"Cache-Control": "no-store"})
