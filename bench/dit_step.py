@@ -505,9 +505,11 @@ def run(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="fits ~8 min on one H100: 8 timed calls, 6 frames first, 14b only at 6 frames, fp8 only for "
                         "14b at 6 frames")
-    p.add_argument("--out", default="dit_step", help="result name under bench/results/")
+    p.add_argument("--out", default=None,
+                   help="result name under bench/results/ (default dit_step, or dit_step_quick with --quick)")
     args = p.parse_args(argv)
 
+    args.out = args.out or ("dit_step_quick" if args.quick else "dit_step")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
