@@ -168,7 +168,10 @@ def test_cuda_graph_step_matches_eager_and_allocates_nothing():
     step = CompiledStep(model, shape, RuntimeConfig(compile=True, cuda_graphs=True))
     step.set_session(**session)
     out = step(call["x"], call["t"], call["emo"], 0.7).clone()
-    torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)
+    from kernels.fp8 import relative_error
+
+    assert relative_error(out, ref) < 0.02  # Inductor's fusion vs eager Triton kernels: bf16 rounding only
+    assert step.graph is not None
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()["allocation.all.allocated"]
     step(call["x"], call["t"], call["emo"], 0.7)
