@@ -475,7 +475,7 @@ def plot(results: list[dict], peak: float, path: Path):
 def main(argv=None) -> int:
     # The run sets the process-wide attention backend and fused-kernel switch; give them back afterwards
     # (the smoke test calls main() inside a pytest process).
-    backend, fused_on = attn.get_backend(), fused._enabled
+    backend, fused_on = attn.get_backend(), fused.fused_kernels_enabled()
     try:
         return run(argv)
     finally:

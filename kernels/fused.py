@@ -10,7 +10,7 @@ GELU epilogue on CUDA (in eager and compiled code alike: Inductor calls that op 
 
 Shapes: x (B, L, D); q/k heads (B, L, H, hd); RoPE tables cos/sin (L, hd/2) in fp32; shift/scale broadcast as
 (B, 1|L, D). The Triton kernels round where the reference rounds (to x's dtype after the normalisation, after the
-weight, at the end), so bf16 outputs agree to one bf16 ulp.
+weight, at the end), so bf16 outputs agree to a bf16 step or two (a step more where RoPE mixes two rounded values).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ _enabled = True
 
 
 def set_fused_kernels(enabled: bool) -> None:
-    """Turn the Triton dispatch on or off for the whole process (RuntimeConfig.fused_kernels)."""
+    """Turn the fused kernels (Triton norms, FFN GELU epilogue) on or off for the whole process
+    (RuntimeConfig.fused_kernels)."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -46,6 +47,10 @@ def fused_kernels(enabled: bool):
         yield
     finally:
         _enabled = old
+
+
+def fused_kernels_enabled() -> bool:
+    return _enabled
 
 
 def triton_available() -> bool:
