@@ -332,12 +332,15 @@ def main(argv=None) -> int:
     p.add_argument("--alpa", default="alpa", choices=("alpa", "taylorseer", "teacache"),
                    help="ALPA mode where a configuration has K > 1")
     p.add_argument("--emo-cfg", type=float, default=4.0, help="expression guidance (> 1: 2 branches, batched)")
-    p.add_argument("--lookahead", type=int, default=None, help="latent frames of look-ahead (default W - S)")
+    p.add_argument("--lookahead", type=int, default=1,
+                   help="latent frames of token look-ahead beyond the emitted ones (renderer default 1; -1: W - S)")
     p.add_argument("--latency-target-ms", type=float, default=None, help="for the adaptive configuration")
     p.add_argument("--decoder", default="tiny", choices=("tiny", "wan"))
     p.add_argument("--no-compile", action="store_true", help="eager step (no torch.compile / CUDA graphs)")
     p.add_argument("--out", default=None, help="result name (default realtime_<preset>_<device>)")
     args = p.parse_args(argv)
+    if args.lookahead is not None and args.lookahead < 0:
+        args.lookahead = None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --preset tiny for a smoke test).")
     if args.device == "cpu":

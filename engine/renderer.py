@@ -30,10 +30,12 @@ of its driving frame, every driving frame that reached process() gets exactly on
 window seam drops or repeats one (the rolling window releases each latent frame once, see engine/wsws.py). Frames
 after the last complete window wait for the next window (a live stream never ends; `flush()` renders the tail).
 
-Lookahead. A window [a, a + W) emits [a, a + S). By default (lookahead = W - S, exact rolling WSWS) it waits for
-the tokens of all W frames: the first emitted frame waits for 4W - 1 later driving frames. `lookahead=L < W - S`
-lets it start once a + S + L frames have tokens; frames beyond hold the newest tokens (they are re-rendered, and
-blended, by the next window). Lower latency, slightly less exact expression on the blended overlap.
+Lookahead. A window [a, a + W) emits [a, a + S) and needs the tokens of [a, a + S + L) (L = `lookahead`, in latent
+frames; frames beyond hold the newest tokens). L = W - S (`lookahead=None`) waits for all W frames: the first
+emitted frame waits 4W - 1 driving frames. The live default L = 1 waits 4(S + 1) - 1: the next window takes the
+first overlap frame entirely from this one (blend weight 0) and it has its own tokens here, so with an overlap of at
+most 2 every emitted frame is rendered with its own expression tokens; only the attention context of a window
+sees held tokens. L = 0 lags the expression by one latent frame. Offline WSWS always sees every token.
 
 Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
 frame j at (push time of driving frame j) + playout delay, the delay tracking the measured worst latency of a
@@ -396,7 +398,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
                  window: WindowConfig | None = None, alpa: ALPAConfig | None = None, random_weights: bool = False,
                  latency_target_ms: float | None = None, fps: float = 25.0, offline: bool = False,
                  engine: FlashPortraitEngine | None = None, options: EngineOptions | None = None,
-                 controller: ControllerConfig | None = None, lookahead: int | None = None, pace: bool = True):
+                 controller: ControllerConfig | None = None, lookahead: int | None = 1, pace: bool = True):
         window = window or WindowConfig()
         if not offline and window == WindowConfig():
             # WindowConfig's defaults are the paper's offline windows (51 latent frames, overlap 30): seconds of
@@ -432,6 +434,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
                                              lookahead=lookahead)
         if controller is None and offline:
             ctl.enabled = False
+        if ctl.lookahead is None and lookahead is not None:
+            ctl = replace(ctl, lookahead=lookahead)  # the controller predicts latency with the same lookahead
         self.lookahead = lookahead
         initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
         self.controller = BudgetController(initial, self.W, self.fps, ctl)

@@ -84,7 +84,8 @@ def test_streams_windows_in_order_without_seam_loss(reference, driving):
                 out.append(item)
             time.sleep(0.02)
         deadline = time.monotonic() + 30
-        while r.windows < 4 and time.monotonic() < deadline:  # 37 frames: latents 0..9 -> 4 windows of stride 2
+        # 37 frames: latents 0..9 -> 4 windows of stride 2 (the last needs latents up to 8 with lookahead 1)
+        while (r.windows < 4 or r._frame_index < 37) and time.monotonic() < deadline:
             time.sleep(0.05)
         while (item := r.pull()) is not None:
             out.append(item)
