@@ -10,6 +10,8 @@ captures into a CUDA graph. `torch._scaled_mm` needs sm89+ on CUDA (H100: 2x the
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -33,7 +35,18 @@ def quantize(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor
 def _scaled_mm_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return device.type == "cpu" and _cpu_scaled_mm()
+
+
+@functools.cache
+def _cpu_scaled_mm() -> bool:
+    """Whether this torch build has a CPU scaled matmul (recent builds do; older ones raise)."""
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(()), scale_b=torch.ones(()), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class Fp8Linear(nn.Module):
