@@ -273,6 +273,7 @@ def run_config(name: str, spec, args, frames, reference) -> dict:
         "latency_ms": [round(x, 1) for x in steady],
     }
     del r, engine
+    torch._dynamo.reset()  # the next configuration compiles its own shapes (and frees this one's compiled code)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

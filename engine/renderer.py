@@ -459,7 +459,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.delay_s = 0.0                           # playout delay of pull()
         self.frames_pulled = 0
         self.t = {"expression_ms": 0.0, "window_ms": 0.0, "dit_ms": 0.0, "decode_ms": 0.0}
-        self.last_window_passes = 0
+        self.last_window_passes = self.last_window_predicted = 0
+        self.full_passes = self.predicted_passes = 0  # guided DiT calls (one batch of 2 branches) run / predicted
         self.closed = False
         self._window_thread: threading.Thread | None = None
         self._window_cv = threading.Condition()
@@ -526,6 +527,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         t2 = time.perf_counter()
         self.last_window_passes = self.cached.full_passes - full0
         self.last_window_predicted = self.cached.predicted_passes - pred0
+        self.full_passes += self.last_window_passes  # totals over budget changes (each has its own CachedDiT)
+        self.predicted_passes += self.last_window_predicted
         self._released += latents.shape[2]
         self.windows += 1
         # forget tokens no later window reads
@@ -692,8 +695,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         frames = _frames_uint8(video)[:n]
         self._ema("dit_ms", 1e3 * (t1 - t0))
         self._ema("decode_ms", 1e3 * (time.perf_counter() - t1))
-        self.last_window_passes = cached.full_passes
-        self.last_window_predicted = cached.predicted_passes
+        self.last_window_passes = self.full_passes = cached.full_passes
+        self.last_window_predicted = self.predicted_passes = cached.predicted_passes
         out = list(zip(frames, self._all_pts))
         self._all_feats, self._all_pts = [], []
         return out
@@ -738,9 +741,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "window_ms": round(self.t["window_ms"], 2), "dit_ms": round(self.t["dit_ms"], 2),
             "decode_ms": round(self.t["decode_ms"], 2), "expression_ms": round(self.t["expression_ms"], 2),
             "steps": b.steps, "stride": b.stride, "window": self.W, "alpa_interval": b.interval,
-            "passes": self.last_window_passes, "alpa_full_passes": 0 if self.cached is None else
-            self.cached.full_passes, "alpa_predicted_passes": 0 if self.cached is None else
-            self.cached.predicted_passes, "windows": self.windows,
+            "passes": self.last_window_passes, "predicted": self.last_window_predicted,
+            "alpa_full_passes": self.full_passes, "alpa_predicted_passes": self.predicted_passes,
+            "windows": self.windows,
             "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
             "backlog_frames": self.backlog_frames(), "playout_delay_ms": round(1e3 * self.delay_s, 1),
             "face_found": self.face_found, "faces_missed": self.faces_missed,
