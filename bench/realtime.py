@@ -325,7 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--fps", type=float, default=25.0, help="input (driving) frame rate, pushed in real time")
     p.add_argument("--seconds", type=float, default=15.0, help="driving seconds per configuration")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=["w4s2", "w3s1-alpa2", "adaptive"], choices=list(CONFIGS),
+                   help="configurations to run (each compiles its own step: ~1 min apiece on an H100)")
     p.add_argument("--window", type=int, default=None, help="override W of every configuration")
     p.add_argument("--stride", type=int, default=None, help="override S of every configuration")
     p.add_argument("--steps", type=int, default=None, help="override the step count (4 = distilled schedule)")

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.alpa import CachedDiT, DifferenceTable
+from engine.alpa import CachedDiT, DifferenceTable, cache_bytes
 from engine.base import ThreadedRenderer
 from engine.config import (ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig, WindowConfig, get_preset,
                            replace)
@@ -69,11 +69,12 @@ from engine.controller import Budget, BudgetController, ControllerConfig
 from engine.portrait_encoder import latent_token_range
 from engine.sampler import DISTILLED_TIMESTEPS, Sampler, distilled_schedule, flow_schedule
 from engine.weights import WeightsError, find_file
-from engine.wsws import RollingWSWS, wsws_sample
+from engine.wsws import RollingWSWS, plan_windows, wsws_sample
 
 log = logging.getLogger("flashlive.renderer")
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
+LAYER_CACHE_LIMIT = 8 * 2**30  # offline: above this, ALPA caches the DiT output instead of every layer
 # Live default: 4 latent frames per window, 2 emitted per window (8 video frames), 2 of overlap blended. On one
 # H100 the 1.3b step at 512x512 is ~28 ms per pass at 4 latent frames (DESIGN.md: 20 ms at 3, 42 ms at 6), the
 # guidance pair as one batch ~2x that, so 4 distilled steps cost ~225 ms for 8 frames that play for 320 ms.
@@ -680,8 +681,18 @@ class FlashPortraitRenderer(ThreadedRenderer):
         steps = eng.live_steps
         schedule = make_schedule_for(eng.sampler_cfg, steps)
         sampler = Sampler(schedule, generator=self._gen)
-        cached = eng.cached_dit(schedule, self.alpa)
         h, w = eng.latent_hw
+        alpa = self.alpa
+        if alpa.mode in ("alpa", "taylorseer") and alpa.cache == "layers":
+            # step-major WSWS keeps one trajectory per window alive: layer caches can outgrow the device
+            tokens = min(self.W, T) * (h // 2) * (w // 2)
+            need = cache_bytes(eng.preset.dit, tokens, alpa.order, "layers", batch=eng.batch, branches=1) * \
+                len(plan_windows(T, self.W, eng.window_cfg.context_overlap))
+            if need > LAYER_CACHE_LIMIT:
+                alpa = replace(alpa, cache="output")
+                eng.notes.append(f"offline ALPA layer caches would take {need / 2**30:.1f} GiB: cached the DiT "
+                                 f"output only")
+        cached = eng.cached_dit(schedule, alpa)
         noise = torch.randn((1, 16, T, h, w), generator=self._gen, device=eng.device)
 
         def denoise(x, i, win, cond):
