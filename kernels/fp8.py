@@ -32,18 +32,21 @@ def quantize(x: torch.Tensor, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
-def _scaled_mm_supported(device: torch.device) -> bool:
+def _scaled_mm_supported(device: torch.device, rowwise: bool, out_dtype: torch.dtype) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu" and _cpu_scaled_mm()
+    return device.type == "cpu" and _cpu_scaled_mm(rowwise, out_dtype)
 
 
 @functools.cache
-def _cpu_scaled_mm() -> bool:
-    """Whether this torch build has a CPU scaled matmul (recent builds do; older ones raise)."""
+def _cpu_scaled_mm(rowwise: bool, out_dtype: torch.dtype) -> bool:
+    """Whether this torch build's CPU scaled matmul takes these scales and output dtype (older builds have none;
+    torch 2.11 has per-tensor scales only, later builds per-row too); the dequantized matmul serves the rest."""
     a = torch.ones(16, 16).to(E4M3)
+    scale_a, scale_b = (torch.ones(16, 1), torch.ones(1, 16)) if rowwise else (torch.ones(()), torch.ones(()))
     try:
-        torch._scaled_mm(a, a.t(), scale_a=torch.ones(()), scale_b=torch.ones(()), out_dtype=torch.float32)
+        bias = None if rowwise else torch.zeros(16, dtype=out_dtype)  # the per-tensor call fuses the bias
+        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -60,7 +63,7 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.rowwise = rowwise
         # decided once, here: a device query inside forward would break torch.compile's graph
-        self.use_scaled_mm = _scaled_mm_supported(linear.weight.device)
+        self.use_scaled_mm = _scaled_mm_supported(linear.weight.device, rowwise, linear.weight.dtype)
         w_q, w_scale = quantize(linear.weight.detach(), rowwise)
         self.register_buffer("weight", w_q)
         self.register_buffer("weight_scale", w_scale)

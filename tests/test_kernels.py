@@ -185,6 +185,39 @@ def test_fp8_linear_close_to_bf16(rowwise):
     torch.testing.assert_close(y.float(), deq, atol=0.05, rtol=2 ** -7)
 
 
+def test_fp8_linear_falls_back_where_cpu_scaled_mm_lacks_row_scales(monkeypatch):
+    """torch 2.11's CPU _scaled_mm takes per-tensor scales only: a per-row Fp8Linear must use the dequantized
+    matmul there (same numbers), a per-tensor one keeps the scaled matmul."""
+    real = torch._scaled_mm
+    calls = []
+
+    def per_tensor_only(a, b, scale_a, scale_b, **kw):
+        if a.device.type == "cpu" and (scale_a.numel() > 1 or scale_b.numel() > 1):
+            raise RuntimeError("_scaled_mm only supports per-tensor scaling for CPU backend")
+        calls.append(a.shape)
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", per_tensor_only)
+    fp8._cpu_scaled_mm.cache_clear()
+    try:
+        torch.manual_seed(0)
+        lin = nn.Linear(128, 64).to(torch.bfloat16)
+        x = torch.randn(3, 20, 128, dtype=torch.bfloat16)
+        row = fp8.Fp8Linear(lin, rowwise=True)
+        assert not row.use_scaled_mm
+        x_q, x_s = fp8.quantize(x.reshape(-1, 128), True)
+        deq = ((x_q.float() * x_s) @ row.dequantized_weight().t() + lin.bias.float()).reshape(3, 20, 64)
+        torch.testing.assert_close(row(x).float(), deq, atol=0.05, rtol=2 ** -7)
+        tensor = fp8.Fp8Linear(lin, rowwise=False)
+        if tensor.use_scaled_mm:  # builds with a CPU scaled matmul at all
+            n = len(calls)
+            tensor(x)
+            assert len(calls) == n + 1
+        assert fp8.check_linear(lin, x, False) < 0.08
+    finally:
+        fp8._cpu_scaled_mm.cache_clear()
+
+
 def test_quantize_linears_swaps_block_linears_only():
     from engine.config import get_preset
     from engine.dit import WanModel
