@@ -50,6 +50,7 @@ offline step-major WSWS (engine/wsws.wsws_sample) over the whole clip and return
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import math
@@ -185,6 +186,7 @@ class FlashPortraitEngine:
                              f"--context-size and --context-overlap accordingly.")
         self.reference = fit_reference(reference, width, height)
         self.lock = threading.RLock()  # GPU work of the sessions sharing this engine, one at a time
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # rolling windows
         self.loaded = False
         self.warm_up_s: float | None = None
         self.sessions = 0  # open renderer sessions (close() decrements)
@@ -518,39 +520,43 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
         t0 = time.perf_counter()
         full0, pred0 = self.cached.full_passes, self.cached.predicted_passes
-        with eng.lock, torch.no_grad():
-            latents = self.roller.run(self._denoise)                                   # (1, 16, S, h, w)
-            if eng.device.type == "cuda":
-                torch.cuda.synchronize(eng.device)
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            frames = _frames_uint8(self.decoder.decode(latents.to(eng.dtype)))
-        t2 = time.perf_counter()
-        self.last_window_passes = self.cached.full_passes - full0
-        self.last_window_predicted = self.cached.predicted_passes - pred0
-        self.full_passes += self.last_window_passes  # totals over budget changes (each has its own CachedDiT)
-        self.predicted_passes += self.last_window_predicted
-        self._released += latents.shape[2]
-        self.windows += 1
-        # forget tokens no later window reads
-        first_needed = self._base + self.roller.window_start
-        for g in [g for g in list(self._tokens) if g < first_needed - 1]:
-            del self._tokens[g]
-        out = []
-        for frame in frames:
-            pts, stamp = self._pending.popleft()
-            out.append(((frame, pts), stamp))
-        self._ema("dit_ms", 1e3 * (t1 - t0))
-        self._ema("decode_ms", 1e3 * (t2 - t1))
-        self._ema("window_ms", 1e3 * (t2 - t0))
-        if out:
-            target = time.monotonic() - out[0][1] + 1.0 / self.fps  # the chunk's first frame waited longest
-            self.delay_s = target if target > self.delay_s else 0.95 * self.delay_s + 0.05 * target
-        rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
-        self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
-        new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() - len(out))
-        if new is not None:
-            self._apply_budget(new)
+        # On CUDA the window runs on the engine's own stream: the expression thread's small kernels (FanEncoder,
+        # PortraitEncoder on the default stream) and their host syncs do not queue behind a window's DiT passes.
+        on_stream = torch.cuda.stream(eng.stream) if eng.stream is not None else contextlib.nullcontext()
+        with on_stream, torch.no_grad():
+            with eng.lock:
+                latents = self.roller.run(self._denoise)                               # (1, 16, S, h, w)
+                if eng.stream is not None:
+                    eng.stream.synchronize()
+            t1 = time.perf_counter()
+            frames = _frames_uint8(self.decoder.decode(latents.to(eng.dtype)))      # (4S, H, W, 3) on the host
+            t2 = time.perf_counter()
+            self.last_window_passes = self.cached.full_passes - full0
+            self.last_window_predicted = self.cached.predicted_passes - pred0
+            self.full_passes += self.last_window_passes  # totals over budget changes (each has its own CachedDiT)
+            self.predicted_passes += self.last_window_predicted
+            self._released += latents.shape[2]
+            self.windows += 1
+            # forget tokens no later window reads (the stream is idle: their memory may be reused)
+            first_needed = self._base + self.roller.window_start
+            for g in [g for g in list(self._tokens) if g < first_needed - 1]:
+                del self._tokens[g]
+            out = []
+            for frame in frames:
+                pts, stamp = self._pending.popleft()
+                out.append(((frame, pts), stamp))
+            self._ema("dit_ms", 1e3 * (t1 - t0))
+            self._ema("decode_ms", 1e3 * (t2 - t1))
+            self._ema("window_ms", 1e3 * (t2 - t0))
+            if out:
+                target = time.monotonic() - out[0][1] + 1.0 / self.fps  # the chunk's first frame waited longest
+                self.delay_s = target if target > self.delay_s else 0.95 * self.delay_s + 0.05 * target
+            rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
+            self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
+            # the frames just made are not queued yet: they count in the backlog (not pulled)
+            new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() + len(out))
+            if new is not None:
+                self._apply_budget(new)
         return out
 
     def _ema(self, key: str, value: float) -> None:
@@ -635,6 +641,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             start, end = latent_token_range(i, per, TIME_STRIDE)
             assert lat.shape[0] == end - start
         self._last_frame_tokens = tok[-per:]
+        if eng.stream is not None:  # the window thread reads these on the engine's stream: finish them first
+            torch.cuda.current_stream(eng.device).synchronize()
         self._tokens[i] = lat
         self._have = i + 1
 
