@@ -134,6 +134,31 @@ def test_guidance_pair_batch_equals_two_passes(reference):
     r.close()
 
 
+def test_alpa_on_the_fixed_step_equals_cached_dit(reference):
+    """Full passes through the engine's fixed-shape step feed ALPA's output cache exactly as CachedDiT's own
+    passes do: the guided flows of a 4-step trajectory at K = 2 (2 full, 2 predicted) agree."""
+    from engine.renderer import _StepCachedDiT
+
+    r = make(reference)
+    eng = r.engine
+    g = torch.Generator().manual_seed(5)
+    h, w = eng.latent_hw
+    x = torch.randn(1, 16, W, h, w, generator=g)
+    emo = torch.randn(1, W, 97, eng.preset.dit.emo_dim, generator=g)
+    schedule = r.sampler.schedule
+    cfg = ALPAConfig(mode="alpa", interval=2, order=1, cache="output")
+    fixed = eng.cached_dit(schedule, cfg)
+    eager = _StepCachedDiT(eng.dit, schedule, cfg, step=None)
+    xa, xb = x.clone(), x.clone()
+    for i in range(len(schedule)):
+        fa = eng.guided_flow(fixed, xa, i, emo, key="k")
+        fb = eng.guided_flow(eager, xb, i, emo, key="k")
+        torch.testing.assert_close(fa, fb, rtol=1e-4, atol=1e-4)
+        xa, xb = r.sampler.step(i, xa, fa), r.sampler.step(i, xb, fb)
+    assert fixed.full_passes == eager.full_passes == 2 and fixed.predicted_passes == 2
+    r.close()
+
+
 def test_offline_render_covers_every_frame(reference, driving):
     r = make(reference, offline=True)
     pts = [j / 25 for j in range(19)]  # 19 frames: 6 latents (padded to 21 frames), windows [0, 4) and [2, 6)
