@@ -19,6 +19,10 @@ Then times each mode with CUDA events (median of --iters calls after --warmup) a
 Writes bench/results/<out>.json after every configuration (a run cut short keeps what it measured) and <out>.png.
 Exit status 1 when any check failed.
 
+The compiled step uses the FFN GELU epilogue GEMM where check 1 finds it correct and faster than GEMM + GELU,
+Inductor with kernels.graphs.INDUCTOR_OPTIONS (--no-tune: Inductor's defaults) and a regional compile (--scope step:
+the whole step as one graph); the "step path" line and the JSON config say which ran.
+
 Modes: eager (fused Triton kernels, no compile), compiled (regional torch.compile, no graph), graphs (compiled +
 whole-step CUDA graph), fp8 (graphs with e4m3 block linears), eager_graphs (no compile, whole-step graph).
 FLOPs count every matmul of the step: self/cross/NFEB projections, FFN, the three attentions, patch embedding and
@@ -47,7 +51,7 @@ from engine.dit import WanModel  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels import fused  # noqa: E402
 from kernels.fp8 import quantize_linears, relative_error  # noqa: E402
-from kernels.graphs import CompiledStep, StepShape  # noqa: E402
+from kernels.graphs import INDUCTOR_OPTIONS, CompiledStep, StepShape  # noqa: E402
 
 MODES = ("eager", "compiled", "graphs", "fp8", "eager_graphs")
 BF16_TOL = 1.6e-2  # two bf16 steps, relative
@@ -378,7 +382,8 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
         if wanted and cuda:
             rt = RuntimeConfig(device=str(device), compile=True, cuda_graphs=True, attention=args.attention,
                                fused_kernels=args.fused)
-            step = CompiledStep(model, shape, rt, compile_mode=args.compile_mode)
+            step = CompiledStep(model, shape, rt, compile_mode=args.compile_mode, scope=args.scope,
+                                inductor_options=None if args.tune else {})
             step.set_session(*session)
             step.write_inputs(*call)
             t0 = time.perf_counter()
@@ -475,12 +480,13 @@ def plot(results: list[dict], peak: float, path: Path):
 def main(argv=None) -> int:
     # The run sets the process-wide attention backend and fused-kernel switch; give them back afterwards
     # (the smoke test calls main() inside a pytest process).
-    backend, fused_on = attn.get_backend(), fused.fused_kernels_enabled()
+    backend, fused_on, epilogue_on = attn.get_backend(), fused.fused_kernels_enabled(), fused.ffn_epilogue_enabled()
     try:
         return run(argv)
     finally:
         attn.set_backend(backend)
         fused.set_fused_kernels(fused_on)
+        fused.set_ffn_epilogue(epilogue_on)
 
 
 def run(argv=None) -> int:
@@ -497,6 +503,14 @@ def run(argv=None) -> int:
     p.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the per-kernel profile of the compiled step")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: Inductor's default)")
+    p.add_argument("--no-tune", dest="tune", action="store_false",
+                   help="compile with Inductor's default config instead of kernels.graphs.INDUCTOR_OPTIONS "
+                        "(coordinate-descent tuning)")
+    p.add_argument("--scope", default="block", choices=("block", "step"),
+                   help="compile one block function (regional, default) or the whole step as one graph")
+    p.add_argument("--no-ffn-epilogue", dest="ffn_epilogue", action="store_false",
+                   help="FFN as GEMM + separate GELU kernel (default: the GELU epilogue GEMM where it measures "
+                        "faster than that)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per mode (3; 2 with --quick)")
     p.add_argument("--iters", type=int, default=None, help="timed calls per mode, median reported (15; 8 with --quick)")
     p.add_argument("--fp8-frames", default=None, help="latent frames for the fp8 mode (default: --frames)")
@@ -542,9 +556,22 @@ def run(argv=None) -> int:
         fused.set_fused_kernels(False)
     for r in kernels:
         print(f"  kernel {r}")
-    if any(r.get("ok") is False for r in kernels):
+    failed = [r for r in kernels if r.get("ok") is False]
+    ffn = next((r for r in kernels if r.get("kernel") == "ffn_gelu_epilogue"), None)
+    if failed and all(r is ffn for r in failed):
+        args.ffn_epilogue = False
+        print("the FFN GELU epilogue disagreed with GEMM + GELU: steps run without it")
+    elif failed:
         args.fused = False  # time the steps on the reference path rather than on a kernel that disagreed
         print("a fused kernel disagreed with its reference: steps run with fused kernels off")
+    elif ffn is not None and args.ffn_epilogue and ffn["fused_ms"] > ffn["torch_ms"]:
+        args.ffn_epilogue = False  # cuBLASLt picked a slower kernel for the epilogue GEMM on this machine
+        print(f"the FFN GELU epilogue GEMM ({ffn['fused_ms']:.3f} ms) is slower than GEMM + GELU "
+              f"({ffn['torch_ms']:.3f} ms): steps run without it")
+    fused.set_ffn_epilogue(args.ffn_epilogue)
+    print(f"step path: fused kernels {'on' if args.fused else 'off'}, FFN GELU epilogue "
+          f"{'on' if args.fused and args.ffn_epilogue else 'off'}, compile scope {args.scope}, Inductor options "
+          f"{args.compile_mode or ({} if not args.tune else INDUCTOR_OPTIONS)}")
     ref_cfg = get_preset(presets[0]).dit
     att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0], batch=args.batch)
     attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)

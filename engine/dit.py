@@ -236,11 +236,13 @@ class WanModel(nn.Module):
         return e, e0
 
     def patchify(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """cat(x, y) over channels -> Conv3d -> tokens (B, f*h*w, D) in frame-major order."""
+        """cat(x, y) over channels -> Conv3d -> tokens (B, f*h*w, D) in frame-major order, contiguous."""
         w = self.patch_embedding.weight
         z = self.patch_embedding(torch.cat([x, y], dim=1).to(w.dtype))
         grid = tuple(z.shape[2:])
-        return z.flatten(2).transpose(1, 2), grid
+        # contiguous: elementwise ops keep their input's memory layout, so a transposed view here would keep the
+        # whole residual stream D-major through every block and make each LayerNorm reduce over strided memory
+        return z.flatten(2).transpose(1, 2).contiguous(), grid
 
     def rope(self, grid: tuple[int, int, int], device=None, frame_offset: int = 0):
         """cos/sin (L, hd/2) fp32 for a token grid, cached (local positions start at frame_offset)."""

@@ -20,6 +20,10 @@ Compilation is regional by default (`scope="block"`): one compiled block functio
 same shapes), so compile time does not grow with depth; the whole-step CUDA graph already removes the launch gaps
 between the eager glue ops. `scope="step"` compiles the whole step as one graph instead (slower to build).
 
+Inductor runs with `INDUCTOR_OPTIONS` (coordinate-descent tuning of its Triton kernels: the step is compiled once
+per shape and replayed for a whole session, so a longer compile buys every step back); `compile_mode` (e.g.
+"max-autotune-no-cudagraphs") or `inductor_options` replace them.
+
 On CPU (or with runtime.compile / runtime.cuda_graphs off) the same step runs eagerly with the same buffers.
 `record_layers=True` also keeps every block's output in `layers` (num_layers, B, L, D) for layer-wise ALPA.
 """
@@ -33,6 +37,12 @@ from torch import nn
 from engine.config import RuntimeConfig
 from kernels import attention as attention_backend
 from kernels import fused
+
+
+# Inductor config for the step's compile. Coordinate descent re-tunes the block sizes / warps of every generated
+# reduction and pointwise kernel by timing neighbours of the default config: the step's norms reduce over D = 1536
+# (1.3b), above Inductor's 1024-wide persistent-reduction cut-off, where the single default loop config is slow.
+INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 @dataclass(frozen=True)
@@ -85,13 +95,15 @@ class CompiledStep:
     keys, one GEMM + GELU epilogue on CUDA) and with runtime.fp8 the block linears become FP8 ones.
     shape: StepShape. runtime: RuntimeConfig (compile, cuda_graphs, attention, fp8, fused_kernels).
     compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
-    torch.compile with that backend on any device. pool: a CUDA graph memory pool to share with other steps
+    torch.compile with that backend on any device. compile_mode: a torch.compile mode (then inductor_options are not
+    used). inductor_options: Inductor config for this compile (default INDUCTOR_OPTIONS; {} = Inductor's defaults).
+    pool: a CUDA graph memory pool to share with other steps
     (`other.pool`), so several shapes can live in one arena.
     """
 
     def __init__(self, model: nn.Module, shape: StepShape, runtime: RuntimeConfig | None = None, *,
                  scope: str = "block", compile_backend: str | None = None, compile_mode: str | None = None,
-                 record_layers: bool = False, pool=None):
+                 inductor_options: dict | None = None, record_layers: bool = False, pool=None):
         runtime = runtime or RuntimeConfig()
         if scope not in ("block", "step"):
             raise ValueError(f"Unknown compile scope {scope!r}: use 'block' or 'step'.")
@@ -139,10 +151,18 @@ class CompiledStep:
         self.compiled = wants_compile
         self._block = block_forward
         self._step = self._forward
+        self.compile_options: dict = {}
         if wants_compile:
             # FA3 builds without torch.library registration break the graph; everything else must trace whole.
             fullgraph = attention_backend.get_backend() not in ("auto", "fa3") or not attention_backend.fa3_available()
-            opts = dict(fullgraph=fullgraph, dynamic=False, backend=backend, mode=compile_mode)
+            opts = dict(fullgraph=fullgraph, dynamic=False, backend=backend)
+            if compile_mode is not None:
+                opts["mode"] = compile_mode  # torch.compile takes a mode or options, not both
+            elif backend == "inductor":
+                options = INDUCTOR_OPTIONS if inductor_options is None else inductor_options
+                if options:
+                    opts["options"] = dict(options)
+            self.compile_options = opts
             if scope == "block":
                 self._block = torch.compile(block_forward, **opts)
             else:

@@ -196,3 +196,39 @@ def test_bench_dit_step_runs_and_writes_results(tmp_path, monkeypatch):
     assert row["ms_per_step"] > 0 and row["tflops"] > 0 and 0 < row["fraction_of_peak"]
     assert data["peak_tflops"] > 0 and "git_commit" in data["env"]
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_residual_stream_is_token_major_contiguous():
+    # A transposed patchify view would keep every block's residual stream D-major (elementwise ops keep their
+    # input's layout), so each LayerNorm would reduce over strided memory: 3x slower kernels on the GPU.
+    model, shape, session, call = make(batch=1, frames=2, hw=4)
+    with torch.no_grad():
+        tokens, grid = model.patchify(call["x"], session["y"])
+        assert tokens.is_contiguous()
+        cos, sin = model.rope(grid)
+        _, e0 = model.embed_time(call["t"])
+        kv = model.context_kv(*model.embed_context(session["context"], session["clip_fea"]))
+        x = tokens
+        for i, block in enumerate(model.blocks):
+            x = block(x, e0, cos, sin, None, None, call["emo"], 0.7, kv=kv[i])
+            assert x.is_contiguous()
+
+
+def test_inductor_compile_options():
+    from kernels.graphs import INDUCTOR_OPTIONS
+
+    model, shape, _, _ = make(batch=1, frames=2, hw=4)
+    tuned = CompiledStep(model, shape, CPU, compile_backend="inductor")  # compiles lazily: nothing runs here
+    assert tuned.compile_options["options"] == INDUCTOR_OPTIONS and "mode" not in tuned.compile_options
+    assert INDUCTOR_OPTIONS["coordinate_descent_tuning"] is True
+    assert "options" not in CompiledStep(model, shape, CPU, compile_backend="inductor",
+                                         inductor_options={}).compile_options
+    moded = CompiledStep(model, shape, CPU, compile_backend="inductor", compile_mode="max-autotune-no-cudagraphs")
+    assert moded.compile_options["mode"] == "max-autotune-no-cudagraphs" and "options" not in moded.compile_options
+    assert "options" not in CompiledStep(model, shape, CPU, compile_backend="aot_eager").compile_options
+    assert CompiledStep(model, shape, CPU).compile_options == {}  # CPU default: eager
+    # every option must be a real Inductor config key (a typo would only fail at the GPU compile)
+    import torch._inductor.config as inductor_config
+
+    for key in INDUCTOR_OPTIONS:
+        assert hasattr(inductor_config, key)

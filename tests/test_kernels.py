@@ -248,3 +248,29 @@ def test_fuse_ffn_gelu_keeps_weights_keys_and_cpu_numbers():
     assert list(model.state_dict()) == keys and fused.fuse_ffn_gelu(model) == 0
     with torch.no_grad():
         assert torch.equal(model.blocks[0].ffn(x), before)  # CPU: the plain Sequential path
+
+
+def test_ffn_gelu_epilogue_survives_inductor():
+    """GeluFFN's one-GEMM FFN relies on Inductor calling `_addmm_activation` as an extern kernel: were it in the
+    decomposition table, the compiled step would split it back into GEMM + a separate GELU kernel."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.lowering import fallbacks
+
+    op = torch.ops.aten._addmm_activation.default
+    assert op not in select_decomp_table()
+    assert op in fallbacks or torch.ops.aten._addmm_activation in fallbacks
+
+
+def test_ffn_epilogue_switch_keeps_the_sequential_numbers():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(32, 96), nn.GELU(approximate="tanh"), nn.Linear(96, 32))
+    ffn = fused.GeluFFN(*plain)
+    x = torch.randn(2, 7, 32)
+    was = fused.ffn_epilogue_enabled()
+    try:
+        for on in (True, False):
+            fused.set_ffn_epilogue(on)
+            assert fused.ffn_epilogue_enabled() is on
+            torch.testing.assert_close(ffn(x), plain(x))  # CPU: the Sequential either way
+    finally:
+        fused.set_ffn_epilogue(was)
