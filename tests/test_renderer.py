@@ -171,6 +171,51 @@ def test_offline_render_covers_every_frame(reference, driving):
     r.close()
 
 
+def test_loads_every_model_from_a_weights_folder(tmp_path, reference, driving):
+    """Not random: tiny checkpoints in the published file names and key layouts load, and the renderer streams."""
+    from safetensors.torch import save_file
+
+    from engine.clip_vision import ClipVision
+    from engine.config import get_preset
+    from engine.dit import WanModel
+    from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+    from engine.portrait_encoder import PortraitEncoder
+    from engine.renderer import DEFAULT_PROMPT, EngineOptions
+    from engine.text import PromptEncoder
+    from engine.tiny_vae import TinyVAE
+    from engine.vae import WanVAE
+
+    p = get_preset("tiny")
+    torch.manual_seed(7)
+    dit = WanModel(p.dit)
+    torch.save(dit.state_dict(), tmp_path / "transformer.pt")
+    torch.save(PortraitEncoder(p.portrait).state_dict(), tmp_path / "portrait_encoder.pt")
+    torch.save(FanEncoder(FanEncoderConfig.tiny()).state_dict(), tmp_path / "pd_fpg.pth")
+    torch.save({f"visual.{k}": v for k, v in ClipVision(p.clip).state_dict().items()},
+               tmp_path / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    torch.save(WanVAE(p.vae).state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    torch.save(TinyVAE(p.tiny_vae, encoder=False).state_dict(), tmp_path / "fast_vae.pth")
+    # the prompt comes from the on-disk umT5 cache (a cache hit needs neither the encoder nor the tokenizer)
+    prompts = PromptEncoder(tmp_path, tmp_path / "cache", p.t5, dtype=torch.float32)
+    context = torch.randn(9, p.dit.text_dim)
+    prompts.cache_path(DEFAULT_PROMPT).parent.mkdir(parents=True)
+    save_file({"context": context}, str(prompts.cache_path(DEFAULT_PROMPT)))
+
+    r = FlashPortraitRenderer(reference, tmp_path, SIZE, SIZE, preset="tiny", runtime=CPU,
+                              sampler=SamplerConfig(fast=True), window=WindowConfig(W, OVERLAP),
+                              options=EngineOptions(prompt_cache=str(tmp_path / "cache")), pace=False,
+                              controller=ControllerConfig(enabled=False))
+    eng = r.engine
+    assert eng.random_weights is False and eng.stats()["decoder"] == "tiny"
+    torch.testing.assert_close(eng.dit.blocks[1].cross_attn.emo_k_proj.weight, dit.blocks[1].cross_attn.emo_k_proj.weight)
+    torch.testing.assert_close(eng.context[0], context)
+    out = []
+    for j, frame in enumerate(driving[:13]):
+        out += r.process(frame, j)
+    assert [pts for _, pts in out] == list(range(4 * 2 - 3))  # the first window: latents 0, 1 -> frames 0..4
+    r.close()
+
+
 def test_close_frees_session_state(reference, driving):
     engine = make(reference).engine
     before = engine.sessions
