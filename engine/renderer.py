@@ -465,6 +465,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.last_window_passes = self.last_window_predicted = 0
         self.full_passes = self.predicted_passes = 0  # guided DiT calls (one batch of 2 branches) run / predicted
         self.closed = False
+        self.max_lag_latents = 4 * self.W  # beyond this backlog of tokens the stream skips ahead (bounded lag)
+        self.skipped_behind = 0
+        self._window_failed = False
         self._window_thread: threading.Thread | None = None
         self._window_cv = threading.Condition()
         self._stop_windows = False
@@ -514,8 +517,24 @@ class FlashPortraitRenderer(ThreadedRenderer):
     def _denoise(self, x, i, win, cond):
         return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window")
 
+    def _catch_up(self) -> None:
+        """Bound the lag: when more than `max_lag_latents` latent frames of tokens wait, skip to the newest ones (a
+        new rolling window there; the skipped driving frames are counted in `skipped_behind`, never rendered)."""
+        start = self._base + self.roller.window_start
+        if self._released == 0 or self._have - start <= self.max_lag_latents:
+            return
+        new_base = self._have - self._budget.stride - self._lookahead()
+        # driving frames of latents [released, new_base): latent i >= 1 is frames 4i-3..4i
+        skip = TIME_STRIDE * (new_base - self._released)
+        for _ in range(skip):
+            self._pending.popleft()
+        self.skipped_behind += skip
+        self._released = new_base
+        self._new_roller(new_base)
+
     def _run_window(self) -> list:
         eng = self.engine
+        self._catch_up()
         while not self.roller.ready():
             self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
         t0 = time.perf_counter()
@@ -573,6 +592,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
         (not started), the windows run here and their frames are returned."""
         pts, stamp = pts if isinstance(pts, tuple) else (pts, time.monotonic())
+        if self._window_failed:
+            return []  # nothing would render it: keep no state
         t0 = time.perf_counter()
         result = self.extractor.push(frame)
         self.faces_missed += not result.face_found
@@ -607,11 +628,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
                     return
             try:
                 outputs = self._run_window()
-            except Exception as err:  # keep the session alive; the error shows in /stats
+            except Exception as err:  # e.g. CUDA out of memory: this session stops rendering, the server goes on
                 self.error = f"{type(err).__name__}: {err}"
-                log.exception("flashportrait window failed")
-                time.sleep(0.1)
-                continue
+                self._window_failed = True
+                log.exception("flashportrait window failed; the session shows its last frame from now on")
+                return
             for (frame, pts), stamp in outputs:
                 if len(self._out) == self._out.maxlen:
                     self.dropped_out += 1
@@ -764,7 +785,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "alpa_full_passes": self.full_passes, "alpa_predicted_passes": self.predicted_passes,
             "windows": self.windows,
             "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
-            "backlog_frames": self.backlog_frames(), "playout_delay_ms": round(1e3 * self.delay_s, 1),
+            "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind, "playout_delay_ms": round(1e3 * self.delay_s, 1),
             "face_found": self.face_found, "faces_missed": self.faces_missed,
             "controller": self.controller.stats(), **self.engine.stats()})
         return out

@@ -116,6 +116,27 @@ def test_budget_change_keeps_every_frame_once(reference, driving):
     r.close()
 
 
+def test_lag_is_bounded_by_skipping_ahead(reference, driving):
+    """When windows fall far behind, the stream skips to the newest tokens: the skipped driving frames are counted,
+    every other frame still comes out once, in order."""
+    r = make(reference)
+    r.max_lag_latents = 4
+    out, pushed = [], []
+    for j, frame in enumerate(driving[:45]):
+        if j == 9:
+            r._window_ready = lambda: False  # the window worker is busy for a while: tokens pile up
+        elif j == 41:
+            del r._window_ready
+        out += r.process(frame, j)
+        pushed.append(j)
+    # first window: latents 0, 1 (frames 0..4). At frame 41, 11 latents have tokens, 9 of them waiting (> 4):
+    # skip to latent 11 - 2 - 1 = 8, i.e. frames 5..28 (4 per latent 2..7), then render on from frame 29.
+    assert r.skipped_behind == 24
+    assert [p for _, p in out] == pushed[:5] + pushed[29:29 + len(out) - 5]
+    assert r.stats()["skipped_behind"] == 24 and len(out) > 5
+    r.close()
+
+
 def test_guidance_pair_batch_equals_two_passes(reference):
     r = make(reference, alpa=ALPAConfig(mode="off"))
     eng = r.engine
