@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import statistics
 import sys
@@ -383,7 +384,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
             rt = RuntimeConfig(device=str(device), compile=True, cuda_graphs=True, attention=args.attention,
                                fused_kernels=args.fused)
             step = CompiledStep(model, shape, rt, compile_mode=args.compile_mode, scope=args.scope,
-                                inductor_options=None if args.tune else {})
+                                inductor_options=args.inductor_options)
             step.set_session(*session)
             step.write_inputs(*call)
             t0 = time.perf_counter()
@@ -506,6 +507,9 @@ def run(argv=None) -> int:
     p.add_argument("--no-tune", dest="tune", action="store_false",
                    help="compile with Inductor's default config instead of kernels.graphs.INDUCTOR_OPTIONS "
                         "(coordinate-descent tuning)")
+    p.add_argument("--inductor-options", default=None, type=json.loads,
+                   help='Inductor config for the compile as JSON, replacing INDUCTOR_OPTIONS, e.g. '
+                        '\'{"coordinate_descent_tuning": true, "triton.multi_kernel": 1}\'')
     p.add_argument("--scope", default="block", choices=("block", "step"),
                    help="compile one block function (regional, default) or the whole step as one graph")
     p.add_argument("--no-ffn-epilogue", dest="ffn_epilogue", action="store_false",
@@ -569,9 +573,11 @@ def run(argv=None) -> int:
         print(f"the FFN GELU epilogue GEMM ({ffn['fused_ms']:.3f} ms) is slower than GEMM + GELU "
               f"({ffn['torch_ms']:.3f} ms): steps run without it")
     fused.set_ffn_epilogue(args.ffn_epilogue)
+    if args.inductor_options is None:
+        args.inductor_options = dict(INDUCTOR_OPTIONS) if args.tune else {}
     print(f"step path: fused kernels {'on' if args.fused else 'off'}, FFN GELU epilogue "
           f"{'on' if args.fused and args.ffn_epilogue else 'off'}, compile scope {args.scope}, Inductor options "
-          f"{args.compile_mode or ({} if not args.tune else INDUCTOR_OPTIONS)}")
+          f"{args.compile_mode or args.inductor_options}")
     ref_cfg = get_preset(presets[0]).dit
     att_shape = StepShape.from_video(args.size, args.size, 6 if 6 in frames else frames[0], batch=args.batch)
     attention_rows = check_attention(ref_cfg, att_shape, device, dtype, cuda, args.warmup, args.iters)
