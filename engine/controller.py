@@ -24,8 +24,9 @@ from it. When the measured rtf falls below `cut_below`, or the backlog keeps gro
 best-quality budget predicted to reach `target_rtf` (quality order: lower K first, then more steps, then smaller
 S). When rtf stays above `raise_above` for `patience` windows and the backlog is small, it steps one budget up.
 After each change it waits `patience` windows before judging again. No queue grows because of the controller:
-the renderer's input queue is bounded (oldest frame dropped) and, when even the cheapest budget cannot keep up,
-the sinks repeat the last frame (counted by the tracks) and the stats say so.
+the renderer's input queue is bounded (oldest frame dropped), its lag is capped (it skips ahead past
+`max_lag_latents`, counted) and, when even the cheapest budget cannot keep up, the sinks repeat the last frame
+(counted by the tracks) and the stats say so.
 """
 from __future__ import annotations
 

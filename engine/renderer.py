@@ -44,6 +44,11 @@ window's first frame (+ one frame), so the sinks receive a steady stream at the 
 `stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
 window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
 
+Bounded. The input queue drops its oldest frame when full (ThreadedRenderer); tokens waiting for windows are capped
+at `max_lag_latents` (4W) latent frames: beyond that the stream skips to the newest tokens (a new rolling window,
+the skipped driving frames counted in `skipped_behind`), so lag never grows without bound; the output queue is
+bounded too. A window that fails (e.g. out of GPU memory) ends this session's rendering, with the error in stats.
+
 Offline (`offline=True`, `flashlive render`): process() only extracts expression features; `flush()` runs
 offline step-major WSWS (engine/wsws.wsws_sample) over the whole clip and returns every frame in order.
 """
