@@ -205,7 +205,7 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype, cuda: bool) ->
 def check_attention(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype: torch.dtype, cuda: bool,
                     warmup: int, iters: int) -> list[dict]:
     """Every attention backend on the step's three attention shapes (self, image cross, NFEB per frame): parity with
-    the math backend on all three, TFLOP/s on the self-attention one."""
+    the math backend on all three, TFLOP/s on the self-attention one, ms of the other two (ms_cross_img, ms_nfeb)."""
     L = shape.tokens(cfg.patch_size)
     B, H, hd = shape.batch, cfg.num_heads, cfg.head_dim
     g = torch.Generator(device=device).manual_seed(2)
@@ -232,6 +232,10 @@ def check_attention(cfg: DiTConfig, shape: StepShape, device: torch.device, dtyp
                 diffs = {k: bf16_close(attn.attention(*cases[k]), refs[k]) for k in cases}
                 q, k, v = cases["self"]
                 row["ms"] = bench_ms(lambda: attn.attention(q, k, v), warmup, iters, cuda)
+                # the short-KV calls (3 per block with the text one) are memory-bound: ms against reading q once
+                # and writing the output once says how far each backend is from the bandwidth floor
+                for k_ in ("cross_img", "nfeb"):
+                    row[f"ms_{k_}"] = bench_ms(lambda c=cases[k_]: attn.attention(*c), warmup, iters, cuda)
             row.update(ok=all(ok for ok, _ in diffs.values()), max_abs_diff={k: d for k, (_, d) in diffs.items()},
                        tflops=flops / row["ms"] / 1e9)
         except Exception as e:  # a backend that does not support this GPU / shape ("No available kernel")
