@@ -19,14 +19,16 @@ eager on CPU). A lock serialises the DiT work of the sessions that share it.
   PD-FGC features (554) -> PortraitEncoder tokens (24) ; latent frame i is complete once frame 4i has arrived
   (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)`.
 Whenever enough latent frames of tokens exist, a rolling WSWS window (engine/wsws.RollingWSWS, W latent frames,
-stride S) runs every sampler step: the two guidance branches (emotion, and ip_scale 0) as ONE batch of 2, ALPA via
+stride S; on the session's window thread and, on CUDA, the engine's own stream, so the next frames' expression
+overlaps it) runs every sampler step: the two guidance branches (emotion, and ip_scale 0) as ONE batch of 2, ALPA via
 engine/alpa.CachedDiT (full passes run the compiled step), then the window's S final latent frames are decoded by
 a streaming decoder (TAEHV by default, the Wan VAE optionally) and handed out.
 
 Frame accounting. Video frame j belongs to latent frame ceil(j / 4): latent 0 is frame 0 alone, latent i >= 1 is
 frames 4i-3 .. 4i. Both decoders turn the first latent of a stream into 1 frame and every later latent into 4, so
 the frames a window emits are exactly the driving frames of its S latent frames; each output frame carries the pts
-of its driving frame, every driving frame that reached process() gets exactly one output frame, in order, and no
+of its driving frame, every driving frame that reached process() gets exactly one output frame (unless the lag
+cap below skips it, counted), in order, and no
 window seam drops or repeats one (the rolling window releases each latent frame once, see engine/wsws.py). Frames
 after the last complete window wait for the next window (a live stream never ends; `flush()` renders the tail).
 
@@ -176,6 +178,8 @@ class FlashPortraitEngine:
         self.window_cfg = window or WindowConfig()
         self.alpa_cfg = alpa or ALPAConfig()
         self.options = options or EngineOptions()
+        if self.options.decoder not in ("tiny", "wan"):
+            raise ValueError(f"Unknown decoder {self.options.decoder!r}: use --decoder tiny (TAEHV) or wan (Wan VAE).")
         self.random_weights = random_weights
         self.weights_dir = weights_dir
         self.width, self.height = width, height
