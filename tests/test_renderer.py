@@ -332,3 +332,26 @@ def test_webrtc_loopback_streams_flashportrait(reference):
     assert session["repeats"] + session["fresh"] == session["frames_out"]
     assert closed, "the session was not freed after the client closed its peer connection"
     assert r.closed and r.session_state_bytes() == 0 and r._window_thread is None
+
+
+def test_flashlive_render_flashportrait_offline(tmp_path):
+    """`flashlive render --renderer flashportrait --random-weights --preset tiny`: offline WSWS over the whole clip,
+    one avatar frame per driving frame, the driving audio copied."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import av
+
+    driving = data_file("driving", "lp_d18.mp4")
+    out = tmp_path / "avatar.mp4"
+    run = subprocess.run([sys.executable, "-m", "flashlive", "render", "--renderer", "flashportrait",
+                          "--random-weights", "--preset", "tiny", "--device", "cpu", "--size", "64x64",
+                          "--context-size", "6", "--context-overlap", "2", "--fast", "--driving", str(driving),
+                          "-o", str(out), "-q"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    with av.open(str(driving)) as src, av.open(str(out)) as dst:
+        n_src = sum(1 for _ in src.decode(video=0))
+        assert sum(1 for _ in dst.decode(video=0)) == n_src == 216
+        assert dst.streams.audio and dst.streams.video[0].codec_context.width == 64
