@@ -105,11 +105,15 @@ class CentredFace:
 
 
 def landmarks_factory():
-    """None (PD-FGC's own choice: ONNX models or mediapipe) when mediapipe imports, else CentredFace."""
+    """None (PD-FGC's own choice: ONNX models or mediapipe) when a mediapipe face mesh can be built, else
+    CentredFace (said once on stdout and in the JSON's `landmarks`)."""
     try:
-        import mediapipe  # noqa: F401
+        from engine.pdfgc.landmarks import MediapipeLandmarks
+
+        MediapipeLandmarks().close()
         return None
-    except ImportError:
+    except Exception as err:  # not installed, or its native libraries do not load on this machine
+        print(f"mediapipe face mesh unusable ({type(err).__name__}: {err}); alignment uses a centred face box")
         return CentredFace
 
 
