@@ -39,15 +39,18 @@ from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig
 from engine.controller import ControllerConfig  # noqa: E402
 from engine.renderer import EngineOptions, FlashPortraitEngine, FlashPortraitRenderer  # noqa: E402
 
-# name -> (window W, stride S, steps, ALPA K, controller on). Defaults from DESIGN.md's arithmetic for 1.3b on one
-# H100 (512x512, 1024 tokens per latent frame): a pass over W=4 latent frames ~28 ms, the guidance pair batched
-# ~2x, 4 distilled steps -> ~225 ms per window of 8 frames (320 ms of video): rtf ~1.4 with ALPA off.
+# name -> (window W, stride S, steps, ALPA K, controller on). From DESIGN.md's arithmetic for 1.3b on one H100
+# (512x512, 1024 tokens per latent frame; one pass over 3 / 6 latent frames 20 / 42 ms, the guidance pair batched
+# at most 2x): W3/S1 (the live default) costs 4 x ~40 ms = ~160 ms per 4 frames (160 ms of video) at full budget,
+# ~half with ALPA K=2, and waits 7 input frames; W4/S2 ~225 ms per 8 frames (320 ms), waits 11; W6/S3 ~340 ms per
+# 12 frames (480 ms), waits 15. "adaptive" starts at the live default's full budget and lets the controller choose.
 CONFIGS = {
+    "w3s1": (3, 1, 4, 1, False),
+    "w3s1-alpa2": (3, 1, 4, 2, False),
     "w4s2": (4, 2, 4, 1, False),
     "w4s2-alpa2": (4, 2, 4, 2, False),
     "w6s3": (6, 3, 4, 1, False),
-    "w3s1-alpa2": (3, 1, 4, 2, False),
-    "adaptive": (4, 2, 4, 1, True),
+    "adaptive": (3, 1, 4, 1, True),
 }
 
 
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--fps", type=float, default=25.0, help="input (driving) frame rate, pushed in real time")
     p.add_argument("--seconds", type=float, default=15.0, help="driving seconds per configuration")
-    p.add_argument("--configs", nargs="+", default=["w4s2", "w3s1-alpa2", "adaptive"], choices=list(CONFIGS),
+    p.add_argument("--configs", nargs="+", default=["w3s1-alpa2", "w4s2", "adaptive"], choices=list(CONFIGS),
                    help="configurations to run (each compiles its own step: ~1 min apiece on an H100)")
     p.add_argument("--window", type=int, default=None, help="override W of every configuration")
     p.add_argument("--stride", type=int, default=None, help="override S of every configuration")

@@ -65,6 +65,7 @@ class ControllerConfig:
     target_rtf: float = 1.3  # a cut aims for this predicted rtf
     raise_above: float = 1.8  # measured rtf above this for `patience` windows -> raise the budget one step
     patience: int = 3  # windows between decisions
+    warmup_windows: int = 1  # the first windows pay one-off costs (allocations, kernel selection): not judged
     enabled: bool = True
 
 
@@ -139,6 +140,9 @@ class BudgetController:
         self.keeping_up = self.rtf >= 1.0
         if not self.cfg.enabled:
             self.reason = "controller off: fixed budget"
+            return None
+        if self.windows <= self.cfg.warmup_windows:
+            self.reason = f"window {self.windows}: warming up, not judged"
             return None
         if self._cooldown > 0:
             self._cooldown -= 1

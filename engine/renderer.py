@@ -83,10 +83,12 @@ log = logging.getLogger("flashlive.renderer")
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
 LAYER_CACHE_LIMIT = 8 * 2**30  # offline: above this, ALPA caches the DiT output instead of every layer
-# Live default: 4 latent frames per window, 2 emitted per window (8 video frames), 2 of overlap blended. On one
-# H100 the 1.3b step at 512x512 is ~28 ms per pass at 4 latent frames (DESIGN.md: 20 ms at 3, 42 ms at 6), the
-# guidance pair as one batch ~2x that, so 4 distilled steps cost ~225 ms for 8 frames that play for 320 ms.
-LIVE_WINDOW = WindowConfig(context_size=4, context_overlap=2)
+# Live default: windows of 3 latent frames emitting 1 (4 video frames), 2 frames of overlap blended. DESIGN.md's
+# H100 numbers for 1.3b at 512x512: 20 ms per pass over 3 latent frames (the guidance pair batched: at most 2x), so
+# 4 distilled steps cost <= 160 ms per 160 ms of video at full budget and about half with ALPA K = 2, which the
+# controller picks when needed; with lookahead 1 a frame waits at most 7 driving frames (280 ms) for its tokens,
+# so glass-to-glass stays near 0.5 s. (W 4 / S 2 costs ~30% less per frame but waits 11 frames.)
+LIVE_WINDOW = WindowConfig(context_size=3, context_overlap=2)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
 
 
