@@ -97,8 +97,7 @@ class CompiledStep:
     compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
     torch.compile with that backend on any device. compile_mode: a torch.compile mode (then inductor_options are not
     used). inductor_options: Inductor config for this compile (default INDUCTOR_OPTIONS; {} = Inductor's defaults).
-    pool: a CUDA graph memory pool to share with other steps
-    (`other.pool`), so several shapes can live in one arena.
+    pool: a CUDA graph memory pool to share with other steps (`other.pool`), so several shapes can live in one arena.
     """
 
     def __init__(self, model: nn.Module, shape: StepShape, runtime: RuntimeConfig | None = None, *,
