@@ -15,14 +15,16 @@ video frame until the first packet of the next frame arrives (one frame interval
 more have arrived (80 ms). Using hand-out times would put the voice 40 ms behind the face at 25 fps. So
 `PacketArrivals` notes when the first RTP packet of each timestamp arrived, the video side measures its hold
 (hand-out time - arrival), and an audio frame's capture time is its packet arrival + that video hold. Jitter is
-removed with the media timestamps: capture = media time + the smallest (arrival - media time) seen lately.
+removed with the media timestamps: capture = media time + the median (arrival - media time) of the last two
+seconds (the median, not the minimum: video capture times carry the typical delay, not the smallest).
 
 A `--driving` file has no packets: `FileAudio.wrap(push)` writes the audio of video frame i (its 1/fps of samples)
 into the ring at the capture time the file capture gives frame i, so it stays in sync across loops by construction.
 
-Drift and jumps. `DelayedAudioTrack` reads the ring continuously and follows a changing latency by playing up to
-2 % faster or slower (no clicks); only a change beyond `jump_ms` re-seats the read position (counted). Before the
-first avatar frame (latency unknown) it sends silence. Buffers are bounded: the ring holds `seconds` of audio, a
+Drift. `DelayedAudioTrack` reads the ring continuously (the audio is sent unaltered) while the latency it should
+play at stays within `deadband_ms` of the one it plays at; beyond that it re-seats the read position, with a 2 ms
+crossfade so the step does not click (counted in `audio_resyncs`). No time stretching: it would change the pitch
+and smear the waveform. Before the first avatar frame (latency unknown) it sends silence. Buffers are bounded: the ring holds `seconds` of audio, a
 remote track is always drained, and the pre-decoded file audio is capped at `max_file_s`.
 """
 from __future__ import annotations
@@ -119,16 +121,22 @@ class AudioRing:
 
 
 class OnAirLatency:
-    """Capture-to-send latency of the avatar frame on air, median of the last `window` fresh frames (seconds).
+    """Capture-to-send latency of the avatar frames going on air (seconds): what the audio must be delayed by.
 
     track: a streaming.tracks.AvatarTrack (it records `on_air = (capture pts, send time)` for each fresh frame).
-    None until the first avatar frame has been sent.
+    A frame's latency jitters by up to one output tick (it waits for the next tick), so this is the median of the
+    last `window` fresh frames; when the last `attack` frames all sit more than `step_s` away from that median,
+    or the newest one more than `jump_s` (the renderer's latency stepped: more than tick jitter can explain), the
+    older ones are forgotten, so the audio follows the step at once. None until the first avatar frame is sent.
     """
 
-    def __init__(self, track, window: int = 15):
+    def __init__(self, track, window: int = 25, attack: int = 3, step_s: float = 0.03, jump_s: float = 0.09):
         self.track = track
+        self.attack, self.step_s, self.jump_s = attack, step_s, jump_s
         self._seen = None
         self._recent: collections.deque = collections.deque(maxlen=window)
+        self._median: float | None = None
+        self.steps = 0
 
     def __call__(self) -> float | None:
         on_air = getattr(self.track, "on_air", None)
@@ -136,36 +144,51 @@ class OnAirLatency:
             self._seen = on_air
             pts, sent = on_air
             self._recent.append(sent - pts)
-        return statistics.median(self._recent) if self._recent else None
+            last = list(self._recent)[-self.attack:]
+            if self._median is not None and abs(last[-1] - self._median) > self.jump_s:
+                last = last[-1:]
+            if self._median is not None and len(last) in (1, self.attack) and (
+                    all(x > self._median + self.step_s for x in last) or
+                    all(x < self._median - self.step_s for x in last)):
+                self._recent.clear()
+                self._recent.extend(last)
+                self.steps += 1
+            self._median = statistics.median(self._recent)
+        return self._median
 
 
 class PacketArrivals:
     """When the first RTP packet of each RTP timestamp reached an aiortc RTCRtpReceiver (time.monotonic seconds).
 
-    aiortc hands decoded frames out with `frame.pts` = the RTP timestamp, after its jitter buffer held them; this
-    wraps the receiver's packet handler (aiortc has no public hook for it) to see the packets before that hold.
-    Bounded: the last `keep` timestamps.
+    aiortc hands decoded frames out, after its jitter buffer held them, with `frame.pts` = the RTP timestamp minus
+    the stream's first one; this wraps the receiver's packet handler (aiortc has no public hook for it) to see the
+    packets before that hold, keyed the same way. Bounded: the last `keep` timestamps.
     """
 
     def __init__(self, receiver, keep: int = 256):
         self._times: collections.OrderedDict = collections.OrderedDict()
         self.keep = keep
+        self._first: int | None = None
         handler = getattr(receiver, "_handle_rtp_packet", None)
         self.hooked = handler is not None
         if handler is None:  # another aiortc: capture times fall back to hand-out times
             return
 
         async def handle(packet, *args, **kwargs):
-            if packet.timestamp not in self._times:
-                self._times[packet.timestamp] = time.monotonic()
+            if self._first is None:
+                self._first = packet.timestamp
+            key = (packet.timestamp - self._first) % RTP_WRAP
+            if key not in self._times:
+                self._times[key] = time.monotonic()
                 if len(self._times) > self.keep:
                     self._times.popitem(last=False)
             return await handler(packet, *args, **kwargs)
 
         receiver._handle_rtp_packet = handle
 
-    def arrival(self, rtp_timestamp: int) -> float | None:
-        return self._times.get(rtp_timestamp)
+    def arrival(self, pts: int) -> float | None:
+        """Arrival of the first packet of the frame aiortc handed out with this pts (None: not seen, or too old)."""
+        return self._times.get(pts % RTP_WRAP)
 
 
 class VideoHold:
@@ -252,7 +275,7 @@ class AudioInput:
         captured = (handed_out if arrived is None else arrived) + (self.hold.hold_s if self.hold else 0.0)
         media = self._media_time(frame)
         self._offsets.append(captured - media)
-        return media + min(self._offsets)
+        return media + statistics.median(self._offsets)
 
     async def _run(self) -> None:
         try:
@@ -344,18 +367,18 @@ class FileAudio:
 class DelayedAudioTrack(MediaStreamTrack):
     """48 kHz stereo audio, paced at 20 ms per frame, read from `ring` `latency()` seconds after its capture.
 
-    latency: () -> seconds | None (an OnAirLatency); None sends silence. jump_ms: a latency change larger than this
-    re-seats the read position at once; smaller ones are followed by playing up to `max_rate` faster or slower.
+    latency: () -> seconds | None (an OnAirLatency); None sends silence. deadband_ms: how far the latency may move
+    before the read position follows it (see the module docstring).
     """
 
     kind = "audio"
 
-    def __init__(self, ring: AudioRing, latency: Callable[[], float | None], jump_ms: float = 60.0,
-                 max_rate: float = 0.02):
+    def __init__(self, ring: AudioRing, latency: Callable[[], float | None], deadband_ms: float = 5.0,
+                 crossfade_ms: float = 2.0):
         super().__init__()
         self.ring, self.latency = ring, latency
-        self.jump = int(jump_ms * SAMPLE_RATE / 1e3)
-        self.max_step = max(1, int(max_rate * SAMPLE_RATE * PTIME))
+        self.deadband = int(deadband_ms * SAMPLE_RATE / 1e3)
+        self.fade = np.linspace(0.0, 1.0, max(2, int(crossfade_ms * SAMPLE_RATE / 1e3)))[:, None]
         self._cursor: int | None = None  # ring index of the next sample to send
         self._start: float | None = None
         self._sent = 0  # samples sent
@@ -363,10 +386,13 @@ class DelayedAudioTrack(MediaStreamTrack):
         self.resyncs = 0
         self.silent_frames = 0
         self.delay_s: float | None = None  # the latency it plays at now
-        self.error_ms = 0.0  # last |read position - target| before correction
+        self.error_ms = 0.0  # |read position - target| at the last frame, before any re-seat
+        self.lateness_s = 0.0  # moving average of how late the event loop wakes this track up
 
     async def _tick(self) -> float:
-        """Sleep until this frame is due; returns its due time (wall clock of its first sample)."""
+        """Sleep until this frame is due; returns when it leaves: the due time plus the event loop's typical
+        lateness (a busy loop wakes up late; the audio chosen is the audio for the moment it is actually sent, as
+        the video frame on air is, and smoothing the lateness keeps that target from jittering)."""
         now = time.monotonic()
         if self._start is None:
             self._start = now
@@ -376,36 +402,36 @@ class DelayedAudioTrack(MediaStreamTrack):
         elif now - due > 0.25:  # the sender stalled: restart the clock instead of bursting to catch up
             self._start = now - self._sent / SAMPLE_RATE
             due = now
-        return due
+        self.lateness_s = 0.95 * self.lateness_s + 0.05 * (time.monotonic() - due)
+        return due + self.lateness_s
 
-    def _samples(self, due: float) -> np.ndarray:
+    def _samples(self, now: float) -> np.ndarray:
         latency = self.latency()
         if latency is None or self.ring.t0 is None:
             self.silent_frames += 1
             return np.zeros((SAMPLES_PER_FRAME, CHANNELS), np.int16)
-        self.delay_s = latency
-        target = self.ring.index(due - latency)
-        if self._cursor is None or abs(target - self._cursor) > self.jump:
-            if self._cursor is not None:
-                self.resyncs += 1
-            self._cursor = target
-        error = target - self._cursor  # > 0: playing too old audio (too late): read a little more to catch up
+        target = self.ring.index(now - latency)
+        if self._cursor is None:
+            self._cursor, self.delay_s = target, latency
+        error = target - self._cursor
         self.error_ms = 1e3 * abs(error) / SAMPLE_RATE
-        take = SAMPLES_PER_FRAME + max(-self.max_step, min(self.max_step, error))
-        block = self.ring.read(self._cursor, take)
-        self._cursor += take
-        if take == SAMPLES_PER_FRAME:
-            return block
-        # Play `take` samples in one frame's time: linear resampling per channel (a 2 % pitch change at most).
-        x = np.linspace(0, take - 1, SAMPLES_PER_FRAME)
-        cols = [np.interp(x, np.arange(take), block[:, c].astype(np.float32)) for c in range(CHANNELS)]
-        return np.stack(cols, axis=1).round().astype(np.int16)
+        if abs(error) <= self.deadband:
+            block = self.ring.read(self._cursor, SAMPLES_PER_FRAME)
+        else:  # re-seat: fade from the old read position into the new one
+            self.resyncs += 1
+            self.delay_s = latency
+            old = self.ring.read(self._cursor, len(self.fade)).astype(np.float32)
+            block = self.ring.read(target, SAMPLES_PER_FRAME)
+            head = block[:len(self.fade)].astype(np.float32)
+            block[:len(self.fade)] = (old * (1 - self.fade) + head * self.fade).round().astype(np.int16)
+            self._cursor = target
+        self._cursor += SAMPLES_PER_FRAME
+        return block
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        due = await self._tick()
-        samples = self._samples(due)
+        samples = self._samples(await self._tick())
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="stereo")
         frame.sample_rate = SAMPLE_RATE
         frame.pts = self._sent
