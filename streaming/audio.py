@@ -24,8 +24,10 @@ into the ring at the capture time the file capture gives frame i, so it stays in
 Drift. `DelayedAudioTrack` reads the ring continuously (the audio is sent unaltered) while the latency it should
 play at stays within `deadband_ms` of the one it plays at; beyond that it re-seats the read position, with a 2 ms
 crossfade so the step does not click (counted in `audio_resyncs`). No time stretching: it would change the pitch
-and smear the waveform. Before the first avatar frame (latency unknown) it sends silence. Buffers are bounded: the ring holds `seconds` of audio, a
-remote track is always drained, and the pre-decoded file audio is capped at `max_file_s`.
+and smear the waveform. Before the first avatar frame (latency unknown) it sends silence.
+
+Buffers are bounded: the ring holds `seconds` of audio, a remote track is always drained (aiortc queues what
+nobody reads without bound), and the pre-decoded file audio is capped at `max_file_s`.
 """
 from __future__ import annotations
 

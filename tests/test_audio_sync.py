@@ -28,6 +28,7 @@ from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engine.config import RuntimeConfig, StreamConfig
+from avatar_probe import dejitter, note_packet_arrivals, note_ticks, shown_frames, stamp, stamped_push
 from live_util import post_offer, running_server
 
 SIZE = 256  # driving frames sent by the client
@@ -35,22 +36,8 @@ OUT = 64  # avatar size (tiny preset, CPU)
 FPS_OUT = 25.0
 SR = 48_000
 CHUNK = 960
-BITS, BLOCK = 10, 16  # clapperboard: 10 blocks of 16x16 px along the bottom-left edge
 DRIVE_EVERY = 2  # the camera sends every other frame of lp_d3 (15 fps): what 2 busy CPU cores can render
 TAIL_S = 2.5  # after the clip: hold the last frame and send silence, so the avatar's tail comes back
-
-
-def stamp(image: np.ndarray, k: int) -> np.ndarray:
-    out = image.copy()
-    for b in range(BITS):
-        out[SIZE - BLOCK:, b * BLOCK:(b + 1) * BLOCK] = 255 if (k >> b) & 1 else 0
-    return out
-
-
-def read_stamp(image: np.ndarray) -> int:
-    h = image.shape[0]
-    strip = image[h - BLOCK + 3:h - 3].astype(np.float32).mean(axis=(0, 2))  # inner rows: no codec ringing
-    return sum(1 << b for b in range(BITS) if strip[b * BLOCK + 3:(b + 1) * BLOCK - 3].mean() > 128)
 
 
 def load_clip(path):
@@ -138,23 +125,6 @@ class ClipAudio(MediaStreamTrack):
         return frame
 
 
-def note_packet_arrivals(pc: RTCPeerConnection) -> dict:
-    """{kind: {pts: first arrival}}, recorded before aiortc's jitter buffers (aiortc's received frames have
-    pts = RTP timestamp - the stream's first RTP timestamp)."""
-    arrivals: dict = {"audio": {}, "video": {}}
-    for transceiver in pc.getTransceivers():
-        receiver, seen = transceiver.receiver, arrivals[transceiver.kind]
-        handler = receiver._handle_rtp_packet
-
-        async def handle(packet, *args, _handler=handler, _seen=seen, **kw):
-            first = _seen.setdefault("first", packet.timestamp)
-            _seen.setdefault((packet.timestamp - first) % (1 << 32), time.monotonic())
-            return await _handler(packet, *args, **kw)
-
-        receiver._handle_rtp_packet = handle
-    return arrivals
-
-
 def locate(received: np.ndarray, source: np.ndarray, block: int = 4800, step: int = 2400) -> list:
     """[(received index b, source index of received[b])] for loud blocks that match the source unambiguously."""
     def mono8k(x):  # 48 kHz -> 8 kHz mono float: enough to place speech to 1/8 ms
@@ -182,13 +152,6 @@ def locate(received: np.ndarray, source: np.ndarray, block: int = 4800, step: in
     return [m for i, m in enumerate(out) if any(abs(lags[i] - lags[j]) <= 48 for j in (i - 1, i + 1)
                                                 if 0 <= j < len(out))]
 
-
-def dejitter(send_clock: np.ndarray, arrived: np.ndarray, window: int = 25) -> np.ndarray:
-    """Arrival times without the receiving event loop's jitter: the sender's clock + the median transit of the
-    `window` frames around each one (the packets of both tracks leave on real-time clocks)."""
-    transit = arrived - send_clock
-    half = window // 2
-    return send_clock + np.array([np.nanmedian(transit[max(0, i - half):i + half + 1]) for i in range(len(transit))])
 
 
 def measure(video_rx, audio_rx, arrivals, ticks, stamps, clip: Clip):
@@ -220,21 +183,9 @@ def measure(video_rx, audio_rx, arrivals, ticks, stamps, clip: Clip):
         return clip.audio_sent[n] + (m - n * CHUNK) / SR
 
     # --- the video: which driving frame is the received avatar frame? ----------------------------------------------
-    tick_times = np.array([t for t, _ in ticks])
-    rx = []  # (arrival, tick index) of received avatar frames
-    for pts, _ in video_rx:
-        arrived = arrivals["video"].get(pts)
-        i = -1 if arrived is None else np.searchsorted(tick_times, arrived) - 1
-        if i >= 0:
-            assert arrived - tick_times[i] < 1 / FPS_OUT, "a video frame arrived more than a frame after its tick"
-            rx.append((arrived, i))
-    shown = dejitter(np.array([tick_times[i] for _, i in rx]), np.array([a for a, _ in rx]))
     errors, latencies, seen_k = [], [], []
-    for arrived, (_, i) in zip(shown, rx):
-        if ticks[i][1] is None or ticks[i][1] not in stamps:
-            continue
-        k = stamps[ticks[i][1]]
-        if k not in clip.video_sent or (seen_k and seen_k[-1] == k):
+    for arrived, k in shown_frames([pts for pts, _ in video_rx], arrivals, ticks, stamps, FPS_OUT):
+        if k is None or k not in clip.video_sent or (seen_k and seen_k[-1] == k):
             continue  # lip sync is judged when a driving frame appears, not while the next tick repeats it
         seen_k.append(k)
         latencies.append(arrived - clip.video_sent[k])
@@ -260,13 +211,7 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
         r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
                                   runtime=RuntimeConfig(device="cpu"), fps=fps / DRIVE_EVERY,
                                   controller=ControllerConfig(enabled=False))  # one budget: a steady latency
-        push = r.push
-
-        def stamped_push(frame, pts):
-            stamps[pts] = read_stamp(frame)
-            push(frame, pts)
-
-        r.push = stamped_push
+        stamped_push(r, stamps)
         renderers.append(r)
         return r
 
@@ -280,15 +225,7 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
             remote: dict = {}
             pc.on("track", lambda t: remote.setdefault(t.kind, t))
             answer = await post_offer(url, pc)
-            track = server.sessions[answer["session"]].track
-            image = track._image
-
-            def noted_image():
-                out = image()
-                ticks.append((time.monotonic(), None if track.on_air is None else track.on_air[0]))
-                return out
-
-            track._image = noted_image
+            note_ticks(server.sessions[answer["session"]].track, ticks)
             video_rx, audio_rx = [], []
 
             async def drain(kind, out):
