@@ -48,6 +48,9 @@ PTIME = 0.02  # seconds per outgoing audio frame (WebRTC's usual packet time)
 SAMPLES_PER_FRAME = int(SAMPLE_RATE * PTIME)
 AUDIO_TIME_BASE = fractions.Fraction(1, SAMPLE_RATE)
 RTP_WRAP = 1 << 32
+# Opus (libopus, as aiortc and browsers use it) looks 312 samples ahead: decoded audio lags its timestamp by 6.5 ms
+# per encode. One encode happens before the server (the peer's microphone), one after (our audio track).
+OPUS_DELAY_S = 312 / SAMPLE_RATE
 
 
 class AudioRing:
@@ -277,7 +280,7 @@ class AudioInput:
         captured = (handed_out if arrived is None else arrived) + (self.hold.hold_s if self.hold else 0.0)
         media = self._media_time(frame)
         self._offsets.append(captured - media)
-        return media + statistics.median(self._offsets)
+        return media + statistics.median(self._offsets) - OPUS_DELAY_S  # the sound is one encoder lookahead older
 
     async def _run(self) -> None:
         try:
@@ -412,7 +415,7 @@ class DelayedAudioTrack(MediaStreamTrack):
         if latency is None or self.ring.t0 is None:
             self.silent_frames += 1
             return np.zeros((SAMPLES_PER_FRAME, CHANNELS), np.int16)
-        target = self.ring.index(now - latency)
+        target = self.ring.index(now - latency + OPUS_DELAY_S)  # our encoder will hold it back by its lookahead
         if self._cursor is None:
             self._cursor, self.delay_s = target, latency
         error = target - self._cursor
