@@ -177,17 +177,20 @@ def cmd_serve(args) -> int:
 
         open_video(args.driving).close()  # a bad path fails here, in one sentence, not in a thread later
     idle = idle_image(args, make, reference, cfg.width, cfg.height)
+    info = {}  # labels at the top of /stats and on the page
     if args.renderer == "flashportrait":
         import time
 
         t0 = time.perf_counter()
         make().close()  # warm start: the shared engine loads, compiles and captures before the first peer
-        print(f"FlashLive flashportrait engine is warm after {time.perf_counter() - t0:.1f} s (load, compile, "
+        warm = time.perf_counter() - t0
+        info = {"preset": args.preset, "random_weights": bool(args.random_weights), "warm_up_s": round(warm, 2)}
+        print(f"FlashLive flashportrait engine is warm after {warm:.1f} s (load, compile, "
               f"CUDA graph capture){', random weights' if args.random_weights else ''}", flush=True)
     if args.loopback_ice:
         srv.restrict_ice_to_loopback()
     server = srv.AvatarServer(cfg, make, idle, renderer_name=args.renderer, device=device,
-                              max_sessions=args.max_sessions, vcam_device=args.vcam_device)
+                              max_sessions=args.max_sessions, vcam_device=args.vcam_device, info=info)
 
     def ready(url: str) -> None:
         print(f"FlashLive ({args.renderer} renderer) is serving {url}  (OBS viewer: {url}viewer)", flush=True)
