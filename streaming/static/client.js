@@ -39,26 +39,36 @@ const flashlive = (() => {
 
   function newPeer(video) {
     const conn = new RTCPeerConnection({iceServers: []});
+    const remote = new MediaStream(); // the avatar and, when the server sends it, the delayed voice: one element
     conn.addEventListener("track", (event) => {
-      video.srcObject = event.streams[0] || new MediaStream([event.track]);
-      video.play().catch(() => {}); // autoplay of a muted video is allowed; the page has muted set
+      remote.addTrack(event.track);
+      if (video.srcObject !== remote) video.srcObject = remote;
+      // Autoplay of a muted video is always allowed; an unmuted one (the viewer page) may be refused: then muted.
+      video.play().catch(() => { video.muted = true; video.play().catch(() => {}); });
     });
     window.addEventListener("pagehide", stop);
     return conn;
   }
 
   async function startCamera(video, preview) {
-    const camera = await navigator.mediaDevices.getUserMedia({
-      video: {width: {ideal: 640}, height: {ideal: 480}, frameRate: {ideal: 30}}, audio: false});
-    if (preview) preview.srcObject = camera;
+    const videoWanted = {width: {ideal: 640}, height: {ideal: 480}, frameRate: {ideal: 30}};
+    let camera;
+    try { // the microphone comes back delayed by the avatar's latency, in sync with its lips
+      camera = await navigator.mediaDevices.getUserMedia({
+        video: videoWanted, audio: {echoCancellation: true, noiseSuppression: true}});
+    } catch (err) { // no microphone, or not allowed: the avatar alone
+      camera = await navigator.mediaDevices.getUserMedia({video: videoWanted, audio: false});
+    }
+    if (preview) preview.srcObject = new MediaStream(camera.getVideoTracks());
     pc = newPeer(video);
-    for (const track of camera.getVideoTracks()) pc.addTrack(track, camera);
+    for (const track of camera.getTracks()) pc.addTrack(track, camera);
     return negotiate(pc);
   }
 
   async function startViewer(video) {
     pc = newPeer(video);
     pc.addTransceiver("video", {direction: "recvonly"});
+    pc.addTransceiver("audio", {direction: "recvonly"}); // a --driving file's audio, when the server has one
     return negotiate(pc);
   }
 
