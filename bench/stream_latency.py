@@ -10,6 +10,17 @@ until the first received avatar frame that has moved at least half-way from the 
 B-avatar; then the other way round, `--trials` times. Everything (encode, network, decode, capture, render, pacing,
 encode, network, decode) is inside the measurement, as a person in front of a camera would see it.
 Writes bench/results/stream_latency_<renderer>.json (renderer, device, fps, p50_ms, p95_ms, ttff_s, ...) + PNG.
+
+A generated avatar (FlashPortrait, above all with --random-weights) does not settle on a held frame, so the jump
+cannot be timed. `--method pts` (the default for flashportrait) times every frame instead: the server runs in this
+process (built from the same `flashlive serve` flags), the client stamps a frame number into each driving frame it
+sends (tests/avatar_probe.py), the server-side hooks note which capture pts every video tick sends and which
+stamp that capture had, and the client notes when each avatar frame's packets arrive. Glass-to-glass for driving
+frame k = (client has decoded the first avatar frame showing k) - (k left the client's camera track); fps = new
+avatar frames per second; ttff = connect -> first avatar frame (not the idle portrait).
+
+    python bench/stream_latency.py --renderer flashportrait --driving DATA/lp_d0.mp4 \
+        --server-args "--preset 1.3b --random-weights" --seconds 20
 """
 from __future__ import annotations
 
@@ -199,6 +210,179 @@ async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
             "span": span, "stats": stats, "session": mine}
 
 
+async def measure_pts(args, frames: list) -> dict:
+    """The per-frame method (see the module docstring): an in-process server, a stamped camera, timestamps."""
+    import aiohttp
+    from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from avatar_probe import note_packet_arrivals, note_ticks, stamp, stamped_push
+
+    import flashlive
+    from streaming.server import AvatarServer, serve
+
+    cli = flashlive.build_parser().parse_args(
+        ["serve", "--renderer", args.renderer, "--size", args.size, "--fps", str(args.fps), "--port", "0",
+         *(["--reference", args.reference] if args.reference else []), *shlex.split(args.server_args)])
+    if cli.input_queue is None and cli.renderer == "preview":
+        cli.input_queue = 1  # as flashlive serve does
+    cfg = flashlive.stream_config(cli)
+    reference = flashlive.load_reference(cli.reference, cli.renderer)
+    make, device = flashlive.renderer_factory(cli, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
+    idle = flashlive.idle_image(cli, make, reference, cfg.width, cfg.height)
+    t0 = time.perf_counter()
+    make().close()  # warm start, as flashlive serve: load, compile and capture before the peer connects
+    warm_up_s = time.perf_counter() - t0
+    print(f"warm after {warm_up_s:.1f} s", flush=True)
+    stamps: dict = {}
+
+    def make_stamped():
+        renderer = make()
+        stamped_push(renderer, stamps)
+        return renderer
+
+    server = AvatarServer(cfg, make_stamped, idle, renderer_name=cli.renderer, device=device,
+                          info={"preset": cli.preset if cli.renderer != "preview" else None,
+                                "random_weights": bool(cli.random_weights), "warm_up_s": round(warm_up_s, 2)})
+    ready: asyncio.Future = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(serve(server, ready=ready.set_result, stop=stop))
+    url = await asyncio.wait_for(ready, 60)
+    side = args.camera_size  # the camera's frames; the stamp needs 160 px of width
+    images = [cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA) for f in frames]
+
+    class StampedCamera(VideoStreamTrack):
+        """Driving frame n (stamped n mod 1024, the video looped) leaves at t0 + n / fps; sent[n] notes when."""
+
+        def __init__(self):
+            super().__init__()
+            self.sent: list[float] = []
+            self.t0: float | None = None
+
+        async def recv(self):
+            n = len(self.sent)
+            if self.t0 is None:
+                self.t0 = time.monotonic()
+            await asyncio.sleep(max(0.0, self.t0 + n / args.fps - time.monotonic()))
+            frame = av.VideoFrame.from_ndarray(stamp(images[n % len(images)], n % 1024), format="rgb24")
+            frame.pts, frame.time_base = round(n * 90000 / args.fps), fractions.Fraction(1, 90000)
+            self.sent.append(time.monotonic())
+            return frame
+
+    camera = StampedCamera()
+    ticks: list = []
+    pc = RTCPeerConnection()
+    pc.addTrack(camera)
+    arrivals = note_packet_arrivals(pc)
+    remote: asyncio.Future = asyncio.get_running_loop().create_future()
+    pc.on("track", lambda t: remote.done() or remote.set_result(t))
+    connect = time.monotonic()
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise SystemExit(f"/offer answered {resp.status}: {answer.get('error')}")
+    note_ticks(server.sessions[answer["session"]].track, ticks)
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    track = await asyncio.wait_for(remote, 30)
+
+    tick_times: list[float] = []
+    shown: list[tuple[float, int]] = []  # (client decoded time, driving frame n) at each frame's first appearance
+    last_n, received, end = None, 0, time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        frame = await asyncio.wait_for(track.recv(), 30)
+        decoded, received = time.monotonic(), received + 1
+        arrived = arrivals["video"].get(frame.pts)
+        tick_times.extend(t for t, _ in ticks[len(tick_times):])
+        i = -1 if arrived is None else int(np.searchsorted(tick_times, arrived)) - 1
+        if i < 0 or ticks[i][1] not in stamps:
+            continue
+        mark = stamps[ticks[i][1]]
+        # the stamp is n mod 1024: the frame sent most recently with that stamp
+        n = max((m for m in range(mark, len(camera.sent), 1024)), default=None)
+        if n is not None and n != last_n:
+            shown.append((decoded, n))
+            last_n = n
+    stats = server.stats()
+    mine = next((s for s in stats["sessions"] if s["id"] == answer["session"]), {})
+    await pc.close()
+    camera.stop()
+    stop.set()
+    await asyncio.wait_for(task, 60)
+    if not shown:
+        raise SystemExit("no avatar frame came back within --seconds: see the server's renderer_stats")
+    steady = [(t, n) for t, n in shown if t >= shown[0][0] + args.warmup]  # after the playout delay settled
+    latencies = [(t - camera.sent[n]) * 1e3 for t, n in steady]
+    span = steady[-1][0] - steady[0][0] if len(steady) > 1 else 0.0
+    return {"latencies_ms": latencies, "fps": (len(steady) - 1) / span if span > 0 else 0.0,
+            "ttff_s": shown[0][0] - connect, "first_frame_s": None, "trace": [(t - connect, lat) for (t, _), lat in
+                                                                           zip(steady, latencies)],
+            "stats": stats, "session": mine, "received": received, "frames_shown": len(shown),
+            "warm_up_s": warm_up_s}
+
+
+def run_pts(args) -> None:
+    """--method pts: measure, write bench/results/<name>.json + PNG, print the table."""
+    with av.open(args.driving) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    result = asyncio.run(measure_pts(args, frames))
+    lat = np.array(result["latencies_ms"])
+    stats, session = result["stats"], result["session"]
+    payload = {
+        "renderer": stats["renderer"], "device": stats["device"], "fps": round(result["fps"], 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
+        "p95_ms": round(float(np.percentile(lat, 95)), 1) if lat.size else None,
+        "ttff_s": round(result["ttff_s"], 3), "method": "pts",
+        "method_note": "glass-to-glass per driving frame: camera track -> avatar frame decoded at the client, "
+                       "frames identified by a stamped frame number (in-process server)",
+        "frames_measured": int(lat.size), "frames_received": result["received"],
+        "warm_up_s": round(result["warm_up_s"], 2), "preset": stats.get("preset"),
+        "random_weights": stats.get("random_weights"), "target_fps": args.fps, "size": args.size,
+        "server_latency_ms": session.get("latency_ms"), "repeats": session.get("repeats"),
+        "skipped": session.get("skipped"), "frames_out": session.get("frames_out"),
+        "controller": session.get("controller"), "gpu": stats.get("gpu"),
+        "renderer_stats": session.get("renderer_stats"),
+        "latencies_ms": [round(x, 1) for x in lat.tolist()],
+        "config": {k: v for k, v in vars(args).items() if k != "url"},
+    }
+    name = args.name or f"stream_latency_{args.renderer}"
+    path = write_result(name, payload)
+    plot_pts(RESULTS / f"{name}.png", result, f"{payload['renderer']} {payload['preset'] or ''} on "
+             f"{payload['device']}: p50 {payload['p50_ms']} ms, p95 {payload['p95_ms']} ms, {payload['fps']} fps, "
+             f"first frame {payload['ttff_s']} s")
+    print(f"\n{'renderer':<14}{'device':<28}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'ttff s':>8}")
+    print(f"{payload['renderer']:<14}{str(payload['device'])[:27]:<28}{payload['fps']:>7}{payload['p50_ms']!s:>9}"
+          f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}")
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def plot_pts(path: Path, result: dict, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    t, lat = zip(*result["trace"]) if result["trace"] else ((), ())
+    ax1.plot(t, lat, ".", ms=2)
+    for q, style in ((50, "--"), (95, ":")):
+        if lat:
+            ax1.axhline(np.percentile(lat, q), ls=style, c="grey", label=f"p{q} {np.percentile(lat, q):.0f} ms")
+    ax1.set_xlabel("time since connect (s)")
+    ax1.set_ylabel("glass-to-glass latency (ms)")
+    if lat:
+        ax1.legend()
+    ax2.hist(lat, bins=40)
+    ax2.set_xlabel("glass-to-glass latency (ms)")
+    ax2.set_ylabel("driving frames")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(path: Path, result: dict, title: str) -> None:
     import matplotlib
 
@@ -248,7 +432,18 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra flags for flashlive serve (flashportrait settings)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server (compile)")
     p.add_argument("--name", default=None, help="result name (default stream_latency_<renderer>)")
+    p.add_argument("--method", choices=("auto", "jump", "pts"), default="auto",
+                   help="jump: black-box A/B switches; pts: per-frame timestamps with an in-process server "
+                        "(auto: pts for flashportrait without --url, else jump)")
+    p.add_argument("--seconds", type=float, default=20.0, help="pts: how long to stream")
+    p.add_argument("--camera-size", type=int, default=512, help="pts: side of the square driving frames sent")
     args = p.parse_args()
+    if args.method == "pts" or (args.method == "auto" and args.renderer == "flashportrait" and args.url is None):
+        from streaming.server import restrict_ice_to_loopback
+
+        restrict_ice_to_loopback()
+        run_pts(args)
+        return
 
     from streaming.server import restrict_ice_to_loopback
 
