@@ -162,6 +162,26 @@ class OnAirLatency:
         return self._median
 
 
+class MirrorLatency:
+    """The latency a /viewer sees: the programme's on-air latency plus the mirror's lag behind the programme.
+
+    A streaming.tracks.MirrorTrack shows, at each of its ticks, the frame the programme track sent at its own last
+    tick: both tick at the same fps on their own clocks, so the mirror lags by their phase difference (constant
+    until a clock restarts), up to one frame.
+    """
+
+    def __init__(self, program_latency: OnAirLatency, program, mirror):
+        self.program_latency, self.program, self.mirror = program_latency, program, mirror
+
+    def __call__(self) -> float | None:
+        latency = self.program_latency()
+        p, m = getattr(self.program, "_start", None), getattr(self.mirror, "_start", None)
+        if latency is None or p is None or m is None:
+            return latency
+        period = 1.0 / self.mirror.fps
+        return latency + (m - p) % period
+
+
 class PacketArrivals:
     """When the first RTP packet of each RTP timestamp reached an aiortc RTCRtpReceiver (time.monotonic seconds).
 

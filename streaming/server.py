@@ -35,8 +35,8 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from engine.config import StreamConfig
-from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, OnAirLatency, PacketArrivals,
-                             VideoHold)
+from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, MirrorLatency, OnAirLatency,
+                             PacketArrivals, VideoHold)
 from streaming.capture import AVCapture, WebRTCCapture, is_device
 from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
 from streaming.telemetry import GpuTelemetry
@@ -277,7 +277,8 @@ class AvatarServer:
             c = self.config
             session = Session(sid, "viewer", pc, MirrorTrack(self.program_image, c.fps, c.width, c.height))
             if self._program_audio is not None and "\nm=audio " in sdp.replace("\r\n", "\n"):
-                session.audio_out = DelayedAudioTrack(self._program_audio, OnAirLatency(self._program))
+                latency = MirrorLatency(OnAirLatency(self._program), self._program, session.track)
+                session.audio_out = DelayedAudioTrack(self._program_audio, latency)
         pc.addTrack(session.track)
         if session.audio_out is not None:
             pc.addTrack(session.audio_out)

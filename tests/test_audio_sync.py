@@ -277,3 +277,125 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
     # busy CPU cores add jitter (a stalled tick shows one frame late): most frames are within one frame of their
     # audio, and all but a stray one within three.
     assert within >= 0.8 and np.mean(np.abs(errors) <= 3 * frame_ms) >= 0.98, report
+
+
+def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
+    """`--driving FILE`: the file's own audio goes to a receive-only viewer (OBS) delayed by the programme's
+    latency. lp_d12 has real speech: the viewer's audio is located in it by cross-correlation and compared with
+    the file frame the programme shows at the same moment (both as media time of the file)."""
+    from engine.controller import ControllerConfig
+    from engine.renderer import FlashPortraitRenderer
+
+    reference = cv2.imread(str(data("reference", "lp_s6.jpg")))[:, :, ::-1].copy()
+    path = data("driving", "lp_d12.mp4")
+    with av.open(str(path)) as c:
+        fps = float(c.streams.video[0].average_rate)
+        n_frames = c.streams.video[0].frames
+        resampler = av.AudioResampler(format="s16", layout="stereo", rate=SR)
+        source = np.concatenate([g.to_ndarray().reshape(-1, 2) for f in c.decode(audio=0)
+                                 for g in resampler.resample(f)])
+    order: dict[float, int] = {}  # programme capture pts -> file frame index (the capture pushes them in order)
+
+    def make():
+        r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
+                                  runtime=RuntimeConfig(device="cpu"), fps=fps, controller=ControllerConfig(enabled=False))
+        push = r.push
+
+        def noted(frame, pts):
+            order[pts] = len(order)
+            push(frame, pts)
+
+        r.push = noted
+        return r
+
+    program_ticks: list = []
+    viewer_ticks: list[float] = []
+
+    async def scenario():
+        config = StreamConfig(port=0, width=OUT, height=OUT, fps=FPS_OUT, driving=str(path))
+        async with running_server(config, make, np.zeros((OUT, OUT, 3), np.uint8),
+                                  renderer_name="flashportrait") as (server, url):
+            note_ticks(server._program, program_ticks)
+            pc = RTCPeerConnection()
+            pc.addTransceiver("video", direction="recvonly")
+            pc.addTransceiver("audio", direction="recvonly")
+            arrivals = note_packet_arrivals(pc)
+            remote: dict = {}
+            pc.on("track", lambda t: remote.setdefault(t.kind, t))
+            answer = await post_offer(url, pc)
+            assert answer["kind"] == "viewer"
+            mirror = server.sessions[answer["session"]].track
+            image = mirror._image
+
+            def noted_image():
+                viewer_ticks.append(time.monotonic())
+                return image()
+
+            mirror._image = noted_image
+            for _ in range(100):
+                if len(remote) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert set(remote) == {"audio", "video"}, f"the viewer got {sorted(remote)}, not audio and video"
+            video_rx, audio_rx = [], []
+
+            async def drain(kind, out):
+                while True:
+                    frame = await asyncio.wait_for(remote[kind].recv(), 10)
+                    out.append((frame.pts, frame.to_ndarray().reshape(-1, 2) if kind == "audio" else None))
+
+            tasks = [asyncio.ensure_future(drain("video", video_rx)), asyncio.ensure_future(drain("audio", audio_rx))]
+            await asyncio.sleep(0.9 * n_frames / fps)  # most of one pass through the file
+            stats = server.stats()
+            for t in tasks:
+                t.cancel()
+            await pc.close()
+            return video_rx, audio_rx, arrivals, stats
+
+    video_rx, audio_rx, arrivals, stats = asyncio.run(scenario())
+    (viewer,) = stats["sessions"]
+    assert stats["program"]["audio_source"] == "file" and viewer["audio_frames_out"] > 0, (stats["program"], viewer)
+
+    received = np.concatenate([a for _, a in audio_rx])
+    starts = np.cumsum([0] + [len(a) for _, a in audio_rx])[:-1]
+    audio_arrival = dejitter(np.array([pts / SR for pts, _ in audio_rx]),
+                             np.array([arrivals["audio"].get(pts, np.nan) for pts, _ in audio_rx]))
+    matches = locate(received, source)
+    assert len(matches) > 20, f"only {len(matches)} blocks of the viewer's audio were found in lp_d12's audio"
+    m_rx, m_src = np.array(matches).T
+
+    # The viewer's frame at time t shows the programme frame on air then: file frame i, media time i / fps.
+    program_times = np.array([t for t, _ in program_ticks])
+    rx = [(arrivals["video"].get(pts), int(np.searchsorted(viewer_ticks, arrivals["video"].get(pts))) - 1)
+          for pts, _ in video_rx if arrivals["video"].get(pts) is not None]
+    rx = [(a, i) for a, i in rx if i >= 0]
+    shown = dejitter(np.array([viewer_ticks[i] for _, i in rx]), np.array([a for a, _ in rx]))
+    errors, last = [], None
+    for t_shown, (_, i) in zip(shown, rx):
+        j = int(np.searchsorted(program_times, viewer_ticks[i])) - 1
+        pts = program_ticks[j][1] if j >= 0 else None
+        frame = order.get(pts)
+        if frame is None or frame == last or frame >= n_frames:
+            continue
+        last = frame
+        a = int(np.searchsorted(audio_arrival, t_shown)) - 1
+        if a < 0:
+            continue
+        r = starts[a] + min(CHUNK - 1, int((t_shown - audio_arrival[a]) * SR))
+        k = int(np.searchsorted(m_rx, r))
+        near = [x for x in (k - 1, k) if 0 <= x < len(m_rx) and abs(m_rx[x] - r) <= 4800]
+        if near:
+            x = min(near, key=lambda x: abs(m_rx[x] - r))
+            errors.append(1e3 * ((r + m_src[x] - m_rx[x]) / SR - frame / fps))
+    errors = np.array(errors)
+    frame_ms = 1e3 / FPS_OUT
+    windows = np.array([np.median(errors[i:i + 25]) for i in range(max(1, len(errors) - 24))])
+    report = (f"programme latency {stats['program']['latency_ms']} ms, audio delay {viewer['audio_delay_ms']} ms; "
+              f"sync error over {len(errors)} frames: median {np.median(errors):.1f} ms, 1 s medians "
+              f"{windows.min():.1f}..{windows.max():.1f} ms, {100 * np.mean(np.abs(errors) <= frame_ms):.1f} % "
+              f"within one frame")
+    print(report)
+    assert len(errors) > 0.5 * n_frames * 0.8, report
+    assert viewer["audio_delay_ms"] > 2 * frame_ms, f"the programme is only {viewer['audio_delay_ms']} ms late"
+    assert np.all(np.abs(windows) <= frame_ms), report
+    assert np.mean(np.abs(errors) <= frame_ms) >= 0.8, report
