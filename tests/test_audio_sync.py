@@ -399,3 +399,48 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
     assert viewer["audio_delay_ms"] > 2 * frame_ms, f"the programme is only {viewer['audio_delay_ms']} ms late"
     assert np.all(np.abs(windows) <= frame_ms), report
     assert np.mean(np.abs(errors) <= frame_ms) >= 0.8, report
+
+
+def test_ring_is_bounded_and_addressed_by_capture_time():
+    from streaming.audio import AudioRing
+
+    ring = AudioRing(seconds=1.0)
+    rng = np.random.default_rng(0)
+    sound = rng.integers(-3000, 3000, (3 * SR, 2)).astype(np.int16)
+    for n in range(0, len(sound), CHUNK):  # 3 s in 20 ms chunks, capture times (after the first) jittered by 3 ms
+        ring.write(sound[n:n + CHUNK], 100.0 + n / SR + (rng.uniform(-0.003, 0.003) if n else 0.0))
+    assert ring._buf.nbytes == SR * 2 * 2 and ring.gaps == 0  # 1 s of 48 kHz stereo s16, however much went in
+    assert np.array_equal(ring.read(ring.index(102.5), 480), sound[int(2.5 * SR):int(2.5 * SR) + 480])
+    assert not ring.read(ring.index(101.0), 480).any(), "audio older than the ring holds must read as silence"
+    assert not ring.read(ring.index(103.5), 480).any(), "audio not captured yet must read as silence"
+    ring.write(sound[:CHUNK], 103.2)  # 200 ms after the last write: a gap of silence, then the new audio
+    assert ring.gaps == 1 and not ring.read(ring.index(103.05), 480).any()
+    assert np.array_equal(ring.read(ring.index(103.2), CHUNK), sound[:CHUNK])
+
+
+def test_delayed_track_frames_and_delay():
+    from streaming.audio import OPUS_DELAY_S, AudioRing, DelayedAudioTrack
+
+    ring = AudioRing(seconds=5.0)
+    t0 = time.monotonic() - 1.0  # audio captured from 1 s ago to 1 s ahead
+    index = np.arange(2 * SR)
+    ring.write(np.stack([index % 30000, index // 30000], axis=1).astype(np.int16), t0)  # each sample says its index
+    latency = {"s": None}
+    track = DelayedAudioTrack(ring, lambda: latency["s"])
+
+    async def frames(n):
+        return [await track.recv() for _ in range(n)]
+
+    first = asyncio.run(frames(2))
+    assert all(not f.to_ndarray().any() for f in first), "before the first avatar frame the track is silent"
+    latency["s"] = 0.5
+    out = asyncio.run(frames(10))
+    for i, f in enumerate(first + out):
+        assert (f.format.name, f.layout.name, f.sample_rate, f.samples) == ("s16", "stereo", SR, CHUNK)
+        assert f.pts == i * CHUNK and f.time_base == fractions.Fraction(1, SR)
+    sent_at = time.monotonic()
+    block = out[-1].to_ndarray().reshape(-1, 2).astype(int)
+    last = block[:, 0] + 30000 * block[:, 1]
+    played = (last[0] / SR + t0) - sent_at  # capture time of the frame's first sample - when it was sent
+    assert abs(played + 0.5 - OPUS_DELAY_S) < 0.03, f"played audio captured {-played:.3f} s ago, not 0.5 s"
+    assert np.all(np.diff(last) == 1), "the audio is not sent unaltered between re-seats"
