@@ -15,8 +15,8 @@ video frame until the first packet of the next frame arrives (one frame interval
 more have arrived (80 ms). Using hand-out times would put the voice 40 ms behind the face at 25 fps. So
 `PacketArrivals` notes when the first RTP packet of each timestamp arrived, the video side measures its hold
 (hand-out time - arrival), and an audio frame's capture time is its packet arrival + that video hold. Jitter is
-removed with the media timestamps: capture = media time + the median (arrival - media time) of the last two
-seconds (the median, not the minimum: video capture times carry the typical delay, not the smallest).
+removed with the media timestamps: capture = media time + the median (arrival - media time) of the last half
+second (the median, not the minimum: video capture times carry the typical delay, not the smallest).
 
 A `--driving` file has no packets: `FileAudio.wrap(push)` writes the audio of video frame i (its 1/fps of samples)
 into the ring at the capture time the file capture gives frame i, so it stays in sync across loops by construction.
@@ -135,7 +135,7 @@ class OnAirLatency:
     older ones are forgotten, so the audio follows the step at once. None until the first avatar frame is sent.
     """
 
-    def __init__(self, track, window: int = 25, attack: int = 3, step_s: float = 0.03, jump_s: float = 0.09):
+    def __init__(self, track, window: int = 11, attack: int = 3, step_s: float = 0.03, jump_s: float = 0.09):
         self.track = track
         self.attack, self.step_s, self.jump_s = attack, step_s, jump_s
         self._seen = None
@@ -268,7 +268,7 @@ class AudioInput:
     """
 
     def __init__(self, track, ring: AudioRing, arrivals: PacketArrivals | None = None,
-                 hold: VideoHold | None = None, dejitter_frames: int = 100):
+                 hold: VideoHold | None = None, dejitter_frames: int = 25):
         self.track, self.ring, self.arrivals, self.hold = track, ring, arrivals, hold
         self.frames_in = 0
         self._offsets: collections.deque = collections.deque(maxlen=dejitter_frames)

@@ -115,26 +115,31 @@ def test_flashportrait_streams_every_frame_in_order_and_frees_the_session(data):
     assert {f.shape for _, f in received} == {(OUT, OUT, 3)}
     assert session["renderer"] == "flashportrait" and rs["random_weights"] is True, rs
 
-    # Count and order: every driving frame the renderer got comes back exactly once, in order.
-    fresh = [k for i, (_, k) in enumerate(shown) if k is not None and (i == 0 or shown[i - 1][1] != k)]
-    assert fresh == sorted(fresh) and len(fresh) == len(set(fresh)), f"out of order or repeated: {fresh}"
+    # Count and order, as the server sent them: every driving frame the renderer got goes on air exactly once, in
+    # order (nothing dropped at the input, nothing skipped in the playout buffer).
+    on_air = [stamps.get(pts) for _, pts in ticks if pts is not None]
+    sent = [k for i, k in enumerate(on_air) if i == 0 or on_air[i - 1] != k]
     assert set(range(len(frames))) <= set(stamps.values()), "the server did not receive every driving frame"
-    assert set(fresh) == set(range(len(frames))), \
-        f"driving frames never shown: {sorted(set(range(len(frames))) - set(fresh))}"
+    clip_sent = [k for k in sent if k is not None and k < len(frames)]
+    assert clip_sent == list(range(len(frames))), f"frames on air out of order, repeated or missing: {clip_sent}"
     assert rs["dropped_in"] == 0 and session["skipped"] == 0, (rs["dropped_in"], session["skipped"])
+    # ... and as the client received them (loopback UDP may lose a packet on a busy machine: nearly all).
+    fresh = [k for i, (_, k) in enumerate(shown) if k is not None and (i == 0 or shown[i - 1][1] != k)]
+    assert fresh == sorted(fresh) and len(fresh) == len(set(fresh)), f"received out of order or repeated: {fresh}"
+    assert len(set(fresh) & set(range(len(frames)))) >= 0.95 * len(frames), f"received only {len(set(fresh))}"
 
     # Pacing: the output runs at the configured fps, and a rendered window's frames are handed out one per driving
-    # frame period, not in bursts: every driving frame waits the same time (within a frame or two) to go on air.
+    # frame period, not in bursts: consecutive driving frames appear one driving period apart (within a tick).
     times = np.array([t for t, _ in shown])
     fps = (len(times) - 1) / (times[-1] - times[0])
     assert abs(fps - FPS_OUT) < 1.5, f"output ran at {fps:.1f} fps, not {FPS_OUT}"
     onset = {k: t for t, k in reversed(shown) if k is not None}
+    gaps = np.array([onset[k + 1] - onset[k] for k in sorted(onset) if k + 1 in onset and k + 1 < len(frames)])
+    steady = np.mean(np.abs(gaps - 1 / DRIVE_FPS) <= 1 / FPS_OUT)
+    assert steady >= 0.9, f"only {100 * steady:.0f} % of frames appeared one driving period after the previous one"
     latency = np.array([onset[k] - camera.sent[k] for k in sorted(onset) if k in camera.sent])
-    steady = latency[len(latency) // 4:]  # after the first windows settled the playout delay
-    spread = np.percentile(steady, 95) - np.percentile(steady, 5)
-    assert spread < 2.5 / DRIVE_FPS, f"latency varies by {spread * 1e3:.0f} ms: frames come in bursts"
     print(f"{len(received)} frames at {fps:.1f} fps; latency median {np.median(latency) * 1e3:.0f} ms, "
-          f"spread {spread * 1e3:.0f} ms; repeats {session['repeats']}, windows {rs['windows']}")
+          f"{100 * steady:.0f} % steady; repeats {session['repeats']}, windows {rs['windows']}")
 
     # Disconnect: the session is gone and its renderer freed its state (rolling latents, caches, tokens).
     assert state_before > 0
