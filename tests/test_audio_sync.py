@@ -265,7 +265,8 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
     report = (f"avatar latency {latency * 1e3:.0f} ms; sync error over {len(errors)} frames: median "
               f"{np.median(errors):.1f} ms, 1 s medians {windows.min():.1f}..{windows.max():.1f} ms, "
               f"{100 * within:.1f} % of frames within one frame ({frame_ms:.0f} ms), min {errors.min():.1f}, "
-              f"max {errors.max():.1f} (driving frame {judged[int(np.argmax(np.abs(errors)))]}); server: {session.get('audio_delay_ms')} ms delay, "
+              f"max {errors.max():.1f} (driving frame {judged[int(np.argmax(np.abs(errors)))]}); "
+              f"server: {session.get('audio_delay_ms')} ms delay, "
               f"{session.get('audio_resyncs')} re-seats, video hold {session.get('video_hold_ms')} ms")
     print(report)
     # Undelayed audio would be off by the avatar's whole latency: make sure that is many frames.
@@ -298,7 +299,8 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
 
     def make():
         r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
-                                  runtime=RuntimeConfig(device="cpu"), fps=fps, controller=ControllerConfig(enabled=False))
+                                  runtime=RuntimeConfig(device="cpu"), fps=fps,
+                                  controller=ControllerConfig(enabled=False))
         push = r.push
 
         def noted(frame, pts):
