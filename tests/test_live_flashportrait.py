@@ -114,6 +114,9 @@ def test_flashportrait_streams_every_frame_in_order_and_frees_the_session(data):
     assert len(received) >= 0.8 * FPS_OUT * len(frames) / DRIVE_FPS, f"only {len(received)} frames arrived"
     assert {f.shape for _, f in received} == {(OUT, OUT, 3)}
     assert session["renderer"] == "flashportrait" and rs["random_weights"] is True, rs
+    assert session["controller"]["reason"], session["controller"]  # /stats says what budget it runs and why
+    gpu = stats["gpu"]  # telemetry: readings, or a plain "no GPU" status on a machine without one
+    assert gpu["gpus"] if gpu["available"] else gpu["status"].startswith("no GPU"), gpu
 
     # Count and order, as the server sent them: every driving frame the renderer got goes on air exactly once, in
     # order (nothing dropped at the input, nothing skipped in the playout buffer).
