@@ -40,29 +40,10 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, env_info, write_result  # noqa: E402
 from engine.alpa import ALPAOptions, CachedDiT, cache_bytes  # noqa: E402
 from engine.config import ALPAConfig, get_preset, parse_dtype  # noqa: E402
-from engine.dit import WanModel  # noqa: E402
+from engine.weights import random_dit  # noqa: E402
 from engine.sampler import Sampler, flow_schedule  # noqa: E402
 
 BRANCHES = (("emo", 1.0), ("no_emo", 0.0))
-
-
-@torch.no_grad()
-def random_model(cfg, device, dtype) -> WanModel:
-    """Random weights allocated on the device in `dtype`; linears scaled for unit-variance outputs."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("modulation"):
-            p.normal_(0, cfg.dim ** -0.5, generator=gen)
-        elif p.dim() >= 2:
-            p.normal_(0, p[0].numel() ** -0.5, generator=gen)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.fill_(1.0)
-    return model.eval().requires_grad_(False)
 
 
 def sync(device):
@@ -119,7 +100,7 @@ def main(argv=None):
         sys.exit("CUDA is not available: run on a GPU machine or pass --device cpu (with --preset tiny).")
     dtype = parse_dtype(args.dtype)
     cfg = get_preset(args.preset).dit
-    model = random_model(cfg, device, dtype)
+    model = random_dit(cfg, device, dtype)
     lat = args.size // 8
     B, F = 1, args.frames
     g = torch.Generator(device=device).manual_seed(1)

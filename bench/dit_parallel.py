@@ -38,10 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import env_info, write_result  # noqa: E402
 from engine.config import DiTConfig, get_preset  # noqa: E402
-from engine.dit import WanModel  # noqa: E402
+from engine.weights import random_dit  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels.parallel import SequenceParallelDiT, init_distributed, make_groups  # noqa: E402
-
 
 
 def torchrun_command(gpus: int, argv: list[str]) -> list[str]:
@@ -54,26 +53,6 @@ def launch(gpus: int, argv: list[str]) -> int:
     """Run this script under torchrun with `gpus` processes; returns its exit code."""
     env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
     return subprocess.run(torchrun_command(gpus, argv), env=env).returncode
-
-
-@torch.no_grad()
-def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanModel:
-    """WanModel with random weights made directly on the device in `dtype` (no fp32 copy, so the 14b fits), scaled
-    for unit-variance activations so 40 blocks stay finite. Same seed on every rank: the same weights."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("modulation"):
-            p.normal_(0, cfg.dim ** -0.5, generator=gen)
-        elif p.dim() >= 2:
-            p.normal_(0, p[0].numel() ** -0.5, generator=gen)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:  # norm weights
-            p.fill_(1.0)
-    return model.eval().requires_grad_(False)
 
 
 def random_inputs(cfg: DiTConfig, frames: int, size: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -214,7 +193,7 @@ def main(argv=None) -> int:
         f"attention {args.attention}, NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}", flush=True)
 
     t0 = time.perf_counter()
-    model = random_model(cfg, device, dtype)
+    model = random_dit(cfg, device, dtype)
     say(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     branches = [{"ip_scale": 1.0}, {"ip_scale": 0.0}][:args.passes] + \
         [{"ip_scale": 1.0}] * max(0, args.passes - 2)

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, env_info, write_result  # noqa: E402
 from engine.config import DiTConfig, RuntimeConfig, get_preset  # noqa: E402
-from engine.dit import WanModel  # noqa: E402
+from engine.weights import random_dit  # noqa: E402
 from kernels import attention as attn  # noqa: E402
 from kernels import fused  # noqa: E402
 from kernels.fp8 import quantize_linears, relative_error  # noqa: E402
@@ -113,25 +113,6 @@ def matmul_peak(device: torch.device, cuda: bool) -> dict:
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def random_model(cfg: DiTConfig, device: torch.device, dtype: torch.dtype) -> WanModel:
-    """WanModel with random weights allocated directly on the device in `dtype` (no fp32 copy: 14b fits)."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("modulation"):
-            p.normal_(0, cfg.dim ** -0.5, generator=gen)
-        elif p.dim() >= 2:
-            p.normal_(0, (p[0].numel()) ** -0.5, generator=gen)  # unit-variance outputs
-        elif name.endswith("bias"):
-            p.zero_()
-        else:  # norm weights
-            p.fill_(1.0)
-    return model.eval().requires_grad_(False)
-
-
 def random_inputs(cfg: DiTConfig, shape: StepShape, device: torch.device, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     B, F, H, W = shape.batch, shape.frames, shape.height, shape.width
@@ -343,7 +324,7 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
     cfg = get_preset(preset).dit
     results, checks, profiles = report.results, report.checks, report.profiles
     try:
-        model = random_model(cfg, device, dtype)
+        model = random_dit(cfg, device, dtype)
     except torch.OutOfMemoryError:
         print(f"{preset}: out of memory building the model, skipped")
         results.append({"preset": preset, "skipped": "out of memory building the model"})

@@ -481,6 +481,25 @@ def build_dit(cfg, *, meta: bool = True):
         return WanModel(cfg)
 
 
+@torch.no_grad()
+def random_dit(cfg, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """WanModel with seeded random weights made directly on `device` in `dtype` (no fp32 copy, so the 14b fits one
+    GPU), scaled for unit-variance activations so 40 blocks stay finite; the same seed gives the same weights on
+    every rank. For timing and benches where no checkpoint exists."""
+    model = build_dit(cfg).to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("modulation"):
+            p.normal_(0, cfg.dim ** -0.5, generator=gen)
+        elif p.dim() >= 2:
+            p.normal_(0, p[0].numel() ** -0.5, generator=gen)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:  # norm weights
+            p.fill_(1.0)
+    return model.eval().requires_grad_(False)
+
+
 def load_dit(weights_dir: str | os.PathLike, cfg, *, dtype: torch.dtype = torch.bfloat16,
              device: torch.device | str = "cpu", paths: Iterable[str | os.PathLike] | None = None):
     """WanModel with the published weights: Wan2.1 shards and/or FlashPortrait `transformer.pt` from `weights_dir`.
