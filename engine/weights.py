@@ -544,9 +544,11 @@ _OTHER_FILES = [
     (["face_landmark.onnx"], "face landmark model", True),
     (["Wan2.1_VAE.pth"], "Wan2.1 VAE", True),
     (["models_t5_umt5-xxl-enc-bf16.pth"], "umT5-XXL text encoder", True),
+    (["google/umt5-xxl/tokenizer.json"], "umT5 tokenizer (ships with Wan2.1 under google/umt5-xxl/)", True),
     (["models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"], "CLIP ViT-H/14 image encoder", True),
     (["fast_lora_rank64.safetensors"], "4-step distillation LoRA (--fast)", False),
-    (["fast_vae.pth", "taew2_1.pth"], "tiny VAE decoder (--fast)", False),
+    (["fast_vae.pth", "taew2_1.pth"], "TAEHV tiny decoder (the real-time decode; without it the Wan VAE decodes)",
+     False),
 ]
 
 
@@ -560,6 +562,12 @@ def _probe(p: Path) -> str:
     if p.suffix == ".onnx":
         if p.stat().st_size == 0:
             raise WeightsError(f"{p} is empty: download it again.")
+        return f"found, {_size(p)}"
+    if p.suffix == ".json" and not p.name.endswith(".index.json"):
+        try:
+            json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{p} is not readable JSON ({type(err).__name__}): download it again.") from None
         return f"found, {_size(p)}"
     if p.name.endswith(".index.json"):
         sd = load_sharded(p)
