@@ -319,11 +319,12 @@ class FlashPortraitEngine:
         self.ip_scale = torch.tensor([1.0, 0.0][:B], device=self.device)                  # per-sample (B,)
 
     def _build_step(self) -> None:
-        from kernels.graphs import CompiledStep, StepShape
+        from kernels.graphs import StepShape
+        from kernels.parallel import make_step  # CompiledStep; on rank 0 of several GPUs (--gpus N), ParallelStep
 
         h, w = self.latent_hw
         shape = StepShape(self.batch, self.window_cfg.context_size, h, w)
-        self.step = CompiledStep(self.dit, shape, self.runtime)
+        self.step = make_step(self.dit, shape, self.runtime)
         # The guidance pair runs as one batch: ip_scale per sample, 1 (emotion branch) and 0 (no-emotion branch).
         self.ip_scale_step = self.ip_scale
         self.step.set_session(None, None, self.y_batch, kv=self.kv)
