@@ -37,6 +37,13 @@ Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS
         else:
             follow(dit)                     # runs every call rank 0 makes, until driver.close()
 
+The renderer does not use Driver directly: `make_step(model, shape, runtime)` (engine/renderer.py's _build_step)
+returns a `ParallelStep` on rank 0 of a group of several ranks (the CompiledStep interface over the Driver) and a
+kernels/graphs.CompiledStep otherwise. The ranks > 0 of `flashlive serve/render --gpus N` (or torchrun) run
+`follower(info)`: they wait for rank 0's ParallelStep, receive the DiT's config and weights from it (one broadcast
+per tensor, so every rank holds exactly rank 0's weights: checkpoint, merged LoRA or random init alike) and follow
+it until `shutdown()`.
+
 Only rank 0 touches the network, the camera and the encoder; the other ranks only ever run DiT calls. Self-attention
 heads must split over the sequence ranks to avoid padding work: 14b (40 heads) takes 2, 4, 5 or 8 sequence ranks
 at full efficiency, 1.3b (12 heads) 2, 3, 4 or 6.
@@ -51,6 +58,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -58,9 +66,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import RuntimeConfig
 from engine.dit import WanI2VCrossAttention, WanModel, WanSelfAttention
 from engine.nfeb import NORM_EPS, expression_attention
+from kernels import attention as attention_backend
+from kernels import fused
 from kernels.attention import attention
+from kernels.graphs import CompiledStep, StepShape
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (same arguments); older GPU hosts have only the former.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -84,11 +96,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(device: str | None = None, backend: str | None = None) -> DistInfo:
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout: timedelta | None = None) -> DistInfo:
     """Join the process group that torchrun (or `spawn`) describes in RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*.
 
     This is the entry point's boundary, so it reads the launcher's environment. Without a launcher it forms a
     world of one. device: "cuda" (one GPU per local rank, NCCL) or "cpu" (gloo); default cuda when available.
+    timeout: how long a collective may wait for its peers (None: torch's default; a server's followers wait for the
+    next DiT call as long as no peer is connected, so `flashlive serve` passes days).
     """
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -112,17 +127,26 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
         os.environ["MASTER_PORT"] = str(free_port())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     kwargs = {"device_id": dev} if backend == "nccl" else {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout
     dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
     return DistInfo(rank, world, local_rank, dev)
 
 
-def _spawned(rank: int, fn: Callable, world_size: int, port: int, device: str | None, backend: str | None,
-             args: tuple) -> None:
+def _spawned(index: int, fn: Callable, world_size: int, port: int, device: str | None, backend: str | None,
+             args: tuple, first_rank: int = 0, timeout: timedelta | None = None) -> None:
+    rank = first_rank + index
+    if first_rank and sys.platform == "linux":
+        # Followers of a parent that is rank 0 end with it, even when it is killed without a chance to close them.
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if sys.platform == "linux":  # spawned processes share one host: keep gloo's traffic on the loopback interface
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    info = init_distributed(device, backend)
+    info = init_distributed(device, backend, timeout)
     try:
         fn(info, *args)
     except BaseException:
@@ -144,6 +168,23 @@ def spawn(fn: Callable, world_size: int, *args, device: str | None = None, backe
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the children before NCCL starts
     mp.start_processes(_spawned, args=(fn, world_size, free_port(), device, backend, args), nprocs=world_size,
                        join=True, start_method=start_method)
+
+
+def start_followers(fn: Callable, world_size: int, *args, device: str | None = None, backend: str | None = None,
+                    timeout: timedelta | None = None, start_method: str = "spawn"):
+    """Make THIS process rank 0 of a world of `world_size` and start ranks 1.. as child processes running
+    fn(info, *args) (fn importable, as for `spawn`). Returns (this process's DistInfo, the children's
+    torch.multiprocessing ProcessContext: join() them once rank 0 has released them, see `shutdown`).
+    The children end when this process dies (Linux: parent-death signal)."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # inherited by the children before NCCL starts
+    port = free_port()
+    children = mp.start_processes(_spawned, args=(fn, world_size, port, device, backend, args, 1, timeout),
+                                  nprocs=world_size - 1, join=False, start_method=start_method)
+    os.environ.update(RANK="0", WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return init_distributed(device, backend, timeout), children
 
 
 @dataclass(frozen=True)
@@ -366,6 +407,8 @@ class SequenceParallelDiT(nn.Module):
             for b in model.blocks)
         self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.session_kv: list[tuple[torch.Tensor, ...]] | None = None
+        self.session_y: torch.Tensor | None = None
+        self.frame_offset = 0  # RoPE frame positions start here (set_step_session)
         self._run_block = _run_block
 
     def compile_blocks(self, **options) -> None:
@@ -380,10 +423,10 @@ class SequenceParallelDiT(nn.Module):
     def rope(self, grid: tuple[int, int, int], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (Lp, hd/2) of the local tokens at their GLOBAL positions (padding rows are zero)."""
         device = device or self.model.patch_embedding.weight.device
-        key = (*grid, str(device))
+        key = (*grid, self.frame_offset, str(device))
         if key not in self._rope:
             split = self.split(grid)
-            cos, sin = self.model.rope(grid, device)
+            cos, sin = self.model.rope(grid, device, frame_offset=self.frame_offset)
             self._rope[key] = (split.shard(cos, 0), split.shard(sin, 0))
         return self._rope[key]
 
@@ -410,11 +453,28 @@ class SequenceParallelDiT(nn.Module):
         context=None, clip_fea=None to use them."""
         self.session_kv = self.model.context_kv(*self.model.embed_context(context, clip_fea))
 
+    def set_step_session(self, kv: list, y: torch.Tensor, frame_offset: int = 0, split_batch: bool = False) -> None:
+        """The fixed-shape step's session (kernels/graphs.CompiledStep.set_session): per-block context K/V (each
+        (B, n, H, hd)) and y (B, 20, F, H, W), used by calls that pass context=clip_fea=None and y=None; RoPE frame
+        positions from frame_offset. split_batch: keep only this CFG group's contiguous 1/G of the batch (ParallelStep
+        sends batch chunk g as guidance branch g)."""
+        if split_batch:
+            G, g = self.groups.cfg_size, self.groups.cfg_rank
+            n = y.shape[0] // G
+            kv = [tuple(t[g * n:(g + 1) * n].clone() for t in block) for block in kv]
+            y = y[g * n:(g + 1) * n].clone()
+        self.session_kv, self.session_y, self.frame_offset = kv, y, frame_offset
+
     def forward(self, x, t, context, clip_fea, y, emo=None, ip_scale: float = 1.0, kv=None):
         """Flow prediction (B, out_dim, F, H, W), identical on every rank of the sequence group.
 
-        kv: per-block context K/V (`model.context_kv(...)`); with context and clip_fea None, the session's."""
+        kv: per-block context K/V (`model.context_kv(...)`); with context and clip_fea None, the session's.
+        y None: the session's (set_step_session)."""
         m = self.model
+        if y is None:
+            if self.session_y is None:
+                raise RuntimeError("No y given and no step session set: call set_step_session(kv, y) first.")
+            y = self.session_y
         if kv is None and context is None and clip_fea is None:
             if self.session_kv is None:
                 raise RuntimeError("No context given and no session set: call set_session(context, clip_fea) first.")
@@ -482,7 +542,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-_DRIVEN = ("forward", "forward_branches", "set_session")
+_DRIVEN = ("forward", "forward_branches", "set_session", "set_step_session")
 
 
 class Driver:
@@ -556,6 +616,172 @@ def _collect_slots(obj, slots: list) -> None:
             _collect_slots(v, slots)
 
 
-__all__ = ["DistInfo", "Driver", "ParallelGroups", "SequenceParallelDiT", "TokenSplit", "follow", "free_port",
-           "init_distributed", "make_groups", "spawn", "split_expression_attention", "split_normalise_to",
-           "ulysses_attention"]
+# --- the renderer's step over the group ----------------------------------------------------------------------------
+def world_size() -> int:
+    """Ranks in this process's group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def make_step(model: WanModel, shape: StepShape, runtime: RuntimeConfig | None = None):
+    """The renderer's fixed-shape DiT step: a ParallelStep over the group when there are several ranks (this is
+    rank 0; the others run `follower`), else kernels/graphs.CompiledStep."""
+    if world_size() > 1:
+        return ParallelStep(model, shape, runtime)
+    return CompiledStep(model, shape, runtime)
+
+
+def prepare_model(model: WanModel, runtime: RuntimeConfig) -> WanModel:
+    """What CompiledStep does to the model before it runs (attention backend, fused FFN, FP8 linears): every rank
+    applies the same, in place, so each holds the same modules."""
+    attention_backend.configure(runtime)
+    fused.set_fused_kernels(runtime.fused_kernels)
+    if runtime.fused_kernels:
+        fused.fuse_ffn_gelu(model)
+    if runtime.fp8:
+        from kernels.fp8 import quantize_linears
+
+        quantize_linears(model)
+    return model
+
+
+def _weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer, in module order (the same on every rank for one architecture)."""
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _parallel_dit(model: WanModel, runtime: RuntimeConfig, cfg_size: int) -> SequenceParallelDiT:
+    """The same on every rank, in the same order (make_groups is collective)."""
+    dit = SequenceParallelDiT(prepare_model(model, runtime), make_groups(cfg_size=cfg_size))
+    if runtime.compile and _device_of(model).type == "cuda":
+        dit.compile_blocks()
+    return dit
+
+
+_state = {"step": None, "released": False}  # rank 0: its ParallelStep, and whether the followers were released
+
+
+class ParallelStep:
+    """kernels/graphs.CompiledStep's interface (set_session, write_inputs, run, __call__, capture; x/t/emo/ip_scale
+    buffers, shape, compiled, use_graph) on rank 0, running the sequence-parallel DiT on every rank through a
+    Driver (the other ranks run `follower`). One per process.
+
+    Construction sends the followers the model's config, runtime and the CFG layout, then every weight (so the DiT is
+    rank 0's, bit for bit). The guidance pair (batch 2) goes to 2 CFG groups when the world size is even (one
+    branch per group, no sequence traffic between them: 1.84x on 2 H100s for 14b, against 1.72x for the sequence
+    split, bench/results/dit_parallel_14b_h100x2.json), else runs as one batch over the sequence ranks. No CUDA
+    graph (the step has collectives between its kernels); the blocks are compiled on CUDA when runtime.compile.
+    """
+
+    def __init__(self, model: WanModel, shape: StepShape, runtime: RuntimeConfig | None = None):
+        runtime = runtime or RuntimeConfig()
+        if dist.get_rank() != 0:
+            raise RuntimeError("ParallelStep runs on rank 0 only: the other ranks call follower(info).")
+        if _state["step"] is not None or _state["released"]:
+            raise RuntimeError("One ParallelStep per process (the followers hold one DiT): share the engine "
+                               "between sessions, or run one flashlive process per model.")
+        world = dist.get_world_size()
+        self.cfg_size = 2 if shape.batch % 2 == 0 and world % 2 == 0 else 1
+        weights = _weights(model)
+        dtypes = [t.dtype for _, t in weights]
+        dist.broadcast_object_list([("setup", model.cfg, runtime, self.cfg_size,
+                                     [(n, tuple(t.shape)) for n, t in weights], dtypes)], src=0)
+        with torch.no_grad():
+            for _, t in weights:
+                dist.broadcast(t.data, src=0)
+        _state["step"] = self
+        self.model = model.eval()
+        self.shape, self.runtime = shape, runtime
+        self.dit = _parallel_dit(model, runtime, self.cfg_size)
+        self.driver = Driver(self.dit)
+        param = model.patch_embedding.weight
+        self.device, self.dtype = param.device, param.dtype
+        cfg, dev = model.cfg, self.device
+        B, F, H, W = shape.batch, shape.frames, shape.height, shape.width
+        # Inputs are staged as in CompiledStep (same write_inputs): callers may pass Python floats or tensors.
+        self.x = torch.zeros(B, cfg.out_dim, F, H, W, device=dev)
+        self.t = torch.zeros(B, device=dev)
+        self.emo = torch.zeros(B, F, cfg.emo_tokens_per_frame, cfg.emo_dim, device=dev, dtype=self.dtype)
+        self.ip_scale = torch.zeros(B, device=dev)
+        self.compiled = runtime.compile and dev.type == "cuda"
+        self.use_graph = False
+        self.graph = None
+        self.layers = None
+        self.world_size = world
+        self.session_set = False
+
+    write_inputs = CompiledStep.write_inputs
+
+    @torch.no_grad()
+    def set_session(self, context: torch.Tensor | None, clip_fea: torch.Tensor | None, y: torch.Tensor,
+                    frame_offset: int = 0, kv: list | None = None) -> None:
+        """As CompiledStep.set_session: every rank receives the context K/V (or computes nothing: they come from
+        here) and y once per session."""
+        if kv is None:
+            kv = self.model.context_kv(*self.model.embed_context(context, clip_fea))
+        self.driver._call("set_step_session", dict(kv=list(kv), y=y, frame_offset=frame_offset,
+                                                   split_batch=self.cfg_size > 1))
+        self.session_set = True
+
+    def capture(self, warmup: int = 2) -> None:
+        """No CUDA graph over collectives: nothing to capture."""
+
+    @property
+    def pool(self):
+        return None
+
+    @torch.no_grad()
+    def run(self) -> torch.Tensor:
+        """One DiT call on the staged inputs over every rank -> flow (B, 16, F, H, W) fp32."""
+        if not self.session_set:
+            raise RuntimeError("ParallelStep.set_session(context, clip_fea, y) must run before the first step.")
+        inputs = dict(context=None, clip_fea=None, y=None)
+        if self.cfg_size == 1:
+            return self.driver(x=self.x, t=self.t, emo=self.emo, ip_scale=self.ip_scale, **inputs)
+        n = self.x.shape[0] // self.cfg_size  # batch chunk g is CFG group g's branch (its session slice)
+        chunks = [dict(x=self.x[g * n:(g + 1) * n], t=self.t[g * n:(g + 1) * n], emo=self.emo[g * n:(g + 1) * n],
+                       ip_scale=self.ip_scale[g * n:(g + 1) * n]) for g in range(self.cfg_size)]
+        return self.driver.branches(chunks, **inputs).flatten(0, 1)
+
+    def __call__(self, x: torch.Tensor, t, emo: torch.Tensor | None = None, ip_scale=1.0) -> torch.Tensor:
+        """As CompiledStep.__call__; the result is a new tensor each call."""
+        self.write_inputs(x, t, emo, ip_scale)
+        return self.run()
+
+
+def shutdown() -> None:
+    """Rank 0, at exit: release the followers, whether they wait for the ParallelStep or follow it. Idempotent."""
+    if world_size() == 1 or dist.get_rank() != 0 or _state["released"]:
+        return
+    _state["released"] = True
+    dist.broadcast_object_list([None], src=0)
+
+
+def follower(info: DistInfo) -> int:
+    """Ranks > 0: wait for rank 0's ParallelStep (or shutdown), build the same DiT from the config and weights it
+    sends, then run every call it makes until shutdown. Returns the number of calls run."""
+    header = [None]
+    dist.broadcast_object_list(header, src=0)
+    if header[0] is None:
+        return 0
+    _, cfg, runtime, cfg_size, shapes, dtypes = header[0]
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    model = model.to_empty(device=info.device).eval().requires_grad_(False)
+    weights = _weights(model)
+    if [(n, tuple(t.shape)) for n, t in weights] != shapes:
+        raise RuntimeError("Rank 0's DiT has other parameters than WanModel(cfg) here: run the same FlashLive "
+                           "version on every rank.")
+    with torch.no_grad():
+        for (_, t), dtype in zip(weights, dtypes):
+            if t.dtype != dtype:
+                t.data = t.data.to(dtype)
+            dist.broadcast(t.data, src=0)
+    calls = follow(_parallel_dit(model, runtime, cfg_size))
+    print(f"flashlive rank {info.rank}: released after {calls} DiT calls", file=sys.stderr, flush=True)
+    return calls
+
+
+__all__ = ["DistInfo", "Driver", "ParallelGroups", "ParallelStep", "SequenceParallelDiT", "TokenSplit", "follow",
+           "follower", "free_port", "init_distributed", "make_groups", "make_step", "prepare_model", "shutdown",
+           "spawn", "split_expression_attention", "split_normalise_to", "start_followers", "ulysses_attention",
+           "world_size"]
