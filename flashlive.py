@@ -22,6 +22,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 RENDERERS = ("preview", "flashportrait")
+# Server-side latency target of live flashportrait (capture -> frame sent): WebRTC adds ~100 ms on loopback, so the
+# glass-to-glass p95 stays within 0.5 s. With the live window (3, stride 1) it rules out lookahead 1 (4 frames more
+# input wait) unless a window costs under ~30 ms.
+LIVE_LATENCY_TARGET_MS = 350.0
 
 
 # --- flags -> config dataclasses ---------------------------------------------------------------------------------
@@ -57,9 +61,13 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="flashportrait with random weights at the preset's size: timing without downloads")
     g.add_argument("--latency-target-ms", type=float, default=None,
-                   help="flashportrait: the controller trades ALPA interval, steps and stride to stay within this")
+                   help="flashportrait: the controller trades ALPA interval, steps, stride and lookahead to stay "
+                        "within this server-side latency (default for serve: 350; the network adds its own)")
     g.add_argument("--decoder", choices=("tiny", "wan"), default=None,
                    help="flashportrait latent decoder: tiny (TAEHV, real time) or wan (full Wan VAE)")
+    g.add_argument("--gpus", type=int, default=1,
+                   help="flashportrait: spread the DiT over N GPUs of this host (guidance pair and sequence split; "
+                        "rank 0 runs the command); or launch N processes with torchrun --nproc_per_node N")
 
 
 def engine_configs(args) -> dict:
@@ -110,11 +118,16 @@ def renderer_factory(args, reference, width: int, height: int, input_queue: int 
         device = torch.cuda.get_device_name(torch.device(device))
 
     options = EngineOptions(**({"decoder": args.decoder} if args.decoder else {}))
+    # Live, the controller keeps glass-to-glass near half a second by default (it drops the lookahead and picks a
+    # budget for latency while there is real-time headroom); `render` has no latency to keep.
+    latency_target_ms = args.latency_target_ms
+    if latency_target_ms is None and not offline:
+        latency_target_ms = LIVE_LATENCY_TARGET_MS
 
     def make():
         return FlashPortraitRenderer(reference, weights_dir=args.weights, width=width, height=height,
                                      input_queue=input_queue, random_weights=args.random_weights,
-                                     latency_target_ms=args.latency_target_ms, fps=fps, offline=offline,
+                                     latency_target_ms=latency_target_ms, fps=fps, offline=offline,
                                      options=options, **cfgs)
 
     return make, device
@@ -399,6 +412,85 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --- several GPUs -------------------------------------------------------------------------------------------------
+def join_group(args):
+    """(DistInfo, follower processes or None) when serve/render runs over several ranks (--gpus N > 1: this process
+    is rank 0 and starts N - 1 followers; torchrun: RANK / WORLD_SIZE say which rank this is), else None."""
+    import os
+
+    if args.command not in ("serve", "render"):
+        return None
+    gpus = args.gpus
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's environment: this is the entry point
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus} is not a GPU count: pass --gpus 1 or more.")
+    if gpus == 1 and not launched:
+        return None
+    if args.renderer != "flashportrait":
+        raise ValueError("Several GPUs run the flashportrait DiT: pass --renderer flashportrait (preview needs one CPU).")
+    if launched and gpus > 1:
+        raise ValueError("torchrun already starts one process per GPU: drop --gpus, or run flashlive without torchrun.")
+    from datetime import timedelta
+
+    import torch
+
+    from kernels import parallel
+
+    device = "cpu" if (args.device or "cuda").startswith("cpu") else "cuda"
+    if device == "cuda" and not launched and torch.cuda.device_count() < gpus:
+        raise ValueError(f"--gpus {gpus} needs {gpus} visible GPUs and torch sees {torch.cuda.device_count()}: "
+                         f"pass --gpus {max(torch.cuda.device_count(), 1)}.")
+    # Followers wait for rank 0's next DiT call for as long as it serves (or loads a large model): days, not
+    # torch's default minutes. A rank 0 that dies takes its followers along (parent-death signal / torchrun).
+    wait = timedelta(days=30)
+    if launched:
+        return parallel.init_distributed(device, timeout=wait), None
+    return parallel.start_followers(parallel.follower, gpus, device=device, timeout=wait)
+
+
+def release_group(children) -> None:
+    """Rank 0 at exit: release the followers, wait for them (a minute at most), leave the group."""
+    import torch.distributed as dist
+
+    from kernels import parallel
+
+    try:
+        parallel.shutdown()
+    finally:
+        if children is not None:
+            try:
+                for _ in range(60):
+                    if children.join(timeout=1):
+                        break
+            finally:
+                for proc in children.processes:
+                    if proc.is_alive():
+                        proc.terminate()
+        dist.destroy_process_group()
+
+
+def run_command(args) -> int:
+    """args.func(args) here, or on rank 0 of a group of DiT ranks (the other ranks follow its DiT calls)."""
+    group = join_group(args)
+    if group is None:
+        return args.func(args)
+    info, children = group
+    if info.rank != 0:  # torchrun's other ranks: only DiT work, no network, camera or files
+        import torch.distributed as dist
+
+        from kernels.parallel import follower
+
+        try:
+            follower(info)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    try:
+        return args.func(args)
+    finally:
+        release_group(children)
+
+
 # --- main --------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashlive", description=__doc__.split("\n")[0])
@@ -447,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return run_command(args)
     except ValueError as err:  # user errors: one sentence, no traceback
         print(f"flashlive {args.command}: {err}", file=sys.stderr)
         return 1

@@ -17,7 +17,11 @@ What it turns (the budget), within the user's limits:
   * ALPA interval K (1 = a full DiT pass at every step; K > 1 predicts K - 1 of every K steps),
   * sampler steps (down to `min_steps`),
   * window stride S (latent frames emitted per window; a larger S amortises one window's passes over more frames
-    but adds 4 frames of input wait per latent frame, so it is bounded by `latency_target_ms`).
+    but adds 4 frames of input wait per latent frame, so it is bounded by `latency_target_ms`),
+  * lookahead L (only with a `latency_target_ms`): the configured L, or 0 when the configured one cannot meet the
+    target. L = 0 saves 4 frames (160 ms at 25 fps) of input wait per window; the price is that the last latent
+    frame a window emits is rendered with its neighbour's expression tokens held (its expression lags by one latent
+    frame, 4 video frames) instead of its own.
 Cost model: a window costs about full_passes + 0.1 predicted_passes + 0.25 S "units" (the last term is the decode
 of 4S frames); the controller measures ms per unit on the budget it runs and predicts every other budget's rtf
 from it. When the measured rtf falls below `cut_below`, or the backlog keeps growing, it jumps straight to the
@@ -31,7 +35,7 @@ the renderer's input queue is bounded (oldest frame dropped), its lag is capped 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Budget:
     interval: int
     steps: int
     stride: int
+    lookahead: int | None = None  # None: the configured lookahead (ControllerConfig.lookahead); 0: no lookahead
 
     def full_passes(self) -> int:
         """Steps that run the DiT (ALPA's schedule with one warm-up step: steps 0, K, 2K, ...)."""
@@ -80,10 +85,15 @@ class BudgetController:
         k_max = max(1, cfg.max_interval)
         min_steps = max(1, min(cfg.min_steps, initial.steps))
         strides = range(initial.stride, max(initial.stride, max_stride) + 1)
-        budgets = {Budget(k, s, st) for k in range(initial.interval, max(initial.interval, k_max) + 1)
-                   for s in range(min_steps, initial.steps + 1) for st in strides}
-        # Quality order: most expensive per emitted frame first; ties prefer low K, many steps, small stride.
-        self.ladder = sorted(budgets, key=lambda b: (-b.units() / b.stride, b.interval, -b.steps, b.stride))
+        # Lookahead 0 is a choice only under a latency target (it trades one latent frame of expression lag on a
+        # window's last emitted frame for 4 frames less input wait).
+        looks = {initial.lookahead} | ({0} if cfg.latency_target_ms is not None else set())
+        budgets = {Budget(k, s, st, la) for k in range(initial.interval, max(initial.interval, k_max) + 1)
+                   for s in range(min_steps, initial.steps + 1) for st in strides for la in looks}
+        # Quality order: most expensive per emitted frame first; ties prefer low K, many steps, small stride, and
+        # the configured lookahead over none.
+        self.ladder = sorted(budgets, key=lambda b: (-b.units() / b.stride, b.interval, -b.steps, b.stride,
+                                                     b.lookahead == 0))
         self.rtf: float | None = None  # moving average on the current budget
         self.last_rtf: float | None = None
         self.ms_per_unit: float | None = None
@@ -93,30 +103,55 @@ class BudgetController:
         self._fast = 0  # consecutive windows above raise_above
         self._backlog: list[int] = []
         self.reason = "starting: full budget until the first windows are measured"
+        if cfg.latency_target_ms is not None and self.enabled_start_budget() != initial:
+            # Before any window is measured, assume a window costs the playback time it makes (rtf 1): when the
+            # configured lookahead cannot meet the target even then, start without it rather than cut later (the
+            # first frame comes 4 frames sooner and the playout delay never learns the longer wait).
+            self.initial = self.budget = self.enabled_start_budget()
+            self.reason = (f"starting without lookahead: predicted latency "
+                           f"{self.predicted_latency_ms(replace(initial, lookahead=None)):.0f} ms with it is over "
+                           f"the {cfg.latency_target_ms:.0f} ms target")
         self.keeping_up = True
         self.history: list[dict] = []  # the last 64 windows: rtf, backlog, budget, decision
 
     # --- the decision ---------------------------------------------------------------------------------------------
     def lookahead(self, budget: Budget) -> int:
         overlap = self.window - budget.stride
-        return overlap if self.cfg.lookahead is None else min(self.cfg.lookahead, overlap)
+        if budget.lookahead is not None:
+            return max(0, min(budget.lookahead, overlap))
+        return overlap if self.cfg.lookahead is None else max(0, min(self.cfg.lookahead, overlap))
+
+    def enabled_start_budget(self) -> Budget:
+        """The first budget: the initial one, or the same without lookahead when only that meets the latency target
+        (judged with a window costing its playback time, as nothing is measured yet)."""
+        b = self.initial
+        if not self.cfg.enabled or self.cfg.latency_target_ms is None or self.lookahead(b) == 0:
+            return b
+        if self.predicted_latency_ms(b, assume_rtf=1.0) <= self.cfg.latency_target_ms:
+            return b
+        return replace(b, lookahead=0)
 
     def predicted_rtf(self, budget: Budget) -> float:
         if self.ms_per_unit is None:
             return math.inf
         return (4 * budget.stride / self.fps) / (self.ms_per_unit * budget.units() / 1e3)
 
-    def predicted_latency_ms(self, budget: Budget) -> float:
-        """Input wait of the first frame of an emitted chunk + the window's compute + one frame of playout."""
+    def predicted_latency_ms(self, budget: Budget, assume_rtf: float | None = None) -> float:
+        """Input wait of the first frame of an emitted chunk + the window's compute + one frame of playout.
+        Unmeasured compute counts 0, or the playback time of the window / `assume_rtf` when given."""
         wait = (4 * (budget.stride + self.lookahead(budget)) - 1) / self.fps
-        compute = 0.0 if self.ms_per_unit is None else self.ms_per_unit * budget.units() / 1e3
+        if self.ms_per_unit is not None:
+            compute = self.ms_per_unit * budget.units() / 1e3
+        else:
+            compute = 0.0 if assume_rtf is None else 4 * budget.stride / self.fps / assume_rtf
         return 1e3 * (wait + compute + 1 / self.fps)
 
-    def _allowed(self) -> list[Budget]:
+    def _allowed(self, headroom: float = 1.0) -> list[Budget]:
+        """Budgets predicted within `headroom` x the latency target (all without a target)."""
         target = self.cfg.latency_target_ms
         if target is None:
             return self.ladder
-        fits = [b for b in self.ladder if self.predicted_latency_ms(b) <= target]
+        fits = [b for b in self.ladder if self.predicted_latency_ms(b) <= headroom * target]
         return fits or [min(self.ladder, key=self.predicted_latency_ms)]
 
     def observe(self, window_s: float, frames: int, backlog_frames: int = 0) -> Budget | None:
@@ -167,7 +202,8 @@ class BudgetController:
             return self._change(choice, f"{why}: cut to {self._describe(choice)} (predicted real-time factor "
                                         f"{self.predicted_rtf(choice):.2f})")
         if self._fast >= self.cfg.patience and backlog_frames <= inherent:
-            richer = [b for b in allowed if b.units() / b.stride > self.budget.units() / self.budget.stride
+            # a raise keeps 10% of the latency target spare, or measurement noise would cut it again at once
+            richer = [b for b in self._allowed(0.9) if b.units() / b.stride > self.budget.units() / self.budget.stride
                       and self.predicted_rtf(b) >= self.cfg.target_rtf]
             if richer:
                 choice = richer[-1]  # the smallest step up
@@ -188,7 +224,8 @@ class BudgetController:
 
     @staticmethod
     def _describe(b: Budget) -> str:
-        return f"ALPA K={b.interval}, {b.steps} steps, stride {b.stride}"
+        return f"ALPA K={b.interval}, {b.steps} steps, stride {b.stride}" + \
+            (", no lookahead" if b.lookahead == 0 else "")
 
     def stats(self) -> dict:
         return {"budget": asdict(self.budget), "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
@@ -196,4 +233,5 @@ class BudgetController:
                 "keeping_up": self.keeping_up, "reason": self.reason, "changes": self.changes,
                 "windows": self.windows, "latency_target_ms": self.cfg.latency_target_ms,
                 "predicted_latency_ms": round(self.predicted_latency_ms(self.budget), 1),
+                "lookahead": self.lookahead(self.budget),
                 "enabled": self.cfg.enabled}

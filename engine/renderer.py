@@ -40,8 +40,11 @@ most 2 every emitted frame is rendered with its own expression tokens; only the 
 sees held tokens. L = 0 lags the expression by one latent frame. Offline WSWS always sees every token.
 
 Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
-frame j at (push time of driving frame j) + playout delay, the delay tracking the measured worst latency of a
-window's first frame (+ one frame), so the sinks receive a steady stream at the input rate. The controller
+frame j at (push time of driving frame j) + playout delay, the delay being the 80th percentile of the first-frame
+waits of the last 25 windows + a quarter frame (`playout_delay`: one slow window does not hold the delay up for
+seconds), so the sinks receive a steady stream at the input rate; they add no buffer of their own on top.
+Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
+meet the target. The controller
 (engine/controller.py) adapts ALPA interval, steps and stride within `latency_target_ms`; its decision is in
 `stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
 window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
@@ -90,6 +93,27 @@ LAYER_CACHE_LIMIT = 8 * 2**30  # offline: above this, ALPA caches the DiT output
 # so glass-to-glass stays near 0.5 s. (W 4 / S 2 costs ~30% less per frame but waits 11 frames.)
 LIVE_WINDOW = WindowConfig(context_size=3, context_overlap=2)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
+
+
+PLAYOUT_HISTORY = 25  # windows of first-frame waits the playout delay looks at (4 s at stride 1, 25 fps)
+PLAYOUT_QUANTILE = 0.8
+PLAYOUT_MARGIN_FRAMES = 0.25
+
+
+def playout_delay(waits, fps: float) -> float:
+    """Playout delay (seconds) from recent first-frame waits: their 80th percentile (nearest rank) + a quarter frame.
+
+    A window hands out its frames at once and its first frame waited longest, so releasing frame j at its push
+    time + this delay gives a steady stream unless a window is slower than 4 in 5 of the recent ones; such a frame
+    goes out as soon as it is ready (its own latency, one repeated tick at the sink). A robust statistic: a hiccup
+    (which also delays the next few windows, whose input queued behind it) is a few samples among 25 and moves the
+    delay not at all; a lasting change (a new budget, a loaded GPU) moves it within a few windows. A higher delay
+    would only add latency to every frame to spare the rare late one a repeat. With < 10 samples: their maximum."""
+    ordered = sorted(waits)
+    if not ordered:
+        return 0.0
+    rank = max(0, math.ceil(PLAYOUT_QUANTILE * len(ordered)) - 1) if len(ordered) >= 10 else len(ordered) - 1
+    return ordered[rank] + PLAYOUT_MARGIN_FRAMES / fps
 
 
 @dataclass
@@ -454,7 +478,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.lookahead = lookahead
         initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
         self.controller = BudgetController(initial, self.W, self.fps, ctl)
-        self._budget = initial
+        self._budget = self.controller.budget  # under a latency target it may start without lookahead
         self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
         # stream state
         self._feats: list[np.ndarray] = []          # PD-FGC rows of frames not yet turned into tokens
@@ -472,6 +496,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.rtf: float | None = None                # real-time factor, moving average over windows
         self.windows = 0
         self.delay_s = 0.0                           # playout delay of pull()
+        self._waits: collections.deque = collections.deque(maxlen=PLAYOUT_HISTORY)  # first-frame waits, seconds
         self.frames_pulled = 0
         self.t = {"expression_ms": 0.0, "window_ms": 0.0, "dit_ms": 0.0, "decode_ms": 0.0}
         self.last_window_passes = self.last_window_predicted = 0
@@ -502,6 +527,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
 
     def _apply_budget(self, new: Budget) -> None:
         old, self._budget = self._budget, new
+        if (new.stride, self.controller.lookahead(new)) != (old.stride, self.controller.lookahead(old)):
+            self._waits.clear()  # the input wait of a window's first frame changes: learn the new one afresh
         if (new.steps, new.stride) != (old.steps, old.stride):
             self._new_roller(self._released)  # the held overlap is re-rendered by the new window: exactly once
         else:
@@ -510,8 +537,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self.cached = self.engine.cached_dit(schedule, replace(self.alpa, mode=mode, interval=new.interval))
 
     def _lookahead(self) -> int:
-        overlap = self.W - self._budget.stride
-        return overlap if self.lookahead is None else max(0, min(self.lookahead, overlap))
+        return self.controller.lookahead(self._budget)  # the configured lookahead, or 0 when the budget says so
 
     def _window_ready(self) -> bool:
         start = self._base + self.roller.window_start
@@ -580,8 +606,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("decode_ms", 1e3 * (t2 - t1))
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
-                target = time.monotonic() - out[0][1] + 1.0 / self.fps  # the chunk's first frame waited longest
-                self.delay_s = target if target > self.delay_s else 0.95 * self.delay_s + 0.05 * target
+                self._waits.append(time.monotonic() - out[0][1])  # the chunk's first frame waited longest
+                self.delay_s = playout_delay(self._waits, self.fps)
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)

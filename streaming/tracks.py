@@ -7,7 +7,9 @@
 Every tick takes the next rendered frame from a small playout buffer; when the renderer is behind (buffer empty)
 the last frame is sent again and counted in `repeats`, so a stall is visible in the stats, never silent. Frames
 that overflow the playout buffer are dropped oldest-first (counted in `skipped`), which keeps latency bounded when
-the renderer produces faster than the output fps.
+the renderer produces faster than the output fps. A renderer that paces its own output (`renderer.pace` true:
+pull() releases each frame at its due time, engine/renderer.py) already has a playout buffer; the track then keeps
+at most 2 frames (one of slack for a frame that became due just before the tick), so the two buffers do not add up.
 """
 from __future__ import annotations
 
@@ -125,6 +127,8 @@ class AvatarTrack(PacedTrack):
                  idle: np.ndarray | None = None):
         super().__init__(fps, width, height)
         self.renderer = renderer
+        if getattr(renderer, "pace", False):
+            playout_frames = min(playout_frames, 2)  # the renderer paces already: no second playout delay
         self._buffer: collections.deque = collections.deque(maxlen=max(1, playout_frames))
         self.last_image = fit_image(idle, width, height) if idle is not None else np.zeros((height, width, 3), np.uint8)
         self.fresh = 0  # ticks that sent a newly rendered frame

@@ -1,0 +1,156 @@
+"""Live latency of the FlashPortrait path (issue 7, item 4): the playout delay, the lookahead under a latency target,
+the first window's wait, and the sinks' buffer on top of a pacing renderer.
+
+Properties: the playout delay is a robust statistic of recent first-frame waits (one slow window moves it not at
+all, a lasting change moves it); under a latency target the controller drops the lookahead when the configured one
+cannot meet it, and then the first window runs as soon as latent 0 has its tokens; AvatarTrack keeps at most one
+frame of slack in front of a renderer that paces its own output.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+try:
+    from tests.conftest import data_file
+except ImportError:  # pytest's rootdir-relative import of conftest
+    from conftest import data_file
+
+from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig
+from engine.controller import Budget, BudgetController, ControllerConfig
+from engine.renderer import FlashPortraitRenderer, playout_delay
+
+FPS = 25.0
+SIZE = 64
+CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()  # mediapipe and torch share 2 busy cores
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(data_file("driving", "lp_d0.mp4")))
+    frames = []
+    while len(frames) < 60:
+        ok, bgr = cap.read()
+        assert ok, "lp_d0.mp4 has fewer than 60 frames"
+        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
+    cap.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return np.ascontiguousarray(cv2.imread(str(data_file("reference", "lp_s0.jpg")))[:, :, ::-1])
+
+
+def make(reference, **kw) -> FlashPortraitRenderer:
+    return FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
+                                 sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
+                                 fps=FPS, **kw)
+
+
+def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
+    margin = 0.25 / FPS
+    steady = [0.30 + 0.001 * (i % 5) for i in range(24)]
+    # a hiccup of +600 ms (which delays the next windows' input too) among 25 windows: the delay stays at the
+    # typical wait (the old max-and-decay rule held it at 0.9 s and still at 0.9 * 0.95^10 = 0.54 s 10 windows later)
+    assert playout_delay(steady[3:] + [0.9, 0.7, 0.5], FPS) == pytest.approx(max(steady) + margin)
+    # a lasting change (the last 6 of 25 windows wait 0.5 s): the delay follows it
+    assert playout_delay(steady[5:] + [0.5] * 6, FPS) == pytest.approx(0.5 + margin)
+    # few windows measured: their maximum (the first frames must not be released before they could be ready)
+    assert playout_delay([0.2, 0.4, 0.3], FPS) == pytest.approx(0.4 + margin)
+    assert playout_delay([], FPS) == 0.0
+
+
+def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip):
+    r = make(reference, lookahead=1, pace=False)  # not started: windows run inside process()
+    decode, calls, delays = r.decoder.decode, [0], []
+    slow = 20  # after 19 windows of history
+
+    def decode_with_one_hiccup(latents):
+        calls[0] += 1
+        if calls[0] == slow:
+            time.sleep(0.5)  # one slow window (a GC pause, another session's window, a tab switch)
+        return decode(latents)
+
+    r.decoder.decode = decode_with_one_hiccup
+    try:
+        for j in range(4 * (slow + 6) + 5):  # 6 windows after the slow one
+            before = r.windows
+            r.process(clip[j % len(clip)], (j / FPS, time.monotonic()))
+            if r.windows > before:
+                delays.append(r.delay_s)
+    finally:
+        r.close()
+    waits = list(r._waits)
+    assert len(delays) >= slow + 6 and calls[0] >= slow + 6
+    typical = statistics.median(waits)
+    assert max(waits) > typical + 0.4, "the slow window was not measured"
+    after = delays[slow - 1:]  # from the slow window on
+    assert max(after) < typical + 0.15, f"delays {after} after one slow window, typical wait {typical:.3f} s"
+
+
+def test_controller_drops_the_lookahead_only_under_a_latency_target():
+    initial = Budget(1, 4, 1)
+    # lookahead 1 at 25 fps: 7 frames of input wait (280 ms) + a window costing its playback (160 ms) + 1 frame
+    tight = BudgetController(initial, window=3, fps=FPS, cfg=ControllerConfig(latency_target_ms=350, lookahead=1))
+    assert tight.budget == Budget(1, 4, 1, lookahead=0) and tight.lookahead(tight.budget) == 0
+    assert "without lookahead" in tight.reason
+    assert tight.predicted_latency_ms(Budget(1, 4, 1), 1.0) - tight.predicted_latency_ms(tight.budget, 1.0) == \
+        pytest.approx(4 / FPS * 1e3)
+    free = BudgetController(initial, window=3, fps=FPS, cfg=ControllerConfig(lookahead=1))
+    assert free.budget == initial and free.lookahead(free.budget) == 1
+    assert all(b.lookahead is None for b in free.ladder)
+    # a loose target keeps the lookahead until measured windows break it, then cuts to lookahead 0
+    loose = BudgetController(initial, window=3, fps=FPS,
+                             cfg=ControllerConfig(latency_target_ms=500, lookahead=1, min_steps=4, max_interval=1,
+                                                  max_stride=1, cut_below=0.5))  # only the latency can cut
+    assert loose.lookahead(loose.budget) == 1
+    changed = [loose.observe(0.12, 4) for _ in range(4)]  # 120 ms windows: 280 + 120 + 40 = 440 ms, fits
+    assert changed == [None] * 4
+    for _ in range(2):  # 250 ms windows: the moving average crosses 500 ms with lookahead 1 (~350 ms without)
+        new = loose.observe(0.25, 4)
+    assert new == Budget(1, 4, 1, lookahead=0) and "over the 500 ms target" in loose.reason
+
+
+def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference, clip):
+    with_target = make(reference, lookahead=1, pace=False, latency_target_ms=350)
+    without = make(reference, lookahead=1, pace=False)
+    try:
+        assert with_target._lookahead() == 0 and without._lookahead() == 1
+        first = with_target.process(clip[0], (0.0, time.monotonic()))
+        assert [pts for _, pts in first] == [0.0]  # latent 0 is frame 0 alone: out right after it
+        late = [without.process(frame, (j / FPS, time.monotonic())) for j, frame in enumerate(clip[:5])]
+        assert [len(out) for out in late] == [0, 0, 0, 0, 1]  # lookahead 1 waits for latent 1 (frame 4)
+        assert with_target.stats()["controller"]["lookahead"] == 0
+    finally:
+        with_target.close()
+        without.close()
+
+
+def test_avatar_track_adds_no_second_playout_buffer_to_a_pacing_renderer():
+    from streaming.tracks import AvatarTrack
+
+    class Paced:
+        pace = True
+
+        def pull(self):
+            return None
+
+    class Unpaced(Paced):
+        pace = False
+
+    assert AvatarTrack(Paced(), FPS, 32, 32, playout_frames=3)._buffer.maxlen == 2
+    assert AvatarTrack(Unpaced(), FPS, 32, 32, playout_frames=3)._buffer.maxlen == 3
