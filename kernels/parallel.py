@@ -53,8 +53,10 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -551,23 +553,29 @@ class Driver:
     driver(**forward inputs), driver.branches(branches, **inputs) or driver.set_session(context, clip_fea) broadcasts
     the call (a small pickled header,
     then the tensors from rank 0) and runs it here; the other ranks run the same call inside `follow(model)`.
-    close() releases them. Use it on rank 0 wherever the renderer would call the DiT.
+    close() releases them. Use it on rank 0 wherever the renderer would call the DiT. Calls from several threads
+    are serialised (a call is a sequence of collectives that must not interleave with another's, or with close()).
     """
 
     def __init__(self, model: SequenceParallelDiT):
         if dist.get_rank() != 0:
             raise RuntimeError("Driver runs on rank 0 only: the other ranks call follow(model).")
         self.model = model
+        self.lock = threading.Lock()
+        self.closed = False
 
     def _call(self, method: str, kwargs: dict):
-        tensors: list[torch.Tensor] = []
-        stripped = _strip(kwargs, tensors)
-        dist.broadcast_object_list([(method, stripped)], src=0)
-        device = _device_of(self.model)
-        tensors = [t.to(device).contiguous() for t in tensors]
-        for t in tensors:
-            dist.broadcast(t, src=0)
-        return getattr(self.model, method)(**_fill(stripped, tensors))
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("The DiT ranks were released (Driver.close / shutdown): no more DiT calls.")
+            tensors: list[torch.Tensor] = []
+            stripped = _strip(kwargs, tensors)
+            dist.broadcast_object_list([(method, stripped)], src=0)
+            device = _device_of(self.model)
+            tensors = [t.to(device).contiguous() for t in tensors]
+            for t in tensors:
+                dist.broadcast(t, src=0)
+            return getattr(self.model, method)(**_fill(stripped, tensors))
 
     def set_session(self, context: torch.Tensor, clip_fea: torch.Tensor) -> None:
         """Every rank computes the session's context K/V (then pass context=None, clip_fea=None per call)."""
@@ -581,7 +589,10 @@ class Driver:
         return self._call("forward_branches", dict(branches=list(branches), **inputs))
 
     def close(self) -> None:
-        dist.broadcast_object_list([None], src=0)
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                dist.broadcast_object_list([None], src=0)
 
 
 def follow(model: SequenceParallelDiT) -> int:
@@ -753,12 +764,19 @@ def shutdown() -> None:
     if world_size() == 1 or dist.get_rank() != 0 or _state["released"]:
         return
     _state["released"] = True
-    dist.broadcast_object_list([None], src=0)
+    if _state["step"] is not None:
+        _state["step"].driver.close()  # waits for a DiT call in flight on another thread
+    else:
+        dist.broadcast_object_list([None], src=0)
 
 
 def follower(info: DistInfo) -> int:
     """Ranks > 0: wait for rank 0's ParallelStep (or shutdown), build the same DiT from the config and weights it
     sends, then run every call it makes until shutdown. Returns the number of calls run."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches every process of the terminal's group; rank 0 alone decides when its followers end (a
+        # follower that stopped mid-call would leave rank 0 blocked in a collective).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     header = [None]
     dist.broadcast_object_list(header, src=0)
     if header[0] is None:
