@@ -527,8 +527,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
 
     def _apply_budget(self, new: Budget) -> None:
         old, self._budget = self._budget, new
-        if (new.stride, self.controller.lookahead(new)) != (old.stride, self.controller.lookahead(old)):
-            self._waits.clear()  # the input wait of a window's first frame changes: learn the new one afresh
+        self._waits.clear()  # a window's first frame will wait differently (input wait, compute): learn it afresh
         if (new.steps, new.stride) != (old.steps, old.stride):
             self._new_roller(self._released)  # the held overlap is re-rendered by the new window: exactly once
         else:
