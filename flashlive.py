@@ -427,7 +427,8 @@ def join_group(args):
     if gpus == 1 and not launched:
         return None
     if args.renderer != "flashportrait":
-        raise ValueError("Several GPUs run the flashportrait DiT: pass --renderer flashportrait (preview needs one CPU).")
+        raise ValueError("Several GPUs run the flashportrait DiT: pass --renderer flashportrait (preview needs one "
+                         "CPU).")
     if launched and gpus > 1:
         raise ValueError("torchrun already starts one process per GPU: drop --gpus, or run flashlive without torchrun.")
     from datetime import timedelta
