@@ -719,6 +719,7 @@ class ParallelStep:
         self.layers = None
         self.world_size = world
         self.session_set = False
+        self._warm = False
 
     write_inputs = CompiledStep.write_inputs
 
@@ -732,6 +733,11 @@ class ParallelStep:
         self.driver._call("set_step_session", dict(kv=list(kv), y=y, frame_offset=frame_offset,
                                                    split_batch=self.cfg_size > 1))
         self.session_set = True
+        if self.compiled and not self._warm:
+            # The renderer warms a step up by capturing its CUDA graph; this one has none, so its first call (every
+            # rank compiles its blocks) runs here, inside the engine's warm-up, not in a session's first window.
+            self.run()
+            self._warm = True
 
     def capture(self, warmup: int = 2) -> None:
         """No CUDA graph over collectives: nothing to capture."""

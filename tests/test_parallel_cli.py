@@ -19,6 +19,7 @@ import torch
 
 from engine.config import RuntimeConfig, get_preset
 from engine.dit import WanModel
+import flashlive
 from kernels.graphs import CompiledStep, StepShape
 from kernels.parallel import ParallelStep, follower, make_step, shutdown, spawn
 
@@ -122,3 +123,15 @@ def test_render_gpus_2_equals_gpus_1(clip20, tmp_path):
     assert a.shape == b.shape == (20, 128, 128, 3)
     assert np.abs(a - b).max() <= 3
     assert a.std() > 1.0  # not a blank video that any two runs would share
+
+
+@pytest.mark.parametrize("flags, fix", [(["--gpus", "2"], "--renderer flashportrait"), (["--gpus", "0"], "--gpus 1"),
+                                        (["--renderer", "flashportrait", "--gpus", "3"], "--gpus")])
+def test_gpus_user_errors(flags, fix, capsys, monkeypatch):
+    """One sentence naming the fix, before any process starts: preview, a zero count, more GPUs than visible."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if flags[-1] == "3" and torch.cuda.device_count() >= 3:
+        pytest.skip("this machine has 3 GPUs: --gpus 3 is no error here")
+    assert flashlive.main(["render", "--driving", "none.mp4", *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flashlive render: ") and fix in err and len(err.splitlines()) == 1
