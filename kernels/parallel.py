@@ -697,8 +697,8 @@ class ParallelStep:
         dist.broadcast_object_list([("setup", model.cfg, runtime, self.cfg_size,
                                      [(n, tuple(t.shape)) for n, t in weights], dtypes)], src=0)
         with torch.no_grad():
-            for _, t in weights:
-                dist.broadcast(t.data, src=0)
+            for _, t in weights:  # NCCL sends contiguous memory only; the followers' tensors are contiguous
+                dist.broadcast(t.data if t.is_contiguous() else t.data.contiguous(), src=0)
         _state["step"] = self
         self.model = model.eval()
         self.shape, self.runtime = shape, runtime
