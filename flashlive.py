@@ -3,11 +3,13 @@
     flashlive serve                                   # bundled portrait, preview renderer, http://127.0.0.1:8080/
     flashlive serve --reference me.jpg --driving /dev/video0 --vcam --record show.mp4
     flashlive render --driving talk.mp4 --reference me.jpg -o avatar.mp4
+    flashlive serve --renderer flashportrait --gpus 4                # the DiT over 4 GPUs (or torchrun -m flashlive)
     flashlive doctor [--weights DIR --preset 14b]
     flashlive bench stream_latency [args...]          # runs bench/stream_latency.py
 
 Flags become the config dataclasses of engine/config.py (StreamConfig, RuntimeConfig, SamplerConfig, WindowConfig,
-ALPAConfig); nothing below reads the environment. User errors print one sentence naming the fix and exit 1.
+ALPAConfig); nothing below reads the environment but torchrun's (WORLD_SIZE / RANK: one rank of several GPUs).
+User errors print one sentence naming the fix and exit 1.
 """
 from __future__ import annotations
 
@@ -197,7 +199,10 @@ def cmd_serve(args) -> int:
         t0 = time.perf_counter()
         make().close()  # warm start: the shared engine loads, compiles and captures before the first peer
         warm = time.perf_counter() - t0
-        info = {"preset": args.preset, "random_weights": bool(args.random_weights), "warm_up_s": round(warm, 2)}
+        from kernels.parallel import world_size
+
+        info = {"preset": args.preset, "random_weights": bool(args.random_weights), "warm_up_s": round(warm, 2),
+                "gpus": world_size()}
         print(f"FlashLive flashportrait engine is warm after {warm:.1f} s (load, compile, "
               f"CUDA graph capture){', random weights' if args.random_weights else ''}", flush=True)
     if args.loopback_ice:
