@@ -99,12 +99,17 @@ def clip20(tmp_path, data):
     return path
 
 
-def _render(clip: Path, out: Path, gpus: int) -> subprocess.CompletedProcess:
+def _render(clip: Path, out: Path, gpus: int, torchrun: bool = False) -> subprocess.CompletedProcess:
     # Windows of 3 latent frames (6 in the clip) so every DiT pass has the step's shape, ALPA off so each is a full
     # pass through the step: 3 windows x 2 steps.
-    cmd = [sys.executable, "-m", "flashlive", "render", "--renderer", "flashportrait", "--preset", "tiny",
-           "--random-weights", "--device", "cpu", "--driving", str(clip), "--size", "128x128", "--steps", "2",
-           "--context-size", "3", "--context-overlap", "1", "--alpa", "off", "-q", "-o", str(out), "--gpus", str(gpus)]
+    flags = ["render", "--renderer", "flashportrait", "--preset", "tiny", "--random-weights", "--device", "cpu",
+             "--driving", str(clip), "--size", "128x128", "--steps", "2", "--context-size", "3", "--context-overlap",
+             "1", "--alpa", "off", "-q", "-o", str(out)]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
+               "flashlive", *flags]
+    else:
+        cmd = [sys.executable, "-m", "flashlive", *flags, "--gpus", str(gpus)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
@@ -114,15 +119,19 @@ def _frames(path: Path) -> np.ndarray:
 
 
 def test_render_gpus_2_equals_gpus_1(clip20, tmp_path):
-    one, two = _render(clip20, tmp_path / "one.mp4", 1), _render(clip20, tmp_path / "two.mp4", 2)
+    """--gpus 2 (rank 0 spawns its follower) and torchrun with 2 processes both write --gpus 1's frames."""
+    one = _render(clip20, tmp_path / "one.mp4", 1)
     assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    released = re.findall(r"flashlive rank (\d+): released after (\d+) DiT calls", two.stderr)
-    assert released == [("1", "7")], two.stderr[-2000:]  # the session + 6 passes ran on rank 1 too, then it ended
-    a, b = _frames(tmp_path / "one.mp4"), _frames(tmp_path / "two.mp4")
-    assert a.shape == b.shape == (20, 128, 128, 3)
-    assert np.abs(a - b).max() <= 3
+    a = _frames(tmp_path / "one.mp4")
+    assert a.shape == (20, 128, 128, 3)
     assert a.std() > 1.0  # not a blank video that any two runs would share
+    for name, torchrun in (("spawned", False), ("torchrun", True)):
+        two = _render(clip20, tmp_path / f"{name}.mp4", 2, torchrun)
+        assert two.returncode == 0, two.stderr[-2000:]
+        released = re.findall(r"flashlive rank (\d+): released after (\d+) DiT calls", two.stderr)
+        assert released == [("1", "7")], two.stderr[-2000:]  # the session + 6 passes ran on rank 1 too; it ended
+        b = _frames(tmp_path / f"{name}.mp4")
+        assert b.shape == a.shape and np.abs(a - b).max() <= 3, name
 
 
 @pytest.mark.parametrize("flags, fix", [(["--gpus", "2"], "--renderer flashportrait"), (["--gpus", "0"], "--gpus 1"),
