@@ -19,10 +19,17 @@ CFG: a world of G * P ranks is G CFG groups of P sequence ranks (rank = g * P + 
 branches g, g + G, ...; the outputs are exchanged with one all_gather among the ranks of equal s, so every rank
 ends with every branch (`SequenceParallelDiT.forward_branches`).
 
-Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS_ENABLE=0):
+Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS_ENABLE=0). flashlive.py does:
 
-    torchrun --nproc_per_node N -m flashlive serve ...  ->  worker(init_distributed(), args)
-    flashlive serve --gpus N                           ->  spawn(worker, N, args)   # worker(info, args), N processes
+    torchrun --nproc_per_node N -m flashlive serve ...  ->  info = init_distributed()   # on every rank
+    flashlive serve --gpus N                           ->  info, children = start_followers(follower, N)   # rank 0
+    rank 0: the command as usual; engine/renderer.py's _build_step calls make_step(model, shape, runtime), which
+            is a ParallelStep here (the CompiledStep interface over a Driver); at exit shutdown() releases the rest
+    others: follower(info)  # waits for rank 0's ParallelStep, receives the DiT's config and weights from it (one
+                            # broadcast per tensor: rank 0's weights exactly, checkpoint, merged LoRA or random init
+                            # alike), then runs every DiT call rank 0 makes until shutdown()
+
+Used directly (benches, tests), with a model built on every rank and spawn(worker, N, ...) or torchrun:
 
     def worker(info, args):                 # module level (spawn pickles it by name)
         model = <WanModel on info.device, weights loaded>            # every rank holds the full weights
@@ -30,19 +37,11 @@ Launch (NCCL on GPU, gloo on CPU; NCCL's NVLink multicast is kept off: NCCL_NVLS
         if info.rank == 0:                  # owns the WebRTC side: server, capture, expression, VAE, sinks
             driver = Driver(dit)
             driver.set_session(context, clip_fea)        # per session: context K/V on every rank
-            ... the renderer calls driver.branches([{"ip_scale": 1.0}, {"ip_scale": 0.0}], x=x, t=t, context=None,
-                clip_fea=None, y=y, emo=emo) (or driver(x, t, None, None, y, emo, ip_scale)) where it would call
-                the DiT, from one thread ...
+            ... driver.branches([{"ip_scale": 1.0}, {"ip_scale": 0.0}], x=x, t=t, context=None, clip_fea=None,
+                y=y, emo=emo) (or driver(x, t, None, None, y, emo, ip_scale)) where it would call the DiT ...
             driver.close()                  # at shutdown: releases the followers
         else:
             follow(dit)                     # runs every call rank 0 makes, until driver.close()
-
-The renderer does not use Driver directly: `make_step(model, shape, runtime)` (engine/renderer.py's _build_step)
-returns a `ParallelStep` on rank 0 of a group of several ranks (the CompiledStep interface over the Driver) and a
-kernels/graphs.CompiledStep otherwise. The ranks > 0 of `flashlive serve/render --gpus N` (or torchrun) run
-`follower(info)`: they wait for rank 0's ParallelStep, receive the DiT's config and weights from it (one broadcast
-per tensor, so every rank holds exactly rank 0's weights: checkpoint, merged LoRA or random init alike) and follow
-it until `shutdown()`.
 
 Only rank 0 touches the network, the camera and the encoder; the other ranks only ever run DiT calls. Self-attention
 heads must split over the sequence ranks to avoid padding work: 14b (40 heads) takes 2, 4, 5 or 8 sequence ranks
