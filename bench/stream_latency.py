@@ -341,6 +341,10 @@ def run_pts(args) -> None:
         "random_weights": stats.get("random_weights"), "target_fps": args.fps, "size": args.size,
         "server_latency_ms": session.get("latency_ms"), "repeats": session.get("repeats"),
         "skipped": session.get("skipped"), "frames_out": session.get("frames_out"),
+        # the renderer's playout delay and the controller's target/lookahead (serve defaults to a 350 ms target)
+        "playout_delay_ms": (session.get("renderer_stats") or {}).get("playout_delay_ms"),
+        "latency_target_ms": (session.get("controller") or {}).get("latency_target_ms"),
+        "lookahead": (session.get("controller") or {}).get("lookahead"),
         "controller": session.get("controller"), "gpu": stats.get("gpu"),
         "renderer_stats": session.get("renderer_stats"),
         "latencies_ms": [round(x, 1) for x in lat.tolist()],

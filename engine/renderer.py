@@ -40,7 +40,7 @@ most 2 every emitted frame is rendered with its own expression tokens; only the 
 sees held tokens. L = 0 lags the expression by one latent frame. Offline WSWS always sees every token.
 
 Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
-frame j at (push time of driving frame j) + playout delay, the delay being the 80th percentile of the first-frame
+frame j at (push time of driving frame j) + playout delay, the delay being the 90th percentile of the first-frame
 waits of the last 25 windows + a quarter frame (`playout_delay`: one slow window does not hold the delay up for
 seconds), so the sinks receive a steady stream at the input rate; they add no buffer of their own on top.
 Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
@@ -96,19 +96,20 @@ DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions,
 
 
 PLAYOUT_HISTORY = 25  # windows of first-frame waits the playout delay looks at (4 s at stride 1, 25 fps)
-PLAYOUT_QUANTILE = 0.8
+PLAYOUT_QUANTILE = 0.9
 PLAYOUT_MARGIN_FRAMES = 0.25
 
 
 def playout_delay(waits, fps: float) -> float:
-    """Playout delay (seconds) from recent first-frame waits: their 80th percentile (nearest rank) + a quarter frame.
+    """Playout delay (seconds) from recent first-frame waits: their 90th percentile (nearest rank) + a quarter frame.
 
     A window hands out its frames at once and its first frame waited longest, so releasing frame j at its push
-    time + this delay gives a steady stream unless a window is slower than 4 in 5 of the recent ones; such a frame
+    time + this delay gives a steady stream unless a window is slower than 9 in 10 of the recent ones; such a frame
     goes out as soon as it is ready (its own latency, one repeated tick at the sink). A robust statistic: a hiccup
-    (which also delays the next few windows, whose input queued behind it) is a few samples among 25 and moves the
+    (which may also delay the next window, whose input queued behind it) is one or two samples among 25 and moves the
     delay not at all; a lasting change (a new budget, a loaded GPU) moves it within a few windows. A higher delay
-    would only add latency to every frame to spare the rare late one a repeat. With < 10 samples: their maximum."""
+    would add latency to every frame to spare the rare late one a repeat; a lower one makes the
+    output stutter (a late first frame breaks the one-frame-per-period cadence). With < 10 samples: their maximum."""
     ordered = sorted(waits)
     if not ordered:
         return 0.0

@@ -66,9 +66,9 @@ def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
     steady = [0.30 + 0.001 * (i % 5) for i in range(24)]
     # a hiccup of +600 ms (which delays the next windows' input too) among 25 windows: the delay stays at the
     # typical wait (the old max-and-decay rule held it at 0.9 s and still at 0.9 * 0.95^10 = 0.54 s 10 windows later)
-    assert playout_delay(steady[3:] + [0.9, 0.7, 0.5], FPS) == pytest.approx(max(steady) + margin)
-    # a lasting change (the last 6 of 25 windows wait 0.5 s): the delay follows it
-    assert playout_delay(steady[5:] + [0.5] * 6, FPS) == pytest.approx(0.5 + margin)
+    assert playout_delay(steady[2:] + [0.9, 0.6], FPS) == pytest.approx(max(steady) + margin)
+    # a lasting change (the last 3 of 25 windows wait 0.5 s): the delay follows it
+    assert playout_delay(steady[2:] + [0.5] * 3, FPS) == pytest.approx(0.5 + margin)
     # few windows measured: their maximum (the first frames must not be released before they could be ready)
     assert playout_delay([0.2, 0.4, 0.3], FPS) == pytest.approx(0.4 + margin)
     assert playout_delay([], FPS) == 0.0
