@@ -1,7 +1,6 @@
 """Shared fixtures: real test data from ../shared/data (a missing folder fails loudly, never skips)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,3 +20,37 @@ def data_file(*parts: str) -> Path:
 @pytest.fixture
 def data():
     return data_file
+
+
+def video_frames(name: str, count: int) -> list:
+    """The first `count` frames of ../shared/data/driving/`name` as contiguous (H, W, 3) uint8 RGB arrays."""
+    import cv2
+    import numpy as np
+
+    cap = cv2.VideoCapture(str(data_file("driving", name)))
+    frames = []
+    while len(frames) < count:
+        ok, bgr = cap.read()
+        assert ok, f"{name} has fewer than {count} frames"
+        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
+    cap.release()
+    return frames
+
+
+def image_rgb(name: str):
+    """../shared/data/reference/`name` as a contiguous (H, W, 3) uint8 RGB array."""
+    import cv2
+    import numpy as np
+
+    return np.ascontiguousarray(cv2.imread(str(data_file("reference", name)))[:, :, ::-1])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """mediapipe and torch share 2 busy cores: oversubscribed intra-op threads make each call many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import statistics
 import time
 
-import cv2
 import numpy as np
 import pytest
-import torch
 
 try:
-    from tests.conftest import data_file
+    from tests.conftest import image_rgb, video_frames
 except ImportError:  # pytest's rootdir-relative import of conftest
-    from conftest import data_file
+    from conftest import image_rgb, video_frames
 
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig
 from engine.controller import Budget, BudgetController, ControllerConfig
@@ -28,31 +26,17 @@ from engine.renderer import FlashPortraitRenderer, playout_delay
 FPS = 25.0
 SIZE = 64
 CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()  # mediapipe and torch share 2 busy cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def clip() -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(data_file("driving", "lp_d0.mp4")))
-    frames = []
-    while len(frames) < 60:
-        ok, bgr = cap.read()
-        assert ok, "lp_d0.mp4 has fewer than 60 frames"
-        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
-    cap.release()
-    return frames
+    return video_frames("lp_d0.mp4", 60)
 
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    return np.ascontiguousarray(cv2.imread(str(data_file("reference", "lp_s0.jpg")))[:, :, ::-1])
+    return image_rgb("lp_s0.jpg")
 
 
 def make(reference, **kw) -> FlashPortraitRenderer:

@@ -9,49 +9,33 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 try:
-    from tests.conftest import data_file
+    from tests.conftest import data_file, image_rgb, video_frames
 except ImportError:  # pytest's rootdir-relative import of conftest
-    from conftest import data_file
+    from conftest import data_file, image_rgb, video_frames
 
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig
 from engine.controller import Budget, ControllerConfig
-from engine.renderer import FlashPortraitEngine, FlashPortraitRenderer
+from engine.renderer import FlashPortraitRenderer
 
 SIZE = 64
 W, OVERLAP = 4, 2  # stride 2: a window emits 2 latent frames = 8 video frames
 CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # mediapipe and torch share 2 busy cores: oversubscribed intra-op threads make each call ~30x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def driving() -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(data_file("driving", "lp_d0.mp4")))
-    frames = []
-    while len(frames) < 48:
-        ok, bgr = cap.read()
-        assert ok, "lp_d0.mp4 has fewer than 48 frames"
-        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
-    cap.release()
-    return frames
+    return video_frames("lp_d0.mp4", 48)
 
 
 @pytest.fixture(scope="module")
 def reference() -> np.ndarray:
-    return np.ascontiguousarray(cv2.imread(str(data_file("reference", "lp_s0.jpg")))[:, :, ::-1])
+    return image_rgb("lp_s0.jpg")
 
 
 def make(reference, alpa=ALPAConfig(mode="alpa", interval=2, order=1), controller=None, offline=False, **kw):
