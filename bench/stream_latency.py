@@ -84,6 +84,20 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start within {args.start_timeout} s (exit code {proc.poll()})")
 
 
+async def post_offer(pc, url: str) -> dict:
+    """Send the RTCPeerConnection's offer to the server's /offer and return its answer JSON (the remote description
+    is not set)."""
+    import aiohttp
+
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
+            answer = await resp.json()
+            if resp.status != 200:
+                raise SystemExit(f"/offer answered {resp.status}: {answer.get('error')}")
+    return answer
+
+
 async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
     import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
@@ -126,12 +140,7 @@ async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
     pc.on("track", lambda t: remote.done() or remote.set_result(t))
 
     t0 = time.monotonic()
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"/offer answered {resp.status}: {answer.get('error')}")
+    answer = await post_offer(pc, url)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     track = await asyncio.wait_for(remote, 30)
 
@@ -212,7 +221,6 @@ async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
 
 async def measure_pts(args, frames: list) -> dict:
     """The per-frame method (see the module docstring): an in-process server, a stamped camera, timestamps."""
-    import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -277,12 +285,7 @@ async def measure_pts(args, frames: list) -> dict:
     remote: asyncio.Future = asyncio.get_running_loop().create_future()
     pc.on("track", lambda t: remote.done() or remote.set_result(t))
     connect = time.monotonic()
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as resp:
-            answer = await resp.json()
-            if resp.status != 200:
-                raise SystemExit(f"/offer answered {resp.status}: {answer.get('error')}")
+    answer = await post_offer(pc, url)
     note_ticks(server.sessions[answer["session"]].track, ticks)
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     track = await asyncio.wait_for(remote, 30)
