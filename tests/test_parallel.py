@@ -117,12 +117,14 @@ def _world4(info) -> None:
 
 @pytest.mark.timeout(120)
 def test_two_processes_match_single_process():
-    spawn(_world2, 2, device="cpu", start_method="fork")  # CPU only: fork skips re-importing torch per process
+    # spawn, not fork: earlier tests in the same pytest process leave threads (mediapipe, aiortc) whose locks a
+    # forked child would inherit held
+    spawn(_world2, 2, device="cpu")
 
 
 @pytest.mark.timeout(120)
 def test_four_processes_sequence_and_cfg_split_match_single_process():
-    spawn(_world4, 4, device="cpu", start_method="fork")
+    spawn(_world4, 4, device="cpu")
 
 
 def test_token_split_covers_the_window_once():

@@ -72,8 +72,8 @@ def _step_worker(info, expect_cfg: int, results) -> None:
 def test_parallel_step_equals_compiled_step(world, cfg_groups):
     """2: one branch per rank; 3: the pair as one batch over 3 sequence ranks; 4: 2 CFG groups x 2 sequence ranks."""
     assert isinstance(make_step(WanModel(CFG), SHAPE, RuntimeConfig(device="cpu")), CompiledStep)  # no group here
-    results = torch.multiprocessing.get_context("fork").SimpleQueue()
-    spawn(_step_worker, world, cfg_groups, results, device="cpu", start_method="fork")
+    results = torch.multiprocessing.get_context("spawn").SimpleQueue()  # not fork: other tests leave threads
+    spawn(_step_worker, world, cfg_groups, results, device="cpu")
     got = [results.get() for _ in range(world)]
     errors = next(v for kind, _, v in got if kind == "errors")
     assert max(errors) <= 1e-5, errors
