@@ -37,6 +37,18 @@ def stamped_push(renderer, stamps: dict) -> None:
     renderer.push = noted
 
 
+def tiny_live_renderer(reference: np.ndarray, size: int, fps: float):
+    """A FlashPortrait renderer as `serve --preset tiny --random-weights --device cpu` builds it, with the controller
+    off (one budget: a steady latency the tests can measure against)."""
+    from engine.config import RuntimeConfig
+    from engine.controller import ControllerConfig
+    from engine.renderer import FlashPortraitRenderer
+
+    return FlashPortraitRenderer(reference, None, size, size, preset="tiny", random_weights=True,
+                                 runtime=RuntimeConfig(device="cpu"), fps=fps,
+                                 controller=ControllerConfig(enabled=False))
+
+
 def note_ticks(track, ticks: list) -> None:
     """Append (send time, capture pts on air or None) for every frame a streaming.tracks.AvatarTrack sends."""
     image = track._image

@@ -27,8 +27,9 @@ import numpy as np
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from engine.config import RuntimeConfig, StreamConfig
-from avatar_probe import dejitter, note_packet_arrivals, note_ticks, shown_frames, stamp, stamped_push
+from engine.config import StreamConfig
+from avatar_probe import (dejitter, note_packet_arrivals, note_ticks, shown_frames, stamp, stamped_push,
+                          tiny_live_renderer)
 from live_util import post_offer, running_server
 
 SIZE = 256  # driving frames sent by the client
@@ -198,8 +199,6 @@ def measure(video_rx, audio_rx, arrivals, ticks, stamps, clip: Clip):
 
 
 def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
-    from engine.controller import ControllerConfig
-    from engine.renderer import FlashPortraitRenderer
 
     reference = cv2.imread(str(data("reference", "lp_s6.jpg")))[:, :, ::-1].copy()
     fps, frames, audio = load_clip(data("driving", "lp_d3.mp4"))
@@ -209,9 +208,7 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
     renderers = []
 
     def make():
-        r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
-                                  runtime=RuntimeConfig(device="cpu"), fps=fps / DRIVE_EVERY,
-                                  controller=ControllerConfig(enabled=False))  # one budget: a steady latency
+        r = tiny_live_renderer(reference, OUT, fps / DRIVE_EVERY)
         stamped_push(r, stamps)
         renderers.append(r)
         return r
@@ -284,8 +281,6 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
     """`--driving FILE`: the file's own audio goes to a receive-only viewer (OBS) delayed by the programme's
     latency. lp_d12 has real speech: the viewer's audio is located in it by cross-correlation and compared with
     the file frame the programme shows at the same moment (both as media time of the file)."""
-    from engine.controller import ControllerConfig
-    from engine.renderer import FlashPortraitRenderer
 
     reference = cv2.imread(str(data("reference", "lp_s6.jpg")))[:, :, ::-1].copy()
     path = data("driving", "lp_d12.mp4")
@@ -298,9 +293,7 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
     order: dict[float, int] = {}  # programme capture pts -> file frame index (the capture pushes them in order)
 
     def make():
-        r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
-                                  runtime=RuntimeConfig(device="cpu"), fps=fps,
-                                  controller=ControllerConfig(enabled=False))
+        r = tiny_live_renderer(reference, OUT, fps)
         push = r.push
 
         def noted(frame, pts):

@@ -20,8 +20,8 @@ import numpy as np
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, VideoStreamTrack
 
-from avatar_probe import note_packet_arrivals, note_ticks, shown_frames, stamp, stamped_push
-from engine.config import RuntimeConfig, StreamConfig
+from avatar_probe import note_packet_arrivals, note_ticks, shown_frames, stamp, stamped_push, tiny_live_renderer
+from engine.config import StreamConfig
 from live_util import get_stats, post_offer, running_server, wait_for
 
 SIZE = 256  # driving frames as the client sends them
@@ -59,8 +59,6 @@ class StampedCamera(VideoStreamTrack):
 
 
 def test_flashportrait_streams_every_frame_in_order_and_frees_the_session(data):
-    from engine.controller import ControllerConfig
-    from engine.renderer import FlashPortraitRenderer
 
     reference = cv2.imread(str(data("reference", "lp_s6.jpg")))[:, :, ::-1].copy()
     with av.open(str(data("driving", "lp_d0.mp4"))) as c:
@@ -73,9 +71,7 @@ def test_flashportrait_streams_every_frame_in_order_and_frees_the_session(data):
     renderers = []
 
     def make():
-        r = FlashPortraitRenderer(reference, None, OUT, OUT, preset="tiny", random_weights=True,
-                                  runtime=RuntimeConfig(device="cpu"), fps=DRIVE_FPS,
-                                  controller=ControllerConfig(enabled=False))  # one budget: steady pacing
+        r = tiny_live_renderer(reference, OUT, DRIVE_FPS)
         stamped_push(r, stamps)
         renderers.append(r)
         return r
