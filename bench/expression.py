@@ -7,7 +7,8 @@
 
 Part 1 (whole extractor): frames of a real driving video -> landmarks (ONNX pair when found under --weights,
 else mediapipe face mesh) -> Umeyama warp -> FanEncoder, timed per frame for push() (one frame at a time, the
-live path with no backlog) and push_batch() over --batch frames (the live path catching up). Skipped, with the
+live path with no backlog; on CUDA with the encoder's CUDA graph, and as push_eager without it) and push_batch()
+over --batch frames (the live path catching up). Skipped, with the
 reason in the JSON, when no landmark backend or no video reader (cv2 / av) is installed.
 Part 2 (encoder only): FanEncoder forward on random crops at several batch sizes, on the chosen device.
 Writes bench/results/expression_<device>.json.
@@ -97,21 +98,28 @@ def bench_extractor(args, encoder: FanEncoder) -> dict:
                                    prefer_cuda=args.device.startswith("cuda"))
     except Exception as err:  # mediapipe not installed and no ONNX weights
         return {"skipped": f"no landmark backend: {type(err).__name__}: {err}"}
-    ex = ExpressionExtractor(encoder, landmarks, channel_order=order, max_batch=args.batch)
+    ex = ExpressionExtractor(encoder, landmarks, channel_order=order, max_batch=args.batch,
+                             cuda_graph=not args.compile)
+    # on CUDA, push() replays a CUDA graph of the encoder; push_eager times the same frames without it
+    eager = ExpressionExtractor(encoder, landmarks, channel_order=order, max_batch=args.batch, cuda_graph=False) \
+        if ex._graph is not None else None
     if args.compile:  # compile every batch size the timed loops will meet before timing them
         with torch.inference_mode():
             for b in range(1, args.batch + 1):
                 encoder(torch.zeros(b, 3, 224, 224, device=ex.device, dtype=ex.dtype))
     out = {"backend": landmarks.name, "frames": len(frames) - args.warmup, "video": Path(args.video).name,
            "frame_shape": list(frames[0].shape)}
-    for mode in ("push", "push_batch"):
+    out["cuda_graph"] = ex._graph is not None
+    for mode, ex in (("push", ex), ("push_eager", eager), ("push_batch", ex)):
+        if ex is None:
+            continue
         ex.reset()
         ex.push_batch(frames[:args.warmup])
         ex.frames, ex.faces = 0, 0
         ex.seconds = {k: 0.0 for k in ex.seconds}
         timed = frames[args.warmup:]
         t0 = time.perf_counter()
-        if mode == "push":
+        if mode != "push_batch":
             found = [ex.push(f).face_found for f in timed]
         else:
             found = [r.face_found for s in range(0, len(timed), args.batch)

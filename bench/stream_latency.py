@@ -9,6 +9,8 @@ settled, then jumps to a very different one (B) and times from the moment the fi
 until the first received avatar frame that has moved at least half-way from the settled A-avatar towards the settled
 B-avatar; then the other way round, `--trials` times. Everything (encode, network, decode, capture, render, pacing,
 encode, network, decode) is inside the measurement, as a person in front of a camera would see it.
+The client's video receiver completes frames on the RTP marker bit, as a browser does (streaming/jitter.py);
+`--client-jitter-buffer aiortc` keeps aiortc's stock buffer, which hands each frame out one frame interval later.
 Writes bench/results/stream_latency_<renderer>.json (renderer, device, fps, p50_ms, p95_ms, ttff_s, ...) + PNG.
 
 A generated avatar (FlashPortrait, above all with --random-weights) does not settle on a held frame, so the jump
@@ -17,7 +19,9 @@ process (built from the same `flashlive serve` flags), the client stamps a frame
 sends (tests/avatar_probe.py), the server-side hooks note which capture pts every video tick sends and which
 stamp that capture had, and the client notes when each avatar frame's packets arrive. Glass-to-glass for driving
 frame k = (client has decoded the first avatar frame showing k) - (k left the client's camera track); fps = new
-avatar frames per second; ttff = connect -> first avatar frame (not the idle portrait).
+avatar frames per second after the first --warmup seconds; ttff = connect -> first avatar frame (not the idle
+portrait). p50_ms / p95_ms cover every avatar frame from the first one on (the start-up included);
+p50_after_warmup_ms / p95_after_warmup_ms the frames after the first --warmup seconds.
 
     python bench/stream_latency.py --renderer flashportrait --driving DATA/lp_d0.mp4 \
         --server-args "--preset 1.3b --random-weights" --seconds 20
@@ -98,6 +102,15 @@ async def post_offer(pc, url: str) -> dict:
     return answer
 
 
+def client_jitter_buffer(pc, args) -> None:
+    """--client-jitter-buffer marker: the client's video receiver completes frames on the RTP marker bit, as a
+    browser does (streaming/jitter.py); aiortc: aiortc's stock buffer, which holds each frame one frame longer."""
+    if args.client_jitter_buffer == "marker":
+        from streaming.jitter import use_marker_jitter_buffers
+
+        use_marker_jitter_buffers(pc)
+
+
 async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
     import aiohttp
     from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
@@ -136,6 +149,7 @@ async def measure(args, url: str, a_img: np.ndarray, b_img: np.ndarray) -> dict:
     camera = SwitchCamera([a_img, b_img], args.fps)
     pc = RTCPeerConnection()
     pc.addTrack(camera)
+    client_jitter_buffer(pc, args)
     remote: asyncio.Future = asyncio.get_running_loop().create_future()
     pc.on("track", lambda t: remote.done() or remote.set_result(t))
 
@@ -281,6 +295,7 @@ async def measure_pts(args, frames: list) -> dict:
     ticks: list = []
     pc = RTCPeerConnection()
     pc.addTrack(camera)
+    client_jitter_buffer(pc, args)
     arrivals = note_packet_arrivals(pc)
     remote: asyncio.Future = asyncio.get_running_loop().create_future()
     pc.on("track", lambda t: remote.done() or remote.set_result(t))
@@ -315,12 +330,13 @@ async def measure_pts(args, frames: list) -> dict:
     await asyncio.wait_for(task, 60)
     if not shown:
         raise SystemExit("no avatar frame came back within --seconds: see the server's renderer_stats")
-    steady = [(t, n) for t, n in shown if t >= shown[0][0] + args.warmup]  # after the playout delay settled
-    latencies = [(t - camera.sent[n]) * 1e3 for t, n in steady]
-    span = steady[-1][0] - steady[0][0] if len(steady) > 1 else 0.0
-    return {"latencies_ms": latencies, "fps": (len(steady) - 1) / span if span > 0 else 0.0,
+    latencies = [(t - camera.sent[n]) * 1e3 for t, n in shown]  # every frame, from the first one on
+    steady = [i for i, (t, _) in enumerate(shown) if t >= shown[0][0] + args.warmup]  # after --warmup seconds
+    span = shown[steady[-1]][0] - shown[steady[0]][0] if len(steady) > 1 else 0.0
+    return {"latencies_ms": latencies, "steady_latencies_ms": [latencies[i] for i in steady],
+            "fps": (len(steady) - 1) / span if span > 0 else 0.0,
             "ttff_s": shown[0][0] - connect, "first_frame_s": None, "trace": [(t - connect, lat) for (t, _), lat in
-                                                                           zip(steady, latencies)],
+                                                                           zip(shown, latencies)],
             "stats": stats, "session": mine, "received": received, "frames_shown": len(shown),
             "warm_up_s": warm_up_s}
 
@@ -331,25 +347,36 @@ def run_pts(args) -> None:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     result = asyncio.run(measure_pts(args, frames))
     lat = np.array(result["latencies_ms"])
+    steady = np.array(result["steady_latencies_ms"])
     stats, session = result["stats"], result["session"]
+    rstats = session.get("renderer_stats") or {}
     payload = {
         "renderer": stats["renderer"], "device": stats["device"], "fps": round(result["fps"], 2),
+        # every avatar frame from the first one on (the start-up included)
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if lat.size else None,
+        "max_ms": round(float(lat.max()), 1) if lat.size else None,
+        # the frames after the first --warmup seconds
+        "p50_after_warmup_ms": round(float(np.percentile(steady, 50)), 1) if steady.size else None,
+        "p95_after_warmup_ms": round(float(np.percentile(steady, 95)), 1) if steady.size else None,
+        "warmup_s": args.warmup,
         "ttff_s": round(result["ttff_s"], 3), "method": "pts",
         "method_note": "glass-to-glass per driving frame: camera track -> avatar frame decoded at the client, "
-                       "frames identified by a stamped frame number (in-process server)",
+                       "frames identified by a stamped frame number (in-process server); client jitter buffer: "
+                       f"{args.client_jitter_buffer}",
+        "client_jitter_buffer": args.client_jitter_buffer,
         "frames_measured": int(lat.size), "frames_received": result["received"],
+        "dropped_in": rstats.get("dropped_in"), "skipped_behind": rstats.get("skipped_behind"),
         "warm_up_s": round(result["warm_up_s"], 2), "preset": stats.get("preset"),
         "random_weights": stats.get("random_weights"), "target_fps": args.fps, "size": args.size,
         "server_latency_ms": session.get("latency_ms"), "repeats": session.get("repeats"),
         "skipped": session.get("skipped"), "frames_out": session.get("frames_out"),
         # the renderer's playout delay and the controller's target/lookahead (serve defaults to a 350 ms target)
-        "playout_delay_ms": (session.get("renderer_stats") or {}).get("playout_delay_ms"),
+        "playout_delay_ms": rstats.get("playout_delay_ms"),
         "latency_target_ms": (session.get("controller") or {}).get("latency_target_ms"),
         "lookahead": (session.get("controller") or {}).get("lookahead"),
         "controller": session.get("controller"), "gpu": stats.get("gpu"),
-        "renderer_stats": session.get("renderer_stats"),
+        "renderer_stats": rstats,
         "latencies_ms": [round(x, 1) for x in lat.tolist()],
         "config": {k: v for k, v in vars(args).items() if k != "url"},
     }
@@ -358,9 +385,10 @@ def run_pts(args) -> None:
     plot_pts(RESULTS / f"{name}.png", result, f"{payload['renderer']} {payload['preset'] or ''} on "
              f"{payload['device']}: p50 {payload['p50_ms']} ms, p95 {payload['p95_ms']} ms, {payload['fps']} fps, "
              f"first frame {payload['ttff_s']} s")
-    print(f"\n{'renderer':<14}{'device':<28}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'ttff s':>8}")
+    print(f"\n{'renderer':<14}{'device':<28}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}{'ttff s':>8}"
+          f"{'p95 after warm-up':>19}")
     print(f"{payload['renderer']:<14}{str(payload['device'])[:27]:<28}{payload['fps']:>7}{payload['p50_ms']!s:>9}"
-          f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}")
+          f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}{payload['p95_after_warmup_ms']!s:>19}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
@@ -444,6 +472,9 @@ def main() -> None:
                         "(auto: pts for flashportrait without --url, else jump)")
     p.add_argument("--seconds", type=float, default=20.0, help="pts: how long to stream")
     p.add_argument("--camera-size", type=int, default=512, help="pts: side of the square driving frames sent")
+    p.add_argument("--client-jitter-buffer", choices=("marker", "aiortc"), default="marker",
+                   help="the client's video jitter buffer: marker completes a frame on its last packet, as a browser "
+                        "does; aiortc keeps aiortc's stock buffer (one frame interval later)")
     args = p.parse_args()
     if args.method == "pts" or (args.method == "auto" and args.renderer == "flashportrait" and args.url is None):
         from streaming.server import restrict_ice_to_loopback
@@ -483,7 +514,7 @@ def main() -> None:
         "trials": args.trials, "trials_ok": int(lat.size),
         "latency_note": None if lat.size else "the avatar did not follow the driving frames (random weights?): "
                                               "p50/p95 not measurable; see server_latency_ms", "latencies_ms": [round(x, 1) for x in lat.tolist()],
-        "target_fps": args.fps, "size": args.size,
+        "target_fps": args.fps, "size": args.size, "client_jitter_buffer": args.client_jitter_buffer,
         "server_latency_ms": session.get("latency_ms"),  # capture -> send inside the server (moving average)
         "render_fps": round(session.get("fresh", 0) / age, 2) if age else None,  # new avatar frames per second
         "repeats": session.get("repeats"), "frames_out": session.get("frames_out"),

@@ -1,7 +1,7 @@
 """The adaptive budget controller: keep the rolling FlashPortrait engine ahead of playback.
 
     ctl = BudgetController(Budget(interval=1, steps=4, stride=2), window=6, fps=25.0,
-                           cfg=ControllerConfig(latency_target_ms=800))
+                           cfg=ControllerConfig(latency_target_ms=800), ms_per_unit=40.0)  # seed: warm-up timing
     new = ctl.observe(window_s=0.21, frames=8, backlog_frames=14)   # once per rolling window
     if new is not None: ...apply new.interval / new.steps / new.stride at the next window boundary...
     ctl.stats()   # -> dict for /stats: what it chose and why
@@ -24,7 +24,9 @@ What it turns (the budget), within the user's limits:
     frame, 4 video frames) instead of its own.
 Cost model: a window costs about full_passes + 0.1 predicted_passes + 0.25 S "units" (the last term is the decode
 of 4S frames); the controller measures ms per unit on the budget it runs and predicts every other budget's rtf
-from it. When the measured rtf falls below `cut_below`, or the backlog keeps growing, it jumps straight to the
+from it. Before the first window it predicts from `ms_per_unit`, which the renderer times during the engine's
+warm-up (one DiT call, one decode), and starts on the best budget predicted to keep up: the first seconds of a
+session then run in real time instead of building a backlog that a later cut must drain. When the measured rtf falls below `cut_below`, or the backlog keeps growing, it jumps straight to the
 best-quality budget predicted to reach `target_rtf` (quality order: lower K first, then more steps, then smaller
 S). When rtf stays above `raise_above` for `patience` windows and the backlog is small, it steps one budget up.
 After each change it waits `patience` windows before judging again. No queue grows because of the controller:
@@ -77,7 +79,8 @@ class ControllerConfig:
 class BudgetController:
     """Chooses a Budget per rolling window from measured real-time factor and backlog (see the module docstring)."""
 
-    def __init__(self, initial: Budget, window: int, fps: float, cfg: ControllerConfig | None = None):
+    def __init__(self, initial: Budget, window: int, fps: float, cfg: ControllerConfig | None = None,
+                 ms_per_unit: float | None = None):
         self.cfg = cfg = cfg or ControllerConfig()
         self.window, self.fps = window, float(fps)
         self.initial = self.budget = initial
@@ -96,21 +99,21 @@ class BudgetController:
                                                      b.lookahead == 0))
         self.rtf: float | None = None  # moving average on the current budget
         self.last_rtf: float | None = None
-        self.ms_per_unit: float | None = None
+        # Cost of one unit: seeded from the engine's warm-up timings (one DiT call, one decode) when given, then a
+        # moving average of the measured windows.
+        self.ms_per_unit: float | None = ms_per_unit
+        self.seeded = ms_per_unit is not None
+        self._units_measured = False
         self.windows = 0
         self.changes = 0
         self._cooldown = 0
         self._fast = 0  # consecutive windows above raise_above
         self._backlog: list[int] = []
         self.reason = "starting: full budget until the first windows are measured"
-        if cfg.latency_target_ms is not None and self.enabled_start_budget() != initial:
-            # Before any window is measured, assume a window costs the playback time it makes (rtf 1): when the
-            # configured lookahead cannot meet the target even then, start without it rather than cut later (the
-            # first frame comes 4 frames sooner and the playout delay never learns the longer wait).
-            self.initial = self.budget = self.enabled_start_budget()
-            self.reason = (f"starting without lookahead: predicted latency "
-                           f"{self.predicted_latency_ms(replace(initial, lookahead=None)):.0f} ms with it is over "
-                           f"the {cfg.latency_target_ms:.0f} ms target")
+        start = self.start_budget()
+        if start != initial:
+            self.initial = self.budget = start
+            self.reason = self._start_reason(initial, start)
         self.keeping_up = True
         self.history: list[dict] = []  # the last 64 windows: rtf, backlog, budget, decision
 
@@ -121,15 +124,35 @@ class BudgetController:
             return max(0, min(budget.lookahead, overlap))
         return overlap if self.cfg.lookahead is None else max(0, min(self.cfg.lookahead, overlap))
 
-    def enabled_start_budget(self) -> Budget:
-        """The first budget: the initial one, or the same without lookahead when only that meets the latency target
-        (judged with a window costing its playback time, as nothing is measured yet)."""
+    def start_budget(self) -> Budget:
+        """The first budget, before any window ran.
+
+        Seeded with the warm-up's cost (`ms_per_unit`): the best-quality budget within the latency target that is
+        predicted to reach `target_rtf`, so the first windows already keep up (a session that starts on a budget it
+        cannot sustain builds a backlog in its first seconds, and the playout delay learns that backlog). Not seeded:
+        the initial budget, without its lookahead when only that meets the latency target even with windows costing
+        their playback time (rtf 1), so the first frame comes 4 frames sooner."""
         b = self.initial
-        if not self.cfg.enabled or self.cfg.latency_target_ms is None or self.lookahead(b) == 0:
+        if not self.cfg.enabled:
+            return b
+        if self.ms_per_unit is not None:
+            allowed = self._allowed()
+            fast = [c for c in allowed if self.predicted_rtf(c) >= self.cfg.target_rtf]
+            return fast[0] if fast else allowed[-1]
+        if self.cfg.latency_target_ms is None or self.lookahead(b) == 0:
             return b
         if self.predicted_latency_ms(b, assume_rtf=1.0) <= self.cfg.latency_target_ms:
             return b
         return replace(b, lookahead=0)
+
+    def _start_reason(self, initial: Budget, start: Budget) -> str:
+        if self.seeded:
+            return (f"starting at {self._describe(start)}: predicted real-time factor {self.predicted_rtf(start):.2f}"
+                    f" and latency {self.predicted_latency_ms(start):.0f} ms from the warm-up timings "
+                    f"({self.ms_per_unit:.1f} ms per unit)")
+        return (f"starting without lookahead: predicted latency "
+                f"{self.predicted_latency_ms(replace(initial, lookahead=None), assume_rtf=1.0):.0f} ms with it is "
+                f"over the {self.cfg.latency_target_ms:.0f} ms target")
 
     def predicted_rtf(self, budget: Budget) -> float:
         if self.ms_per_unit is None:
@@ -168,15 +191,20 @@ class BudgetController:
         self.windows += 1
         rtf = (frames / self.fps) / max(window_s, 1e-9)
         self.last_rtf = rtf
-        self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
-        per_unit = 1e3 * window_s / self.budget.units()
-        self.ms_per_unit = per_unit if self.ms_per_unit is None else 0.7 * self.ms_per_unit + 0.3 * per_unit
-        self._backlog = (self._backlog + [backlog_frames])[-(self.cfg.patience + 1):]
-        self.keeping_up = self.rtf >= 1.0
+        warming = self.windows <= self.cfg.warmup_windows
+        if not warming:  # a warm-up window pays one-off costs: it would skew the averages
+            self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
+            per_unit = 1e3 * window_s / self.budget.units()
+            # the first measured window replaces the warm-up's seed (a prior, timed without the session's load)
+            measured = self.ms_per_unit is not None and self._units_measured
+            self.ms_per_unit = 0.7 * self.ms_per_unit + 0.3 * per_unit if measured else per_unit
+            self._units_measured = True
+            self._backlog = (self._backlog + [backlog_frames])[-(self.cfg.patience + 1):]
+            self.keeping_up = self.rtf >= 1.0
         if not self.cfg.enabled:
             self.reason = "controller off: fixed budget"
             return None
-        if self.windows <= self.cfg.warmup_windows:
+        if warming:
             self.reason = f"window {self.windows}: warming up, not judged"
             return None
         if self._cooldown > 0:
@@ -233,5 +261,6 @@ class BudgetController:
                 "keeping_up": self.keeping_up, "reason": self.reason, "changes": self.changes,
                 "windows": self.windows, "latency_target_ms": self.cfg.latency_target_ms,
                 "predicted_latency_ms": round(self.predicted_latency_ms(self.budget), 1),
+                "ms_per_unit": None if self.ms_per_unit is None else round(self.ms_per_unit, 2),
                 "lookahead": self.lookahead(self.budget),
                 "enabled": self.cfg.enabled}

@@ -40,19 +40,22 @@ most 2 every emitted frame is rendered with its own expression tokens; only the 
 sees held tokens. L = 0 lags the expression by one latent frame. Offline WSWS always sees every token.
 
 Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
-frame j at (push time of driving frame j) + playout delay, the delay being the 90th percentile of the first-frame
-waits of the last 25 windows + a quarter frame (`playout_delay`: one slow window does not hold the delay up for
-seconds), so the sinks receive a steady stream at the input rate; they add no buffer of their own on top.
+frame j at (push time of driving frame j) + playout delay, the delay being a robust high percentile of the recent
+windows' first-frame waits that forgets a backlog once it is gone (engine/playout.py), so the sinks receive a steady
+stream at the input rate; they add no buffer of their own on top.
+Start. The controller starts on the budget the engine's warm-up timings (one DiT call, one decode) predict to keep
+up within the latency target, so the first windows do not build a backlog.
 Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
 meet the target. The controller
 (engine/controller.py) adapts ALPA interval, steps and stride within `latency_target_ms`; its decision is in
 `stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
 window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
 
-Bounded. The input queue drops its oldest frame when full (ThreadedRenderer); tokens waiting for windows are capped
-at `max_lag_latents` (4W) latent frames: beyond that the stream skips to the newest tokens (a new rolling window,
-the skipped driving frames counted in `skipped_behind`), so lag never grows without bound; the output queue is
-bounded too. A window that fails (e.g. out of GPU memory) ends this session's rendering, with the error in stats.
+Bounded. The input queue drops its oldest frame when full (ThreadedRenderer; under a latency target it holds
+what the target lasts, so an extractor that cannot keep up drops frames rather than adding latency); tokens waiting for windows are capped
+at `lag_cap()` latent frames (4W, and under a latency target what the window needs + the frames whose playback fits
+in the target): beyond that the stream skips to the newest tokens (a new rolling window, the skipped driving frames
+counted in `skipped_behind`), so lag never grows without bound; the output queue is bounded too. A window that fails (e.g. out of GPU memory) ends this session's rendering, with the error in stats.
 
 Offline (`offline=True`, `flashlive render`): process() only extracts expression features; `flush()` runs
 offline step-major WSWS (engine/wsws.wsws_sample) over the whole clip and returns every frame in order.
@@ -77,6 +80,7 @@ from engine.base import ThreadedRenderer
 from engine.config import (ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig, WindowConfig, get_preset,
                            replace)
 from engine.controller import Budget, BudgetController, ControllerConfig
+from engine.playout import PlayoutDelay
 from engine.portrait_encoder import latent_token_range
 from engine.sampler import DISTILLED_TIMESTEPS, Sampler, distilled_schedule, flow_schedule
 from engine.weights import WeightsError, find_file
@@ -93,28 +97,6 @@ LAYER_CACHE_LIMIT = 8 * 2**30  # offline: above this, ALPA caches the DiT output
 # so glass-to-glass stays near 0.5 s. (W 4 / S 2 costs ~30% less per frame but waits 11 frames.)
 LIVE_WINDOW = WindowConfig(context_size=3, context_overlap=2)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
-
-
-PLAYOUT_HISTORY = 25  # windows of first-frame waits the playout delay looks at (4 s at stride 1, 25 fps)
-PLAYOUT_QUANTILE = 0.9
-PLAYOUT_MARGIN_FRAMES = 0.25
-
-
-def playout_delay(waits, fps: float) -> float:
-    """Playout delay (seconds) from recent first-frame waits: their 90th percentile (nearest rank) + a quarter frame.
-
-    A window hands out its frames at once and its first frame waited longest, so releasing frame j at its push
-    time + this delay gives a steady stream unless a window is slower than 9 in 10 of the recent ones; such a frame
-    goes out as soon as it is ready (its own latency, one repeated tick at the sink). A robust statistic: a hiccup
-    (which may also delay the next window, whose input queued behind it) is one or two samples among 25 and moves the
-    delay not at all; a lasting change (a new budget, a loaded GPU) moves it within a few windows. A higher delay
-    would add latency to every frame to spare the rare late one a repeat; a lower one makes the
-    output stutter (a late first frame breaks the one-frame-per-period cadence). With < 10 samples: their maximum."""
-    ordered = sorted(waits)
-    if not ordered:
-        return 0.0
-    rank = max(0, math.ceil(PLAYOUT_QUANTILE * len(ordered)) - 1) if len(ordered) >= 10 else len(ordered) - 1
-    return ordered[rank] + PLAYOUT_MARGIN_FRAMES / fps
 
 
 @dataclass
@@ -225,6 +207,7 @@ class FlashPortraitEngine:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # rolling windows
         self.loaded = False
         self.warm_up_s: float | None = None
+        self.timings: dict = {}  # measured_costs(): seconds of one DiT call and of one latent frame's decode
         self.sessions = 0  # open renderer sessions (close() decrements)
         self.notes: list[str] = []
 
@@ -266,10 +249,53 @@ class FlashPortraitEngine:
             if self.step is not None and self.step.use_graph:
                 self.step.write_inputs(self.step.x, 1000.0, self.step.emo, self.ip_scale_step)
                 self.step.capture()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self._sync()
             self.warm_up_s = time.perf_counter() - t0
             return self.warm_up_s
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measured_costs(self) -> dict:
+        """{"pass_s", "decode_latent_s"}: timed once, by the first live session (serve's warm start, before any
+        peer), then shared; offline rendering never needs them."""
+        with self.lock:
+            if not self.timings:
+                self.warm_up()
+                self.timings = self._measure_costs()
+            return self.timings
+
+    @torch.no_grad()
+    def _measure_costs(self, repeats: int = 3) -> dict:
+        """Seconds of one guided DiT call at the window shape (`pass_s`) and of decoding one latent frame to host
+        frames (`decode_latent_s`), medians on the warm engine. The budget controller starts from them (see
+        `window_ms_per_unit`); the first decode also takes the decoder's one-off costs out of the first window."""
+        def median_s(fn) -> float:
+            times = []
+            for _ in range(repeats + 1):  # the first call may still select kernels
+                self._sync()
+                t0 = time.perf_counter()
+                fn()
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            return sorted(times[1:])[len(times[1:]) // 2]
+
+        x = torch.randn(self.step.x.shape, device=self.device, generator=torch.Generator(self.device).manual_seed(0))
+        pass_s = median_s(lambda: self.step(x, 1000.0, self.step.emo, self.ip_scale_step))
+        decoder = self.make_decoder()
+        z = torch.randn((1, 16, 1, *self.latent_hw), device=self.device).to(self.dtype)
+        decoder.decode(z)  # a stream's first latent is 1 frame; later ones are 4
+        decode_s = median_s(lambda: _frames_uint8(decoder.decode(z)))
+        return {"pass_s": pass_s, "decode_latent_s": decode_s}
+
+    def window_ms_per_unit(self, budget) -> float:
+        """The controller's cost of one unit (engine/controller.py) predicted from the warm-up timings for `budget`:
+        its full DiT calls, its predicted steps at a tenth of a call each, and the decode of its stride."""
+        t = self.measured_costs()
+        full = budget.full_passes()
+        window_s = (full + 0.1 * (budget.steps - full)) * t["pass_s"] + budget.stride * t["decode_latent_s"]
+        return 1e3 * window_s / budget.units()
 
     def _load(self) -> None:
         if self.loaded:
@@ -410,6 +436,8 @@ class FlashPortraitEngine:
                 "compiled": bool(getattr(getattr(self, "step", None), "compiled", False)),
                 "cuda_graph": bool(getattr(getattr(self, "step", None), "use_graph", False)),
                 "warm_up_s": None if self.warm_up_s is None else round(self.warm_up_s, 2),
+                "warm_up_pass_ms": round(1e3 * self.timings["pass_s"], 2) if self.timings else None,
+                "warm_up_decode_latent_ms": round(1e3 * self.timings["decode_latent_s"], 2) if self.timings else None,
                 "decoder": "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None
                 else "wan", "sessions": self.sessions, "notes": self.notes}
 
@@ -449,8 +477,13 @@ class FlashPortraitRenderer(ThreadedRenderer):
             # 4-step distilled schedule (FlashPortrait's fast path; its LoRA is merged when present).
             sampler = replace(sampler or SamplerConfig(), fast=True)
         W = window.context_size
-        # A window blocks the thread for a while: the bounded input queue must hold the frames that arrive meanwhile.
-        super().__init__(input_queue=max(input_queue or 0, 8 * W + 16), output_queue=max(64, 16 * W))
+        # Started, the renderer's thread only extracts expression (windows run on their own thread), so its input
+        # queue absorbs jitter. Under a latency target it holds no more frames than the target lasts: when the
+        # extractor cannot keep up, the oldest frame is dropped (counted in dropped_in) instead of every later frame
+        # waiting longer.
+        target = controller.latency_target_ms if controller is not None else latency_target_ms
+        queue = 8 * W + 16 if target is None or offline else max(4, math.ceil(target * 1e-3 * fps))
+        super().__init__(input_queue=max(input_queue or 0, queue), output_queue=max(64, 16 * W))
         alpa = alpa or ALPAConfig()
         if not offline:
             # The live path caches the DiT output only: layer caches would run full passes outside the CUDA graph.
@@ -478,8 +511,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
             ctl = replace(ctl, lookahead=lookahead)  # the controller predicts latency with the same lookahead
         self.lookahead = lookahead
         initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
-        self.controller = BudgetController(initial, self.W, self.fps, ctl)
-        self._budget = self.controller.budget  # under a latency target it may start without lookahead
+        seed = eng.window_ms_per_unit(initial) if ctl.enabled and not offline else None
+        self.controller = BudgetController(initial, self.W, self.fps, ctl, ms_per_unit=seed)
+        self._budget = self.controller.budget  # predicted from the warm-up timings to keep up from the start
         self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
         # stream state
         self._feats: list[np.ndarray] = []          # PD-FGC rows of frames not yet turned into tokens
@@ -496,8 +530,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.face_found: bool | None = None
         self.rtf: float | None = None                # real-time factor, moving average over windows
         self.windows = 0
-        self.delay_s = 0.0                           # playout delay of pull()
-        self._waits: collections.deque = collections.deque(maxlen=PLAYOUT_HISTORY)  # first-frame waits, seconds
+        self.playout = PlayoutDelay(self.fps)         # learns pull()'s delay from the windows' first-frame waits
         self.frames_pulled = 0
         self.t = {"expression_ms": 0.0, "window_ms": 0.0, "dit_ms": 0.0, "decode_ms": 0.0}
         self.last_window_passes = self.last_window_predicted = 0
@@ -528,7 +561,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
 
     def _apply_budget(self, new: Budget) -> None:
         old, self._budget = self._budget, new
-        self._waits.clear()  # a window's first frame will wait differently (input wait, compute): learn it afresh
+        self.playout.reset()  # a window's first frame will wait differently (input wait, compute): learn it afresh
         if (new.steps, new.stride) != (old.steps, old.stride):
             self._new_roller(self._released)  # the held overlap is re-rendered by the new window: exactly once
         else:
@@ -555,11 +588,22 @@ class FlashPortraitRenderer(ThreadedRenderer):
     def _denoise(self, x, i, win, cond):
         return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window")
 
+    def lag_cap(self) -> int:
+        """Latent frames of tokens that may wait for windows before the stream skips ahead: `max_lag_latents`, and
+        under a latency target no more than the window needs (stride + lookahead) + the latent frames whose playback
+        fits in the target (at least one): a backlog beyond that is latency over the target on every later frame."""
+        cap = self.max_lag_latents
+        target = self.controller.cfg.latency_target_ms
+        if target is not None:
+            spare = max(1, int(target * 1e-3 * self.fps / TIME_STRIDE))
+            cap = min(cap, self._budget.stride + self._lookahead() + spare)
+        return cap
+
     def _catch_up(self) -> None:
-        """Bound the lag: when more than `max_lag_latents` latent frames of tokens wait, skip to the newest ones (a
-        new rolling window there; the skipped driving frames are counted in `skipped_behind`, never rendered)."""
+        """Bound the lag: when more than `lag_cap()` latent frames of tokens wait, skip to the newest ones (a new
+        rolling window there; the skipped driving frames are counted in `skipped_behind`, never rendered)."""
         start = self._base + self.roller.window_start
-        if self._released == 0 or self._have - start <= self.max_lag_latents:
+        if self._released == 0 or self._have - start <= self.lag_cap():
             return
         new_base = self._have - self._budget.stride - self._lookahead()
         # driving frames of latents [released, new_base): latent i >= 1 is frames 4i-3..4i
@@ -606,8 +650,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("decode_ms", 1e3 * (t2 - t1))
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
-                self._waits.append(time.monotonic() - out[0][1])  # the chunk's first frame waited longest
-                self.delay_s = playout_delay(self._waits, self.fps)
+                self.playout.observe(time.monotonic() - out[0][1])  # the chunk's first frame waited longest
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
@@ -719,7 +762,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             frame, pts, stamp = self._out[0]
         except IndexError:
             return None
-        if self.pace and time.monotonic() < stamp + self.delay_s:
+        if self.pace and time.monotonic() < stamp + self.playout.delay:
             return None
         self._out.popleft()
         self.frames_pulled += 1
@@ -823,7 +866,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "alpa_full_passes": self.full_passes, "alpa_predicted_passes": self.predicted_passes,
             "windows": self.windows,
             "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
-            "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind, "playout_delay_ms": round(1e3 * self.delay_s, 1),
+            "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind, "playout_delay_ms": round(1e3 * self.playout.delay, 1),
+            "playout_settled": self.playout.settled,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
             "controller": self.controller.stats(), **self.engine.stats()})
         return out

@@ -38,6 +38,7 @@ from engine.config import StreamConfig
 from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, MirrorLatency, OnAirLatency,
                              PacketArrivals, VideoHold)
 from streaming.capture import AVCapture, WebRTCCapture, is_device
+from streaming.jitter import use_marker_jitter_buffers
 from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
 from streaming.telemetry import GpuTelemetry
 from streaming.tracks import AvatarTrack, MirrorTrack, PacedTrack, fit_image
@@ -250,6 +251,7 @@ class AvatarServer:
             await pc.close()
             return self._error(400, f"The offer's SDP could not be used ({type(err).__name__}: {err}): send the "
                                     "offer exactly as RTCPeerConnection.createOffer() produced it.")
+        use_marker_jitter_buffers(pc)  # decode each camera frame at its last packet, not one frame later
 
         sid = uuid.uuid4().hex[:12]
         if incoming:

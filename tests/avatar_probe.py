@@ -37,16 +37,18 @@ def stamped_push(renderer, stamps: dict) -> None:
     renderer.push = noted
 
 
-def tiny_live_renderer(reference: np.ndarray, size: int, fps: float):
+def tiny_live_renderer(reference: np.ndarray, size: int, fps: float, latency_target_ms: float | None = None):
     """A FlashPortrait renderer as `serve --preset tiny --random-weights --device cpu` builds it, with the controller
-    off (one budget: a steady latency the tests can measure against)."""
+    off (one budget: a steady latency the tests can measure against). `latency_target_ms` (serve's default is
+    350) bounds the input queue and the lag, so a CPU that cannot extract expression at `fps` drops frames
+    instead of letting the latency climb."""
     from engine.config import RuntimeConfig
     from engine.controller import ControllerConfig
     from engine.renderer import FlashPortraitRenderer
 
     return FlashPortraitRenderer(reference, None, size, size, preset="tiny", random_weights=True,
                                  runtime=RuntimeConfig(device="cpu"), fps=fps,
-                                 controller=ControllerConfig(enabled=False))
+                                 controller=ControllerConfig(enabled=False, latency_target_ms=latency_target_ms))
 
 
 def note_ticks(track, ticks: list) -> None:

@@ -37,8 +37,9 @@ OUT = 64  # avatar size (tiny preset, CPU)
 FPS_OUT = 25.0
 SR = 48_000
 CHUNK = 960
-DRIVE_EVERY = 2  # the camera sends every other frame of lp_d3 (15 fps): what 2 busy CPU cores can render
+DRIVE_EVERY = 3  # the camera sends every third frame of lp_d3 (10 fps): what 2 slow, busy CPU cores can render
 TAIL_S = 2.5  # after the clip: hold the last frame and send silence, so the avatar's tail comes back
+LATENCY_TARGET_MS = 350.0  # serve's default: a CPU too slow for every driving frame drops some, latency stays put
 
 
 def load_clip(path):
@@ -208,7 +209,7 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
     renderers = []
 
     def make():
-        r = tiny_live_renderer(reference, OUT, fps / DRIVE_EVERY)
+        r = tiny_live_renderer(reference, OUT, fps / DRIVE_EVERY, LATENCY_TARGET_MS)
         stamped_push(r, stamps)
         renderers.append(r)
         return r
@@ -271,7 +272,7 @@ def test_returned_audio_stays_within_one_frame_of_the_avatar(data):
     assert len(errors) > 0.8 * len(set(seen_k)), f"only {len(errors)} avatar frames could be matched to audio"
     # The audio's offset from the face, second by second over the whole clip: within one frame.
     assert np.all(np.abs(windows) <= frame_ms), report
-    # Frame by frame: a 15 fps driving frame waits up to one 25 fps tick to go on air (+-20 ms by itself) and two
+    # Frame by frame: a 10 fps driving frame waits up to one 25 fps tick to go on air (+-20 ms by itself) and two
     # busy CPU cores add jitter (a stalled tick shows one frame late): most frames are within one frame of their
     # audio, and all but a stray one within three.
     assert within >= 0.8 and np.mean(np.abs(errors) <= 3 * frame_ms) >= 0.98, report
@@ -293,7 +294,7 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
     order: dict[float, int] = {}  # programme capture pts -> file frame index (the capture pushes them in order)
 
     def make():
-        r = tiny_live_renderer(reference, OUT, fps)
+        r = tiny_live_renderer(reference, OUT, fps, LATENCY_TARGET_MS)
         push = r.push
 
         def noted(frame, pts):

@@ -21,7 +21,8 @@ except ImportError:  # pytest's rootdir-relative import of conftest
 
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig
 from engine.controller import Budget, BudgetController, ControllerConfig
-from engine.renderer import FlashPortraitRenderer, playout_delay
+from engine.playout import PlayoutDelay, playout_delay
+from engine.renderer import LIVE_WINDOW, FlashPortraitEngine, FlashPortraitRenderer
 
 FPS = 25.0
 SIZE = 64
@@ -58,6 +59,32 @@ def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
     assert playout_delay([], FPS) == 0.0
 
 
+def test_playout_delay_forgets_a_drained_backlog_but_not_a_hiccup():
+    frame = 1 / FPS
+    delay = PlayoutDelay(FPS)
+    # a session whose first windows ran behind: waits of 0.74 s, then the backlog is gone and windows wait 0.28 s
+    for _ in range(12):
+        delay.observe(0.74)
+    assert delay.delay == pytest.approx(0.74 + 0.25 * frame)
+    after = [delay.observe(0.28 + 0.002 * (i % 3)) for i in range(12)]
+    # the 8th low window drops it (the plain 90th percentile of 25 would hold 0.74 s until the 23rd)
+    assert after[6] > 0.7 and after[7] == pytest.approx(0.284 + 0.25 * frame) and delay.settled == 1
+    assert max(after[7:]) < 0.29 + 0.25 * frame
+    assert playout_delay(([0.74] * 12 + [0.28] * 12)[-25:], FPS) > 0.7  # what the old rule would say
+    # steady waits with a hiccup: neither the spread nor the hiccup triggers it, the hiccup moves nothing
+    steady = PlayoutDelay(FPS)
+    waits = [0.30 + 0.003 * (i % 7) for i in range(30)]
+    waits[20] = 0.9
+    delays = [steady.observe(w) for w in waits]
+    assert steady.settled == 0 and delays[-1] == pytest.approx(max(waits[5:20] + waits[21:]) + 0.25 * frame)
+    assert max(delays[20:]) < 0.33
+    # a lasting rise is followed within a few windows
+    for _ in range(4):
+        steady.observe(0.5)
+    assert steady.delay == pytest.approx(0.5 + 0.25 * frame)
+    assert 0.5 - steady.delay < frame  # never below the waits it has seen lately
+
+
 def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip):
     r = make(reference, lookahead=1, pace=False)  # not started: windows run inside process()
     decode, calls, delays = r.decoder.decode, [0], []
@@ -75,10 +102,10 @@ def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_windo
             before = r.windows
             r.process(clip[j % len(clip)], (j / FPS, time.monotonic()))
             if r.windows > before:
-                delays.append(r.delay_s)
+                delays.append(r.playout.delay)
     finally:
         r.close()
-    waits = list(r._waits)
+    waits = list(r.playout.waits)
     assert len(delays) >= slow + 6 and calls[0] >= slow + 6
     typical = statistics.median(waits)
     assert max(waits) > typical + 0.4, "the slow window was not measured"
@@ -138,3 +165,79 @@ def test_avatar_track_adds_no_second_playout_buffer_to_a_pacing_renderer():
 
     assert AvatarTrack(Paced(), FPS, 32, 32, playout_frames=3)._buffer.maxlen == 2
     assert AvatarTrack(Unpaced(), FPS, 32, 32, playout_frames=3)._buffer.maxlen == 3
+
+
+def test_controller_seeded_from_the_warm_up_starts_on_a_budget_that_keeps_up():
+    target = ControllerConfig(latency_target_ms=350, lookahead=0, max_interval=3)
+    # 40 ms per unit (a 1.3b guided call on an H100): the full budget (4 calls + decode = 4.25 units, 170 ms per
+    # 160 ms of video) cannot keep up; the seeded controller starts where it can
+    ctl = BudgetController(Budget(1, 4, 1), window=3, fps=FPS, cfg=target, ms_per_unit=40.0)
+    b = ctl.budget
+    assert b != Budget(1, 4, 1) and ctl.predicted_rtf(Budget(1, 4, 1)) < 1
+    assert ctl.predicted_rtf(b) >= ctl.cfg.target_rtf and ctl.predicted_latency_ms(b) <= 350
+    assert b == Budget(2, 4, 1), "the best-quality budget that keeps up: ALPA K=2 before fewer steps"
+    assert "warm-up" in ctl.reason
+    # windows cost what the warm-up predicted: every judged window keeps up and the budget holds
+    for _ in range(10):
+        assert ctl.observe(40.0 * b.units() / 1e3, 4 * b.stride, backlog_frames=4) is None
+    assert ctl.budget == b and ctl.changes == 0 and min(h["rtf"] for h in ctl.history) >= 1.3
+    # unseeded, the same controller starts on the full budget and must cut after measuring it
+    blind = BudgetController(Budget(1, 4, 1), window=3, fps=FPS, cfg=target)
+    assert blind.budget == Budget(1, 4, 1)
+    # a fast engine (5 ms per unit) starts on the full budget
+    assert BudgetController(Budget(1, 4, 1), window=3, fps=FPS, cfg=target, ms_per_unit=5.0).budget == \
+        Budget(1, 4, 1)
+    # the first measured window replaces the seed (a warm-up timed without the session's load)
+    ctl.observe(0.5, 4)
+    assert ctl.ms_per_unit > 40.0
+
+
+def test_renderer_starts_on_the_budget_its_engine_measured(reference):
+    engine = FlashPortraitEngine(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU, window=LIVE_WINDOW,
+                                 sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="alpa", interval=3, order=1),
+                                 random_weights=True)
+    engine.warm_up()
+    assert not engine.timings  # timed by the first live session, not by the warm-up (offline render never needs it)
+    t = engine.measured_costs()
+    assert t["pass_s"] > 0 and t["decode_latent_s"] > 0
+    stats = engine.stats()
+    assert engine.measured_costs() is t and stats["warm_up_pass_ms"] > 0 and stats["warm_up_decode_latent_ms"] > 0
+    kw = dict(preset="tiny", runtime=CPU, sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="alpa", interval=3,
+              order=1), random_weights=True, fps=FPS, latency_target_ms=350, lookahead=0, engine=engine, pace=False)
+    fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)  # the tiny step takes milliseconds
+    engine.timings = {"pass_s": 0.08, "decode_latent_s": 0.01}  # as if the GPU were this slow at warm-up
+    slow = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
+    try:
+        full = Budget(1, engine.live_steps, 1, lookahead=None)
+        assert fast._budget.interval == 1 and fast._budget.steps == engine.live_steps
+        b = slow._budget
+        assert b.units() < full.units() and "warm-up" in slow.controller.reason
+        assert slow.controller.predicted_rtf(b) >= slow.controller.cfg.target_rtf
+        assert slow.stats()["controller"]["ms_per_unit"] == pytest.approx(engine.window_ms_per_unit(full), rel=0.01)
+    finally:
+        fast.close()
+        slow.close()
+
+
+def test_latency_target_caps_the_lag(reference, clip):
+    """Under a latency target the stream skips ahead once the tokens waiting for windows hold more playback than the
+    target (350 ms at 25 fps: 2 latent frames beyond what the window needs), not only past 4W latent frames."""
+    r = make(reference, lookahead=0, pace=False, latency_target_ms=350)
+    loose = make(reference, lookahead=0, pace=False)
+    try:
+        assert r.lag_cap() == 1 + 2 and loose.lag_cap() == loose.max_lag_latents == 4 * 3
+        out, pushed = [], []
+        for j, frame in enumerate(clip[:40]):
+            if j == 5:
+                r._window_ready = lambda: False  # the window worker is busy: tokens pile up
+            elif j == 29:
+                del r._window_ready
+            out += r.process(frame, (j / FPS, time.monotonic()))
+            pushed.append(j / FPS)
+        # windows ran for latents 0 and 1 (frames 0..4); at frame 29 latents 2..7 wait (6 > 3): the stream skips to
+        # latent 8 - 1 = 7, i.e. frames 5..24 (latents 2..6), and renders on from frame 25
+        assert r.skipped_behind == 20
+        assert [p for _, p in out] == pushed[:5] + pushed[25:25 + len(out) - 5] and len(out) > 5
+    finally:
+        r.close()
+        loose.close()

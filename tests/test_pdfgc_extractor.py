@@ -186,3 +186,22 @@ def test_push_one_by_one_matches_batched_extract(extractor):
     np.testing.assert_allclose(np.stack([r.features for r in via_rgb]), batched, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
         extractor.push(frames[0].astype(np.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_push_equals_the_eager_encoder():
+    """On CUDA, push() replays a CUDA graph of the full-size encoder for one crop: same rows as the eager encoder,
+    frame after frame (the static input is rewritten each time, not read stale)."""
+    encoder = FanEncoder(FanEncoderConfig()).to("cuda").eval()
+    mesh = MediapipeLandmarks(static=True)
+    try:
+        graphed = ExpressionExtractor(encoder, mesh, channel_order="bgr")
+        eager = ExpressionExtractor(encoder, mesh, channel_order="bgr", cuda_graph=False)
+        assert graphed._graph is not None and eager._graph is None
+        frames = _read_video(data_file("driving", "lp_d0.mp4"))[:6]
+        a = np.stack([graphed.push(f).features for f in frames])
+        b = np.stack([eager.push(f).features for f in frames])
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+        assert np.linalg.norm(np.diff(a, axis=0)) > 0  # each frame its own row
+    finally:
+        mesh.close()
