@@ -3,7 +3,7 @@
 # Stages: env install tests gpu_tests decode expression expression_bf16 dit_step dit_step_full alpa realtime stream
 # stream_aiortc_client stream_baseline parallel load_memory.
 # Wheels in .whl0/ and .whl/ (aiortc, av, mediapipe, numpy<2, ...: more than one call's 64 MiB, so they may come in
-# two calls to the same warm machine) are installed into .site/ (ignored, kept between calls); the driving video
+# two calls to the same warm machine) are installed into /tmp/site.whl0 and /tmp/site.whl; the driving video
 # is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
 # Stage `install` only installs the wheels. `stream_baseline` runs today's stream bench against an older checkout
 # exported to .baseline/ (git archive), with aiortc's stock client jitter buffer as that checkout's bench had, on the
@@ -12,13 +12,23 @@
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd "$(dirname "$0")/.."
+SITES=""
 for dir in .whl0 .whl; do
-  if ls $dir/*.whl >/dev/null 2>&1 && [ ! -f .site/.from$dir ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site $dir/*.whl \
-      && touch .site/.from$dir || echo "wheel install from $dir failed"
+  site=/tmp/site$dir  # outside the repo copy: kept while the machine stays warm
+  if ls $dir/*.whl >/dev/null 2>&1 && [ ! -f $site/.done ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $site $dir/*.whl \
+      && touch $site/.done || echo "wheel install from $dir failed"
   fi
+  [ -f $site/.done ] && SITES="$SITES$site:"
 done
-[ -d .site ] && export PYTHONPATH=$PWD/.site:$PWD || export PYTHONPATH=$PWD
+export PYTHONPATH=$SITES$PWD
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]*' | tr A-Z a-z)
+GPU=${GPU:-gpu}  # result names say which card: h100, h200
+echo "PYTHONPATH=$PYTHONPATH"
+# the tests read ../shared/data; only the driving videos travel (in .devdata)
+if [ ! -d ../shared/data ] && ls .devdata/*.mp4 >/dev/null 2>&1; then
+  mkdir -p ../shared/data/driving && cp .devdata/*.mp4 ../shared/data/driving/
+fi
 VIDEO=${FLASHLIVE_VIDEO:-.devdata/lp_d3.mp4}
 [ -f "$VIDEO" ] || VIDEO=../shared/data/driving/lp_d3.mp4
 LOG=${OUT:-/tmp}/gpu_run.log
@@ -49,20 +59,20 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     dit_step_full) stage dit_step_full 580 python3 bench/dit_step.py --presets 1.3b,14b --frames 3,6,21 --no-profile ;;
     alpa) stage alpa 500 python3 bench/alpa_quality.py ;;
     realtime) stage realtime 500 python3 bench/realtime.py --video "$VIDEO" ;;
-    install) echo "wheels installed into .site: $(ls .site | wc -l) entries" ;;
+    install) echo "wheel sites: $SITES" ;;
     stream) stage stream 300 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
-        --server-args "--preset 1.3b --random-weights" --seconds 20 --name stream_latency_fp_1.3b_h100 ;;
+        --server-args "--preset 1.3b --random-weights" --seconds 20 --name stream_latency_fp_1.3b_$GPU ;;
     stream_aiortc_client) stage stream_aiortc_client 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
-        --name stream_latency_fp_1.3b_h100_aiortc_client ;;
+        --name stream_latency_fp_1.3b_${GPU}_aiortc_client ;;
     stream_baseline) cp bench/stream_latency.py .baseline/bench/stream_latency.py  # today's metrics, old server
-      stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$PWD/.site:$PWD/.baseline \
+      stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \
-        --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_h100_baseline \
-        && cp bench/results/stream_latency_fp_1.3b_h100_baseline.* ../bench/results/" ;;
-    gpu_tests) stage gpu_tests 300 python3 -m pytest -q -rs tests/test_pdfgc_extractor.py tests/test_graphs.py ;;
+        --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_${GPU}_baseline \
+        && cp bench/results/stream_latency_fp_1.3b_${GPU}_baseline.* ../bench/results/" ;;
+    gpu_tests) stage gpu_tests 300 python3 -m pytest -q -rs tests/test_pdfgc_extractor.py tests/test_graphs.py -k cuda ;;
     expression_bf16) stage expression_bf16 240 python3 bench/expression.py --device cuda --dtype bf16 --video "$VIDEO" \
-        --name expression_cuda_bf16 ;;
+        --name expression_cuda_bf16_$GPU ;;
     parallel) stage parallel 400 torchrun --standalone --nproc_per_node "$(nvidia-smi -L | wc -l)" bench/dit_parallel.py --preset 14b ;;
     load_memory) stage load_memory 400 python3 bench/load_memory.py --preset 1.3b --device cuda ;;
     *) echo "unknown stage $s" ;;
