@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run GPU benches in one go on a CUDA machine: bash bench/gpu_run.sh STAGE [STAGE ...]
 # Stages: env install tests gpu_tests decode expression expression_bf16 dit_step dit_step_full alpa realtime stream
-# stream_aiortc_client stream_baseline parallel load_memory.
+# stream_long stream_aiortc_client stream_baseline parallel load_memory.
 # Wheels in .whl0/ and .whl/ (aiortc, av, mediapipe, numpy<2, ...: more than one call's 64 MiB, so they may come in
 # two calls to the same warm machine) are installed into /tmp/site.whl0 and /tmp/site.whl; the driving video
 # is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
@@ -62,6 +62,8 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     install) echo "wheel sites: $SITES" ;;
     stream) stage stream 300 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
         --server-args "--preset 1.3b --random-weights" --seconds 20 --name stream_latency_fp_1.3b_$GPU ;;
+    stream_long) stage stream_long 300 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
+        --server-args "--preset 1.3b --random-weights" --seconds 90 --name stream_latency_fp_1.3b_${GPU}_90s ;;
     stream_aiortc_client) stage stream_aiortc_client 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --name stream_latency_fp_1.3b_${GPU}_aiortc_client ;;
