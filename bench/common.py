@@ -10,7 +10,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
-    """Short commit hash of the checkout, or 'unknown' outside git."""
+    """Short commit hash of the checkout, or 'unknown' outside git. FLASHLIVE_COMMIT, when set, wins: a copy of the
+    tree on another machine (bench/gpu_run.sh on a lent GPU) may carry a stale .git."""
+    import os
+
+    if os.environ.get("FLASHLIVE_COMMIT"):
+        return os.environ["FLASHLIVE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
                               text=True, timeout=10).stdout.strip() or "unknown"
