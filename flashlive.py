@@ -24,9 +24,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 RENDERERS = ("preview", "flashportrait")
-# Server-side latency target of live flashportrait (capture -> frame sent): WebRTC adds ~100 ms on loopback, so the
-# glass-to-glass p95 stays within 0.5 s. With the live window (3, stride 1) it rules out lookahead 1 (4 frames more
-# input wait) unless a window costs under ~30 ms.
+# Server-side latency target of live flashportrait (capture -> frame sent): WebRTC adds 30-70 ms on loopback (codecs,
+# one frame of aiortc's jitter buffer at a client without streaming/jitter.py), so the glass-to-glass p95 stays within
+# 0.5 s. With the live window (3, stride 1) it rules out lookahead 1 (4 frames more input wait) unless a window costs
+# under ~30 ms; it also bounds the input queue and the lag (engine/renderer.py).
 LIVE_LATENCY_TARGET_MS = 350.0
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Run GPU benches in one go on a CUDA machine: bash bench/gpu_run.sh STAGE [STAGE ...]
 # Stages: env install tests gpu_tests decode expression expression_bf16 dit_step dit_step_full alpa realtime stream
-# stream_long stream_aiortc_client stream_baseline parallel load_memory.
+# stream_long stream_aiortc_client stream_aiortc_both stream_baseline parallel load_memory.
 # Wheels in .whl0/ and .whl/ (aiortc, av, mediapipe, numpy<2, ...: more than one call's 64 MiB, so they may come in
 # two calls to the same warm machine) are installed into /tmp/site.whl0 and /tmp/site.whl; the driving video
 # is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
 # Stage `install` only installs the wheels. `stream_baseline` runs today's stream bench against an older checkout
 # exported to .baseline/ (git archive), with aiortc's stock client jitter buffer as that checkout's bench had, on the
-# same machine: a before/after measured in one run; `stream_aiortc_client` runs today's server with that client.
+# same machine: a before/after measured in one run; `stream_aiortc_client` runs today's server with that client,
+# `stream_aiortc_both` also with aiortc's stock buffer on the server side (an A/B of streaming/jitter.py).
 # Results go to bench/results/ and, where $OUT is set, a tarball of them to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -67,6 +68,9 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     stream_aiortc_client) stage stream_aiortc_client 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --name stream_latency_fp_1.3b_${GPU}_aiortc_client ;;
+    stream_aiortc_both) stage stream_aiortc_both 300 python3 bench/stream_latency.py --renderer flashportrait \
+        --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
+        --server-jitter-buffer aiortc --name stream_latency_fp_1.3b_${GPU}_aiortc_both ;;
     stream_baseline) cp bench/stream_latency.py .baseline/bench/stream_latency.py  # today's metrics, old server
       stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \

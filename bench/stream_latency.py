@@ -263,6 +263,10 @@ async def measure_pts(args, frames: list) -> dict:
         stamped_push(renderer, stamps)
         return renderer
 
+    if args.server_jitter_buffer == "aiortc":  # A/B: the server keeps aiortc's stock video jitter buffer
+        import streaming.server
+
+        streaming.server.use_marker_jitter_buffers = lambda pc: 0
     server = AvatarServer(cfg, make_stamped, idle, renderer_name=cli.renderer, device=device,
                           info={"preset": cli.preset if cli.renderer != "preview" else None,
                                 "random_weights": bool(cli.random_weights), "warm_up_s": round(warm_up_s, 2)})
@@ -331,6 +335,9 @@ async def measure_pts(args, frames: list) -> dict:
     if not shown:
         raise SystemExit("no avatar frame came back within --seconds: see the server's renderer_stats")
     latencies = [(t - camera.sent[n]) * 1e3 for t, n in shown]  # every frame, from the first one on
+    # uplink: camera track -> the server's capture (encode, network, the server's jitter buffer, decode)
+    uplink = [(pts - camera.sent[n]) * 1e3 for pts, mark in stamps.items()
+              for n in [max(range(mark, len(camera.sent), 1024), default=None)] if n is not None]
     steady = [i for i, (t, _) in enumerate(shown) if t >= shown[0][0] + args.warmup]  # after --warmup seconds
     span = shown[steady[-1]][0] - shown[steady[0]][0] if len(steady) > 1 else 0.0
     return {"latencies_ms": latencies, "steady_latencies_ms": [latencies[i] for i in steady],
@@ -338,7 +345,7 @@ async def measure_pts(args, frames: list) -> dict:
             "ttff_s": shown[0][0] - connect, "first_frame_s": None, "trace": [(t - connect, lat) for (t, _), lat in
                                                                            zip(shown, latencies)],
             "stats": stats, "session": mine, "received": received, "frames_shown": len(shown),
-            "warm_up_s": warm_up_s}
+            "warm_up_s": warm_up_s, "uplink_ms": uplink}
 
 
 def run_pts(args) -> None:
@@ -364,7 +371,8 @@ def run_pts(args) -> None:
         "method_note": "glass-to-glass per driving frame: camera track -> avatar frame decoded at the client, "
                        "frames identified by a stamped frame number (in-process server); client jitter buffer: "
                        f"{args.client_jitter_buffer}",
-        "client_jitter_buffer": args.client_jitter_buffer,
+        "client_jitter_buffer": args.client_jitter_buffer, "server_jitter_buffer": args.server_jitter_buffer,
+        "uplink_p50_ms": round(float(np.median(result["uplink_ms"])), 1) if result["uplink_ms"] else None,
         "frames_measured": int(lat.size), "frames_received": result["received"],
         "dropped_in": rstats.get("dropped_in"), "skipped_behind": rstats.get("skipped_behind"),
         "warm_up_s": round(result["warm_up_s"], 2), "preset": stats.get("preset"),
@@ -475,6 +483,8 @@ def main() -> None:
     p.add_argument("--client-jitter-buffer", choices=("marker", "aiortc"), default="marker",
                    help="the client's video jitter buffer: marker completes a frame on its last packet, as a browser "
                         "does; aiortc keeps aiortc's stock buffer (one frame interval later)")
+    p.add_argument("--server-jitter-buffer", choices=("marker", "aiortc"), default="marker",
+                   help="pts: the in-process server's video jitter buffer (aiortc: its stock one, for an A/B)")
     args = p.parse_args()
     if args.method == "pts" or (args.method == "auto" and args.renderer == "flashportrait" and args.url is None):
         from streaming.server import restrict_ice_to_loopback

@@ -26,9 +26,9 @@ Cost model: a window costs about full_passes + 0.1 predicted_passes + 0.25 S "un
 of 4S frames); the controller measures ms per unit on the budget it runs and predicts every other budget's rtf
 from it. Before the first window it predicts from `ms_per_unit`, which the renderer times during the engine's
 warm-up (one DiT call, one decode), and starts on the best budget predicted to keep up: the first seconds of a
-session then run in real time instead of building a backlog that a later cut must drain. When the measured rtf falls below `cut_below`, or the backlog keeps growing, it jumps straight to the
-best-quality budget predicted to reach `target_rtf` (quality order: lower K first, then more steps, then smaller
-S). When rtf stays above `raise_above` for `patience` windows and the backlog is small, it steps one budget up.
+session then run in real time instead of building a backlog that a later cut must drain. When the measured rtf
+falls below `cut_below`, or the backlog keeps growing, it jumps straight to the best-quality budget predicted to
+reach `target_rtf` (quality order: lower K first, then more steps, then smaller S). When rtf stays above `raise_above` for `patience` windows and the backlog is small, it steps one budget up.
 After each change it waits `patience` windows before judging again. No queue grows because of the controller:
 the renderer's input queue is bounded (oldest frame dropped), its lag is capped (it skips ahead past
 `max_lag_latents`, counted) and, when even the cheapest budget cannot keep up, the sinks repeat the last frame

@@ -13,8 +13,8 @@ Up slowly, down fast. A hiccup (one slow window, which may also delay the next o
 is one or two samples among the last 25 and moves the delay not at all; a lasting change (a new budget, a loaded
 GPU) moves it within a few windows. Down: when the last `settle` windows all waited at least one frame less than
 the delay, the older waits are lowered to the recent maximum at once rather than aged out over 25 windows (4 s at
-stride 1). They belonged to a backlog that is gone: the first windows of a session, a stall the renderer skipped past. Without
-this, a session whose first second ran slow keeps that second's latency for the next four.
+stride 1). They belonged to a backlog that is gone: the first windows of a session, a stall the renderer skipped
+past. Without this, a session whose first second ran slow keeps that second's latency for the next four.
 """
 from __future__ import annotations
 

@@ -51,11 +51,12 @@ meet the target. The controller
 `stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
 window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
 
-Bounded. The input queue drops its oldest frame when full (ThreadedRenderer; under a latency target it holds
-what the target lasts, so an extractor that cannot keep up drops frames rather than adding latency); tokens waiting for windows are capped
-at `lag_cap()` latent frames (4W, and under a latency target what the window needs + the frames whose playback fits
-in the target): beyond that the stream skips to the newest tokens (a new rolling window, the skipped driving frames
-counted in `skipped_behind`), so lag never grows without bound; the output queue is bounded too. A window that fails (e.g. out of GPU memory) ends this session's rendering, with the error in stats.
+Bounded. The input queue drops its oldest frame when full (ThreadedRenderer; under a latency target it holds what
+the target lasts, so an extractor that cannot keep up drops frames rather than adding latency); tokens waiting for
+windows are capped at `lag_cap()` latent frames (4W, and under a latency target what the window needs + the frames
+whose playback fits in the target): beyond that the stream skips to the newest tokens (a new rolling window, the
+skipped driving frames counted in `skipped_behind`), so lag never grows without bound; the output queue is bounded
+too. A window that fails (e.g. out of GPU memory) ends this session's rendering, with the error in stats.
 
 Offline (`offline=True`, `flashlive render`): process() only extracts expression features; `flush()` runs
 offline step-major WSWS (engine/wsws.wsws_sample) over the whole clip and returns every frame in order.
@@ -866,8 +867,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "alpa_full_passes": self.full_passes, "alpa_predicted_passes": self.predicted_passes,
             "windows": self.windows,
             "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
-            "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind, "playout_delay_ms": round(1e3 * self.playout.delay, 1),
-            "playout_settled": self.playout.settled,
+            "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind,
+            "playout_delay_ms": round(1e3 * self.playout.delay, 1), "playout_settled": self.playout.settled,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
             "controller": self.controller.stats(), **self.engine.stats()})
         return out

@@ -11,8 +11,9 @@ is written into the ring on the same capture clock, and `DelayedAudioTrack` play
 captured at t - latency: the voice leaves the server together with the face that was captured with it.
 
 Putting microphone audio on the video's capture clock. aiortc's receivers hold media before handing it out: a
-video frame until the first packet of the next frame arrives (one frame interval), an audio packet until four
-more have arrived (80 ms). Using hand-out times would put the voice 40 ms behind the face at 25 fps. So
+video frame until its last packet (streaming/jitter.py; aiortc's own buffer waits for the first packet of the
+next frame, one frame interval), an audio packet until four more have arrived (80 ms). Using hand-out times would
+put the voice tens of ms off the face. So
 `PacketArrivals` notes when the first RTP packet of each timestamp arrived, the video side measures its hold
 (hand-out time - arrival), and an audio frame's capture time is its packet arrival + that video hold. Jitter is
 removed with the media timestamps: capture = media time + the median (arrival - media time) of the last half

@@ -7,7 +7,10 @@
 Every tick takes the next rendered frame from a small playout buffer; when the renderer is behind (buffer empty)
 the last frame is sent again and counted in `repeats`, so a stall is visible in the stats, never silent. Frames
 that overflow the playout buffer are dropped oldest-first (counted in `skipped`), which keeps latency bounded when
-the renderer produces faster than the output fps. A renderer that paces its own output (`renderer.pace` true:
+the renderer produces faster than the output fps. A buffer that has not once been empty after a tick for a whole
+second holds a standing queue: frames that only add latency (a burst at the start, a renderer that got faster),
+since jitter the buffer is there for would have emptied it. The oldest is dropped (counted in `skipped` and
+`drained`), so the stream plays one frame interval sooner from then on. A renderer that paces its own output (`renderer.pace` true:
 pull() releases each frame at its due time, engine/renderer.py) already has a playout buffer; the track then keeps
 at most 2 frames (one of slack for a frame that became due just before the tick), so the two buffers do not add up.
 """
@@ -26,6 +29,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 VIDEO_CLOCK = 90_000  # RTP video clock rate
+STANDING_S = 1.0  # a playout buffer never empty after a tick for this long holds a standing queue (AvatarTrack)
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK)
 
 
@@ -133,7 +137,9 @@ class AvatarTrack(PacedTrack):
         self.last_image = fit_image(idle, width, height) if idle is not None else np.zeros((height, width, 3), np.uint8)
         self.fresh = 0  # ticks that sent a newly rendered frame
         self.repeats = 0  # ticks that sent the previous frame again because the renderer was behind
-        self.skipped = 0  # rendered frames dropped because the playout buffer was full
+        self.skipped = 0  # rendered frames dropped because the playout buffer was full or held a standing queue
+        self.drained = 0  # of those, dropped to end a standing queue
+        self._standing = 0  # consecutive ticks that left a frame in the buffer
         self.latency_ms = 0.0  # moving average, capture -> send on this server
         self.last_fresh_time: float | None = None
         self.on_air: tuple[float, float] | None = None  # (capture pts, send time) of the newest fresh frame
@@ -153,6 +159,12 @@ class AvatarTrack(PacedTrack):
             self.repeats += 1
             return self.last_image
         image, pts = self._buffer.popleft()
+        self._standing = self._standing + 1 if self._buffer else 0
+        if self._standing >= STANDING_S * self.fps:
+            image, pts = self._buffer.popleft()  # the older frame is skipped: one frame interval less from now on
+            self.skipped += 1
+            self.drained += 1
+            self._standing = 0
         now = time.monotonic()
         self.last_image = fit_image(image, self.width, self.height)
         self.fresh += 1
@@ -164,7 +176,8 @@ class AvatarTrack(PacedTrack):
 
     def stats(self) -> dict:
         return {"fps_out": round(self.fps_out.rate(), 2), "frames_out": self.frames_out, "fresh": self.fresh,
-                "repeats": self.repeats, "skipped": self.skipped, "playout_queue": len(self._buffer),
+                "repeats": self.repeats, "skipped": self.skipped, "drained": self.drained,
+                "playout_queue": len(self._buffer),
                 "latency_ms": round(self.latency_ms, 1)}
 
 

@@ -166,3 +166,36 @@ def test_avatar_track_paces_repeats_and_bounds_the_playout_buffer():
     assert values == [7, 3, 4, 4, 4, 5], values  # oldest of the burst dropped, the last frame held while behind
     assert (track.fresh, track.repeats, track.skipped) == (3, 3, 2)
     assert elapsed >= 5 / 100 * 0.9, "six frames at 100 fps must take about 50 ms"
+
+
+def test_avatar_track_drains_a_standing_queue_but_keeps_a_jitter_buffer():
+    """A playout buffer that never empties for a second holds frames that only add latency: the track drops the
+    oldest (one frame interval less from then on). A buffer that empties now and then (a renderer with jitter) is
+    left alone."""
+    from streaming.tracks import AvatarTrack
+
+    fps = 25
+    renderer = ScriptedRenderer()
+    track = AvatarTrack(renderer, fps=fps, width=8, height=8, playout_frames=3)
+    frame = lambda v: (np.full((8, 8, 3), v % 256, np.uint8), float(v))  # noqa: E731
+    n = 0
+
+    def tick(new_frames: int) -> int:
+        nonlocal n
+        for _ in range(new_frames):
+            renderer.ready.append(frame(n))
+            n += 1
+        track._image()
+        return n - 1 - int(track.on_air[0])  # frames rendered after the one on air: the queue's latency
+
+    # a burst of 3 at the start, then exactly one frame per tick: 2 frames stand in the buffer (80 ms of latency)
+    lags = [tick(3)] + [tick(1) for _ in range(3 * fps)]
+    assert lags[1] == 2 and lags[-1] == 0, lags
+    assert track.drained == 2 and track.skipped == 2 and track.repeats == 0
+    first_drop = next(i for i, lag in enumerate(lags) if lag < 2)
+    assert fps - 2 <= first_drop <= fps + 2  # after one second of a buffer that never emptied
+    # jitter: 0 or 2 frames per tick, 1 on average; the buffer empties every other tick: nothing is drained
+    drained, skipped = track.drained, track.skipped
+    for i in range(4 * fps):
+        tick(2 if i % 2 == 0 else 0)
+    assert track.drained == drained and track.skipped == skipped and track.repeats == 0
