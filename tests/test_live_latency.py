@@ -2,9 +2,11 @@
 the first window's wait, and the sinks' buffer on top of a pacing renderer.
 
 Properties: the playout delay is a robust statistic of recent first-frame waits (one slow window moves it not at
-all, a lasting change moves it); under a latency target the controller drops the lookahead when the configured one
-cannot meet it, and then the first window runs as soon as latent 0 has its tokens; AvatarTrack keeps at most one
-frame of slack in front of a renderer that paces its own output.
+all, a lasting change moves it) that comes down within 8 windows once a backlog is gone; under a latency target the
+controller drops the lookahead when the configured one cannot meet it, and then the first window runs as soon as
+latent 0 has its tokens; seeded with the engine's warm-up timings the controller starts on a budget that keeps up
+(the unseeded one starts on the full budget and must cut); under a latency target the lag is capped at what the
+target lasts; AvatarTrack keeps at most one frame of slack in front of a renderer that paces its own output.
 """
 from __future__ import annotations
 
