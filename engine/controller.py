@@ -28,10 +28,11 @@ from it. Before the first window it predicts from `ms_per_unit`, which the rende
 warm-up (one DiT call, one decode), and starts on the best budget predicted to keep up: the first seconds of a
 session then run in real time instead of building a backlog that a later cut must drain. When the measured rtf
 falls below `cut_below`, or the backlog keeps growing, it jumps straight to the best-quality budget predicted to
-reach `target_rtf` (quality order: lower K first, then more steps, then smaller S). When rtf stays above `raise_above` for `patience` windows and the backlog is small, it steps one budget up.
+reach `target_rtf` (quality order: lower K first, then more steps, then smaller S). When rtf stays above
+`raise_above` for `patience` windows and the backlog is small, it steps one budget up.
 After each change it waits `patience` windows before judging again. No queue grows because of the controller:
-the renderer's input queue is bounded (oldest frame dropped), its lag is capped (it skips ahead past
-`max_lag_latents`, counted) and, when even the cheapest budget cannot keep up, the sinks repeat the last frame
+the renderer's input queue is bounded (oldest frame dropped), its lag is capped (it skips ahead past its
+`lag_cap()`, counted) and, when even the cheapest budget cannot keep up, the sinks repeat the last frame
 (counted by the tracks) and the stats say so.
 """
 from __future__ import annotations
@@ -102,8 +103,7 @@ class BudgetController:
         # Cost of one unit: seeded from the engine's warm-up timings (one DiT call, one decode) when given, then a
         # moving average of the measured windows.
         self.ms_per_unit: float | None = ms_per_unit
-        self.seeded = ms_per_unit is not None
-        self._units_measured = False
+        self._units_measured = False  # True once a judged window replaced the seed
         self.windows = 0
         self.changes = 0
         self._cooldown = 0
@@ -146,7 +146,7 @@ class BudgetController:
         return replace(b, lookahead=0)
 
     def _start_reason(self, initial: Budget, start: Budget) -> str:
-        if self.seeded:
+        if self.ms_per_unit is not None:  # seeded
             return (f"starting at {self._describe(start)}: predicted real-time factor {self.predicted_rtf(start):.2f}"
                     f" and latency {self.predicted_latency_ms(start):.0f} ms from the warm-up timings "
                     f"({self.ms_per_unit:.1f} ms per unit)")
@@ -196,8 +196,7 @@ class BudgetController:
             self.rtf = rtf if self.rtf is None else 0.7 * self.rtf + 0.3 * rtf
             per_unit = 1e3 * window_s / self.budget.units()
             # the first measured window replaces the warm-up's seed (a prior, timed without the session's load)
-            measured = self.ms_per_unit is not None and self._units_measured
-            self.ms_per_unit = 0.7 * self.ms_per_unit + 0.3 * per_unit if measured else per_unit
+            self.ms_per_unit = 0.7 * self.ms_per_unit + 0.3 * per_unit if self._units_measured else per_unit
             self._units_measured = True
             self._backlog = (self._backlog + [backlog_frames])[-(self.cfg.patience + 1):]
             self.keeping_up = self.rtf >= 1.0

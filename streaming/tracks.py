@@ -10,9 +10,9 @@ that overflow the playout buffer are dropped oldest-first (counted in `skipped`)
 the renderer produces faster than the output fps. A buffer that has not once been empty after a tick for a whole
 second holds a standing queue: frames that only add latency (a burst at the start, a renderer that got faster),
 since jitter the buffer is there for would have emptied it. The oldest is dropped (counted in `skipped` and
-`drained`), so the stream plays one frame interval sooner from then on. A renderer that paces its own output (`renderer.pace` true:
-pull() releases each frame at its due time, engine/renderer.py) already has a playout buffer; the track then keeps
-at most 2 frames (one of slack for a frame that became due just before the tick), so the two buffers do not add up.
+`drained`), so the stream plays one frame interval sooner from then on. A renderer that paces its own output
+(`renderer.pace` true: pull() releases each frame at its due time, engine/renderer.py) already has a playout
+buffer; the track then keeps at most 2 frames (one of slack for a frame that became due just before the tick), so the two buffers do not add up.
 """
 from __future__ import annotations
 
