@@ -1,6 +1,10 @@
 """Live latency of the FlashPortrait path (issue 7, item 4): the playout delay, the lookahead under a latency target,
 the first window's wait, and the sinks' buffer on top of a pacing renderer.
 
+Nothing here depends on the machine's speed: the engine's warm-up timings (`engine.timings`, what
+`measured_costs()` returns) and the wall time the controller sees per window are injected (`inject_costs`,
+`windows_cost`), so the controller decides the same on a fast and on a slow CI machine.
+
 Properties: the playout delay is a robust statistic of recent first-frame waits (one slow window moves it not at
 all, a lasting change moves it) that comes down within 8 windows once a backlog is gone; under a latency target the
 controller drops the lookahead when the configured one cannot meet it, and then the first window runs as soon as
@@ -30,6 +34,12 @@ FPS = 25.0
 SIZE = 64
 CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Injected warm-up timings: one guided DiT call 20 ms, one latent frame's decode 5 ms. The live full budget (4 calls
+# + the decode of stride 1 = 85 ms per 160 ms of video, real-time factor 1.9) keeps up; with lookahead 1 its
+# predicted latency is 280 ms of input wait + 85 + 40 = 405 ms, over a 350 ms target; without, 245 ms.
+SLOW = {"pass_s": 0.020, "decode_latent_s": 0.005}
+# A fast engine (3 ms per unit: 280 + 13 + 40 = 333 ms with lookahead 1, within 350 ms): what a fast CPU measures.
+FAST = {"pass_s": 0.003, "decode_latent_s": 0.003}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +52,38 @@ def reference() -> np.ndarray:
     return image_rgb("lp_s0.jpg")
 
 
-def make(reference, **kw) -> FlashPortraitRenderer:
-    return FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
-                                 sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
-                                 fps=FPS, **kw)
+@pytest.fixture(scope="module")
+def engine(reference) -> FlashPortraitEngine:
+    """This module's own engine (not the process-wide shared one, whose timings other tests measure)."""
+    eng = FlashPortraitEngine(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU, window=LIVE_WINDOW,
+                              sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off", cache="output"),
+                              random_weights=True)
+    eng.warm_up()
+    return eng
+
+
+def inject_costs(engine: FlashPortraitEngine, timings: dict) -> FlashPortraitEngine:
+    """What the engine's warm-up measured (measured_costs() returns it): the controller's seed, whatever the CPU."""
+    engine.timings = dict(timings)
+    return engine
+
+
+def windows_cost(renderer: FlashPortraitRenderer, window_s: float) -> FlashPortraitRenderer:
+    """The controller sees every window take `window_s` of wall time (the renderer's own clock reading is replaced),
+    so it never cuts or raises the budget because this machine is slow or busy."""
+    observe = renderer.controller.observe
+    renderer.controller.observe = lambda _wall_s, frames, backlog_frames=0: observe(window_s, frames, backlog_frames)
+    return renderer
+
+
+def make(reference, engine, timings=SLOW, **kw) -> FlashPortraitRenderer:
+    """A live renderer on `engine` seeded with `timings`, whose windows cost what the timings say."""
+    inject_costs(engine, timings)
+    r = FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
+                              sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
+                              fps=FPS, engine=engine, **kw)
+    full = Budget(1, engine.live_steps, 1)
+    return windows_cost(r, engine.window_ms_per_unit(full) * full.units() / 1e3)
 
 
 def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
@@ -87,8 +125,8 @@ def test_playout_delay_forgets_a_drained_backlog_but_not_a_hiccup():
     assert 0.5 - steady.delay < frame  # never below the waits it has seen lately
 
 
-def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip):
-    r = make(reference, lookahead=1, pace=False)  # not started: windows run inside process()
+def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip, engine):
+    r = make(reference, engine, lookahead=1, pace=False)  # not started: windows run inside process()
     decode, calls, delays = r.decoder.decode, [0], []
     slow = 20  # after 19 windows of history
 
@@ -138,11 +176,16 @@ def test_controller_drops_the_lookahead_only_under_a_latency_target():
     assert new == Budget(1, 4, 1, lookahead=0) and "over the 500 ms target" in loose.reason
 
 
-def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference, clip):
-    with_target = make(reference, lookahead=1, pace=False, latency_target_ms=350)
-    without = make(reference, lookahead=1, pace=False)
+def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference, clip, engine):
+    # windows of 85 ms: lookahead 1 predicts 405 ms, over the 350 ms target (see SLOW)
+    with_target = make(reference, engine, lookahead=1, pace=False, latency_target_ms=350)
+    without = make(reference, engine, lookahead=1, pace=False)
+    # an engine fast enough for lookahead 1 within the target keeps it
+    fast = make(reference, engine, timings=FAST, lookahead=1, pace=False, latency_target_ms=350)
     try:
         assert with_target._lookahead() == 0 and without._lookahead() == 1
+        assert fast._lookahead() == 1 and fast.controller.predicted_latency_ms(fast._budget) <= 350
+        assert with_target.controller.predicted_latency_ms(Budget(1, engine.live_steps, 1)) > 350
         first = with_target.process(clip[0], (0.0, time.monotonic()))
         assert [pts for _, pts in first] == [0.0]  # latent 0 is frame 0 alone: out right after it
         late = [without.process(frame, (j / FPS, time.monotonic())) for j, frame in enumerate(clip[:5])]
@@ -151,6 +194,7 @@ def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference
     finally:
         with_target.close()
         without.close()
+        fast.close()
 
 
 def test_avatar_track_adds_no_second_playout_buffer_to_a_pacing_renderer():
@@ -206,7 +250,8 @@ def test_renderer_starts_on_the_budget_its_engine_measured(reference):
     assert engine.measured_costs() is t and stats["warm_up_pass_ms"] > 0 and stats["warm_up_decode_latent_ms"] > 0
     kw = dict(preset="tiny", runtime=CPU, sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="alpa", interval=3,
               order=1), random_weights=True, fps=FPS, latency_target_ms=350, lookahead=0, engine=engine, pace=False)
-    fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)  # the tiny step takes milliseconds
+    engine.timings = dict(FAST)  # as if the warm-up had measured a fast engine (3 ms per unit)
+    fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
     engine.timings = {"pass_s": 0.08, "decode_latent_s": 0.01}  # as if the GPU were this slow at warm-up
     slow = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
     try:
@@ -221,11 +266,11 @@ def test_renderer_starts_on_the_budget_its_engine_measured(reference):
         slow.close()
 
 
-def test_latency_target_caps_the_lag(reference, clip):
+def test_latency_target_caps_the_lag(reference, clip, engine):
     """Under a latency target the stream skips ahead once the tokens waiting for windows hold more playback than the
     target (350 ms at 25 fps: 2 latent frames beyond what the window needs), not only past 4W latent frames."""
-    r = make(reference, lookahead=0, pace=False, latency_target_ms=350)
-    loose = make(reference, lookahead=0, pace=False)
+    r = make(reference, engine, lookahead=0, pace=False, latency_target_ms=350)
+    loose = make(reference, engine, lookahead=0, pace=False)
     try:
         assert r.lag_cap() == 1 + 2 and loose.lag_cap() == loose.max_lag_latents == 4 * 3
         out, pushed = [], []
