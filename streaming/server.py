@@ -58,11 +58,22 @@ log = logging.getLogger("flashlive.server")
 def restrict_ice_to_loopback() -> None:
     """Offer only 127.0.0.1 ICE candidates (aioice leaves loopback out by default): same-machine peers and tests.
 
-    aiortc has no per-connection setting for host addresses, so this swaps aioice's address lookup for the process.
+    aiortc has no per-connection setting for host addresses, so this swaps aioice's address lookup for the process
+    (`AIOICE_HOST_ADDRESSES` keeps aioice's own). A loopback-bound server needs none of this: it adds 127.0.0.1 to
+    each of its connections' candidates (streaming/ice.py).
     """
     import aioice.ice
 
     aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"] if use_ipv4 else []
+
+
+def _aioice_host_addresses():
+    import aioice.ice
+
+    return aioice.ice.get_host_addresses
+
+
+AIOICE_HOST_ADDRESSES = _aioice_host_addresses()  # aioice's lookup, before any restrict_ice_to_loopback()
 
 
 @dataclass
