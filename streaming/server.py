@@ -41,7 +41,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from engine.config import StreamConfig
 from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, MirrorLatency, OnAirLatency,
-                             PacketArrivals, VideoHold)
+                             PacketArrivals, TickAudio, VideoHold, has_audio)
 from streaming.capture import AVCapture, WebRTCCapture, is_device
 from streaming.guard import AccessPolicy, guard, is_loopback
 from streaming.ice import PeerActivity, offer_loopback_candidates, release_ice_hooks, rtc_configuration
@@ -174,9 +174,12 @@ class AvatarServer:
         if c.vcam:
             backend, device = self._vcam
             self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
+        record = None
         if c.record:
-            try:
-                self.sinks.append(RecordSink(c.record, c.width, c.height, c.fps))
+            try:  # a --driving file's audio goes into the recording too
+                with_audio = bool(c.driving) and not is_device(c.driving) and has_audio(c.driving)
+                record = RecordSink(c.record, c.width, c.height, c.fps, audio=with_audio)
+                self.sinks.append(record)
             except ValueError:
                 for sink in self.sinks:
                     sink.close()
@@ -188,8 +191,11 @@ class AvatarServer:
                 self._program_audio = AudioRing()
                 self._program_file_audio = FileAudio(c.driving, self._program_audio)
                 push = self._program_file_audio.wrap(push)
-            self._program_capture = AVCapture(c.driving, push)
+            self._program_capture = AVCapture(c.driving, push, on_loop=self._program_file_audio and
+                                              self._program_file_audio.restart)
             self._program = self._avatar_track(self._program_renderer)
+            if record is not None and record.audio and self._program_file_audio.has_audio:
+                record.audio_source = TickAudio(self._program_audio, self._program, c.fps)
             self._program_capture.start()
         if self._program is not None:  # the driving pipeline renders even with nobody watching: /viewer mirrors it
             self._tasks.append(asyncio.ensure_future(pump(self._program, self.sinks)))
