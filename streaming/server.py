@@ -219,7 +219,7 @@ class AvatarServer:
         await asyncio.to_thread(self.telemetry.close)
 
     # --- sessions ------------------------------------------------------------------------------------------------
-    async def close_session(self, sid: str) -> None:
+    async def close_session(self, sid: str, why: str | None = None) -> None:
         session = self.sessions.get(sid)
         if session is None or sid in self._closing:
             return
@@ -240,7 +240,8 @@ class AvatarServer:
             self.sessions.pop(sid, None)
             self._closing.discard(sid)
             self.sessions_closed += 1
-            log.info("session %s (%s) closed; %d open", sid, session.kind, len(self.sessions))
+            log.info("session %s (%s) closed%s; %d open", sid, session.kind, f" ({why})" if why else "",
+                     len(self.sessions))
             self._schedule_reclaim()
 
     def _schedule_reclaim(self, delay_s: float = 0.5) -> None:
@@ -271,8 +272,7 @@ class AvatarServer:
                         now - (s.capture.last_frame_time or s.connected_at) > self.idle_timeout_s:
                     why = f"camera sent no frame for {self.idle_timeout_s:g} s"
                 if why is not None:
-                    log.info("session %s (%s): %s, freeing it", sid, s.kind, why)
-                    await self.close_session(sid)
+                    await self.close_session(sid, why)
 
     def _error(self, status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
