@@ -307,14 +307,16 @@ def _check_packages():
 
 
 def cmd_doctor(args) -> int:
-    """Each line: OK or FIX with the fix. Exit 1 only when something `flashlive serve` needs is broken."""
-    checks = [("packages", _check_packages(), True), ("port", _check_port(args.host, args.port), True),
-              ("gpu", _check_gpu(), False)]
-    checks += [("weights", row, False) for row in _check_weights(args.weights, args.preset)]
+    """Each line: OK, FIX (with the fix) or NOTE (an optional feature that is unavailable). Exit 1 when any line
+    says FIX: something `flashlive serve --renderer R` needs is missing or broken."""
+    checks = [("packages", _check_packages(), True), ("port", _check_port(args.host, args.port), True)]
+    if args.renderer == "flashportrait":
+        checks += [("gpu", _check_gpu(), True)]
+        checks += [("weights", row, True) for row in _check_weights(args.weights, args.preset)]
     checks += [("vcam", _check_v4l2loopback(), False), ("chromium", _check_chromium(), False)]
     failed = False
     for name, (ok, message), essential in checks:
-        print(f"{'OK ' if ok else 'FIX'}  {name:<9} {message}")
+        print(f"{'OK  ' if ok else 'FIX ' if essential else 'NOTE'}  {name:<9} {message}")
         failed |= essential and not ok
     return 1 if failed else 0
 
@@ -410,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("doctor", help="check GPU, weights, virtual camera, Chromium and the port")
+    p = sub.add_parser("doctor", help="check GPU, weights, virtual camera, Chromium and the port (exit 1 on FIX)")
+    p.add_argument("--renderer", choices=RENDERERS, default="flashportrait",
+                   help="what to check for: flashportrait (GPU and weights too, the default) or preview (CPU only)")
     p.add_argument("--weights", default="weights", help="weights folder to check")
     p.add_argument("--preset", default="14b", help="model preset the weights must fit")
     p.add_argument("--host", default="127.0.0.1")

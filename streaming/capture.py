@@ -82,6 +82,8 @@ def open_video(spec: str, size: str = "640x480", framerate: int = 30):
             return av.open(spec, format="v4l2", options={"video_size": size, "framerate": str(framerate)})
         except (av.FFmpegError, OSError) as err:
             raise ValueError(f"Cannot open camera {spec} ({err}): check that no other program holds it.") from None
+    if os.path.isdir(spec):
+        raise ValueError(f"Driving video {spec} is a directory: pass the path of a video file or /dev/videoN.")
     if not os.path.isfile(spec):
         raise ValueError(f"Driving video {spec} does not exist: pass the path of a video file or /dev/videoN.")
     unreadable = f"Cannot read {spec} as a video: pass an mp4, mkv, webm or mov file with a face in it."

@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 
-NOISE = re.compile(rb"^([IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w.\-]+:\d+\] |INFO: Created TensorFlow Lite |"
+NOISE = re.compile(rb"^([IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.\-]+:\d+\] |INFO: Created TensorFlow Lite |"
                    rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 

@@ -33,6 +33,8 @@ class Mp4Writer:
     def __init__(self, path: str | os.PathLike, width: int, height: int, fps, audio_template=None, crf: int = 18,
                  pcm_audio: bool = False):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"Output {self.path} is a directory: pass a file name such as {self.path / 'out.mp4'}.")
         if not self.path.parent.is_dir():
             raise ValueError(f"Folder {self.path.parent} does not exist: create it or pass another output path.")
         self.partial = self.path.with_name(f".{self.path.name}.partial")
