@@ -25,9 +25,21 @@ NOISE = re.compile(rb"^([IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.\-]+:\d+\] |INFO: Cr
                    rb"WARNING: All log messages before absl::InitializeLog\(\))")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever sys.stderr is at the time of each record (a test may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One line per record: 'HH:MM:SS flashlive: message' for FlashLive's loggers; others only from WARNING."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s flashlive: %(message)s", "%H:%M:%S"))
     logger = logging.getLogger("flashlive")
     logger.handlers[:] = [handler]
