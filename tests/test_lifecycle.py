@@ -63,6 +63,12 @@ def test_no_ice_server_unless_configured():
 def test_loopback_server_serves_a_same_machine_client_with_only_lo_up(reference, monkeypatch):
     """aioice's own host lookup (not the tests' process-wide loopback patch) on a machine whose only interface is
     lo: it finds no address at all. The server, bound to 127.0.0.1 without --loopback-ice, must still connect."""
+    from aiortc.rtcicetransport import RTCIceGatherer
+
+    # aiortc's own default (a public STUN server; conftest turns it off for the tests' clients): the server must not
+    # depend on it
+    monkeypatch.setattr(RTCIceGatherer, "getDefaultIceServers",
+                        classmethod(lambda cls: [__import__("aiortc").RTCIceServer("stun:stun.l.google.com:19302")]))
     monkeypatch.setattr(aioice.ice, "get_host_addresses", srv.AIOICE_HOST_ADDRESSES)
     only_lo = [a for a in ifaddr.get_adapters() if any(ip.ip == "127.0.0.1" for ip in a.ips)]
     monkeypatch.setattr(aioice.ice.ifaddr, "get_adapters", lambda: only_lo)
@@ -71,7 +77,7 @@ def test_loopback_server_serves_a_same_machine_client_with_only_lo_up(reference,
     async def scenario():
         async with running_server(StreamConfig(port=0, width=SIZE, height=SIZE), preview(reference), reference,
                                   loopback_ice=False, renderer_name="preview") as (server, url):
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # the client asks no STUN server either
             pc.addTransceiver("video", direction="recvonly")
             offer_loopback_candidates(pc)  # the client is on this machine too
             tracks = []
