@@ -48,6 +48,16 @@ def _port(text: str) -> int:
     return port
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text} s is out of range: pass more than 0 and less than 3600 seconds")
+    return value
+
+
 def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("renderer")
     g.add_argument("--renderer", choices=RENDERERS, default="preview",
@@ -86,7 +96,8 @@ def stream_config(args):
     return replace(StreamConfig(), host=args.host, port=args.port, fps=args.fps, width=width, height=height,
                    playout_frames=args.playout, input_queue=args.input_queue, driving=args.driving,
                    vcam=args.vcam or None, record=args.record, allow_hosts=tuple(args.allow_host),
-                   allow_origins=tuple(args.allow_origin), ice_servers=tuple(args.ice_server))
+                   allow_origins=tuple(args.allow_origin), ice_servers=tuple(args.ice_server),
+                   handshake_timeout_s=args.handshake_timeout, peer_timeout_s=args.peer_timeout)
 
 
 # --- serve -------------------------------------------------------------------------------------------------------
@@ -389,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="driving frames queued before the oldest drops (default: 1 for preview, so it always renders "
                         "the newest frame; the StreamConfig default for flashportrait, whose windows need a backlog)")
     p.add_argument("--max-sessions", type=int, default=8, help="peers served at once")
+    p.add_argument("--handshake-timeout", type=_seconds, default=None, metavar="S",
+                   help="free a session whose peer has not connected S seconds after its offer (default 8)")
+    p.add_argument("--peer-timeout", type=_seconds, default=None, metavar="S",
+                   help="free a session whose peer sent no packet for S seconds, e.g. a killed tab (default 5)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https, for cameras on other machines")
     p.add_argument("--key", default=None, help="TLS private key (PEM) for --cert")
     p.add_argument("--loopback-ice", action="store_true",

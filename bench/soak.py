@@ -46,7 +46,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "flashlive", "serve", "--port", "0", "--size", args.size,
            *shlex.split(args.server_args)]
     print("starting:", " ".join(cmd), flush=True)
-    log = open(RESULTS / f"soak_{args.name}.server.log", "w")
+    (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
+    log = open(RESULTS / "logs" / f"soak_{args.name}.server.log", "w")  # its stderr: sessions opened and closed
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
     for line in proc.stdout:
         if "is serving" in line:

@@ -191,8 +191,8 @@ class AvatarServer:
                 self._program_audio = AudioRing()
                 self._program_file_audio = FileAudio(c.driving, self._program_audio)
                 push = self._program_file_audio.wrap(push)
-            self._program_capture = AVCapture(c.driving, push, on_loop=self._program_file_audio and
-                                              self._program_file_audio.restart)
+            audio = self._program_file_audio
+            self._program_capture = AVCapture(c.driving, push, on_loop=None if audio is None else audio.restart)
             self._program = self._avatar_track(self._program_renderer)
             if record is not None and record.audio and self._program_file_audio.has_audio:
                 record.audio_source = TickAudio(self._program_audio, self._program, c.fps)
