@@ -445,12 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
+    if args.command == "serve" and argv is None:  # the real command line, not a caller's main([...])
         from streaming.logs import filter_native_stderr, setup_logging
 
         setup_logging()  # sessions opening and closing, warm-up progress: one line each
-        if argv is None:  # the real command line (not a test calling main()): mediapipe's C++ lines filtered out
-            filter_native_stderr()
+        filter_native_stderr()  # mediapipe's C++ log lines left out
     try:
         return run_command(args)
     except ValueError as err:  # user errors: one sentence, no traceback
