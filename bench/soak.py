@@ -4,6 +4,7 @@ over minutes of streaming, and over many connect/disconnect cycles?
     python bench/soak.py --minutes 10                         # 2 aiortc camera clients for 10 minutes
     python bench/soak.py --cycles 100 --clients 4             # 100 connect/disconnect cycles, 4 clients at once
     python bench/soak.py --minutes 10 --server-args "--renderer flashportrait --preset 1.3b --random-weights"
+    python bench/soak.py --cycles 100 --server-checkout /tmp/old --server-args=--loopback-ice --name churn_before
 
 The server is a separate process (`python -m flashlive serve --port 0` on 127.0.0.1, plain: no --loopback-ice);
 the clients are aiortc peers in this process that send a driving video (looped, at its fps) and read the avatar.
@@ -48,7 +49,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     print("starting:", " ".join(cmd), flush=True)
     (RESULTS / "logs").mkdir(parents=True, exist_ok=True)
     log = open(RESULTS / "logs" / f"soak_{args.name}.server.log", "w")  # its stderr: sessions opened and closed
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    root = Path(args.server_checkout).resolve() if args.server_checkout else ROOT
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     for line in proc.stdout:
         if "is serving" in line:
             url = line.split("is serving", 1)[1].split()[0]
@@ -243,6 +246,8 @@ def main() -> None:
     p.add_argument("--size", default="256x256")
     p.add_argument("--server-args", default="", help="extra flashlive serve flags, e.g. '--renderer flashportrait'")
     p.add_argument("--name", default=None, help="result name (default preview_cpu or churn_preview_cpu)")
+    p.add_argument("--server-checkout", default=None,
+                   help="run the server from another checkout (an A/B against older code; e.g. from git archive)")
     args = p.parse_args()
     args.clients = args.clients or (4 if args.cycles else 2)
     renderer = "flashportrait" if "flashportrait" in args.server_args else "preview"
