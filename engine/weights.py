@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from engine.file_check import is_onnx_model
 from engine.models.dit_keys import normalise_dit_keys
 
 class WeightsError(RuntimeError):
@@ -483,7 +484,7 @@ def _probe(p: Path) -> str:
     if p.suffix == ".onnx":
         if p.stat().st_size == 0:
             raise WeightsError(f"{p} is empty: download it again.")
-        if not _is_onnx_model(p):
+        if not is_onnx_model(p):
             raise WeightsError(f"{p} is not an ONNX model (no ModelProto with a graph; a pickle or an HTML page "
                                "saved under that name?): download it again.")
         return f"ONNX model, {_size(p)}"
@@ -498,49 +499,6 @@ def _probe(p: Path) -> str:
     else:
         sd = load_state_dict(p)
     return f"{len(sd)} tensors, {_size(p)}"
-
-
-def _is_onnx_model(p: Path) -> bool:
-    """True when the file parses as an ONNX ModelProto: top-level protobuf fields only (numbers 1..32, wire types
-    0/1/2/5) up to the last byte, with ir_version (field 1, varint) and a graph (field 7, bytes). Reads the file
-    once, decodes nothing inside the graph."""
-    data = p.read_bytes()
-    pos, seen = 0, set()
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= len(data) or shift > 63:
-                raise ValueError
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return value
-            shift += 7
-
-    try:
-        while pos < len(data):
-            key = varint()
-            field, wire = key >> 3, key & 7
-            if not 1 <= field <= 32:
-                return False
-            if wire == 0:
-                varint()
-            elif wire == 1:
-                pos += 8
-            elif wire == 2:
-                length = varint()  # (not `pos += varint()`: that would add to pos as it was before the varint)
-                pos += length
-            elif wire == 5:
-                pos += 4
-            else:
-                return False
-            seen.add((field, wire))
-        return pos == len(data) and (1, 0) in seen and (7, 2) in seen
-    except ValueError:
-        return False
 
 
 def scan_weights(weights_dir: str | os.PathLike, preset) -> list[tuple[str, bool, str]]:

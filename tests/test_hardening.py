@@ -23,7 +23,7 @@ import pytest
 
 import flashlive
 from engine.config import StreamConfig
-from engine.image_check import MAX_PIXELS, check_image_file, image_header
+from engine.file_check import MAX_PIXELS, check_image_file, image_header
 from engine.preview import PreviewRenderer, load_reference
 from live_util import get_stats, running_server, wait_for
 from streaming.capture import AVCapture

@@ -125,7 +125,7 @@ def test_half_open_offer_is_freed_after_the_handshake_timeout(reference):
 KILLED_CLIENT = textwrap.dedent("""
     import asyncio, sys
     import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
     from streaming.ice import offer_loopback_candidates
 
     async def connect(url, camera):

@@ -1,7 +1,9 @@
-"""A reference image is checked before anything decodes it: a JPEG or PNG file, whole, of a sane pixel count.
+"""Files a user hands over, checked before anything loads them: a reference image is a whole JPEG or PNG of a sane
+pixel count (read from its header), a `.onnx` file is an ONNX model (not a pickle or a saved error page).
 
     width, height, kind = image_header(path)     # from the file's header only (a few hundred bytes read)
-    check_image_file(path)                       # ValueError (one sentence) or nothing
+    check_image_file(path)                       # ValueError (one sentence) or (width, height)
+    is_onnx_model(path)                          # True / False, from the protobuf's top-level structure
 
 Why: a 1 MB PNG can declare 20000 x 20000 pixels (decoded: 1.2 GB of RGB, 3.7 GB at the decoder's peak, 11 s);
 at 60000 x 60000 OpenCV refuses with a traceback; a truncated JPEG decodes into a half-grey image without a word.
@@ -110,3 +112,47 @@ def check_image_file(path, what: str = "reference", max_pixels: int = MAX_PIXELS
     if not is_whole(path, kind):
         raise ValueError(f"{what} {path} is a truncated {kind.upper()} file: pass the complete image.")
     return width, height
+
+
+def is_onnx_model(path) -> bool:
+    """True when the file parses as an ONNX ModelProto: top-level protobuf fields only (numbers 1..32, wire types
+    0/1/2/5) up to the last byte, with ir_version (field 1, varint) and a graph (field 7, bytes). Reads the file
+    once, decodes nothing inside the graph."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, seen = 0, set()
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                raise ValueError
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    try:
+        while pos < len(data):
+            key = varint()
+            field, wire = key >> 3, key & 7
+            if not 1 <= field <= 32:
+                return False
+            if wire == 0:
+                varint()
+            elif wire == 1:
+                pos += 8
+            elif wire == 2:
+                length = varint()  # (not `pos += varint()`: that would add to pos as it was before the varint)
+                pos += length
+            elif wire == 5:
+                pos += 4
+            else:
+                return False
+            seen.add((field, wire))
+        return pos == len(data) and (1, 0) in seen and (7, 2) in seen
+    except ValueError:
+        return False
