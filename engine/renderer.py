@@ -4,7 +4,12 @@ The shared engine (models, conditioning, compiled step) is `engine/flashportrait
 
 `FlashPortraitRenderer` is one session (one peer). Per driving frame j (on the renderer's thread):
   PD-FGC features (554) -> PortraitEncoder tokens (24) ; latent frame i is complete once frame 4i has arrived
-  (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)`.
+  (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)` (the global layout).
+Windows read them in FlashPortrait's per-window layout (its long-video pipeline and its training encode each
+window's own frames): a window over latents [g0, g0 + W) covers video frames 4 g0 .. 4(g0 + W - 1); its first
+latent frame carries the 24 tokens of frame 4 g0 (the last frame of latent g0) + 73 zero pads, never 97 real tokens,
+and its latents g0 + j, j >= 1, their global 97 tokens (equal to the window-relative slices, the encoder being per
+frame). Live: every rolling window (`_window_emo`); offline: every step-major window (`_render_offline`).
 Whenever enough latent frames of tokens exist, a rolling WSWS window (engine/wsws.RollingWSWS, W latent frames,
 stride S; on the session's window thread and, on CUDA, the engine's own stream, so the next frames' expression
 overlaps it) runs every sampler step: the two guidance branches (emotion, and ip_scale 0) as ONE batch of 2, ALPA via
@@ -66,7 +71,8 @@ from engine.config import ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig,
 from engine.controller import Budget, BudgetController, ControllerConfig
 from engine.flashportrait import (TIME_STRIDE, EngineOptions, FlashPortraitEngine, frames_uint8,
                                   make_schedule_for)
-from engine.models.portrait_encoder import latent_token_range
+from engine.models.portrait_encoder import (group_latent_tokens, latent_token_range, window_first_frame_tokens,
+                                            window_latent_tokens)
 from engine.playout import PlayoutDelay
 from engine.sampler import Sampler
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -212,11 +218,22 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self._have >= start + self._budget.stride + self._lookahead()
 
     def _window_emo(self, win) -> torch.Tensor:
-        """(1, W, 97, C) tokens of the window's global latent frames; frames without tokens yet hold the newest."""
+        """(1, W, 97, C) tokens of the window [g0, g0 + W) (global latent frames) in FlashPortrait's per-window
+        layout: latent g0 carries the 24 tokens of the window's first video frame 4 g0 + 73 zero pads, latents
+        g0 + j (j >= 1) their 97 tokens (equal to a re-encoding of the window's own frames, see
+        engine/models/portrait_encoder.py); frames without tokens yet hold the newest. Built once per window into
+        one buffer (the previous window's passes have finished when the next one starts)."""
         if win.index != self._emo_window:
             g0 = self._base + win.start
             newest = self._have - 1
-            self._emo = torch.stack([self._tokens[min(g, newest)] for g in range(g0, g0 + self.W)])[None]
+            first = self._tokens[min(g0, newest)]
+            if self._emo is None or self._emo.shape[1:] != (self.W, *first.shape):
+                self._emo = first.new_empty((1, self.W, *first.shape))
+            emo, per = self._emo[0], self.engine.preset.portrait.tokens_per_frame
+            emo[0, :per].copy_(window_first_frame_tokens(first, min(g0, newest), per))
+            emo[0, per:].zero_()
+            for j in range(1, self.W):
+                emo[j].copy_(self._tokens[min(g0 + j, newest)])
             self._emo_window = win.index
         return self._emo
 
@@ -419,10 +436,12 @@ class FlashPortraitRenderer(ThreadedRenderer):
         n = len(self._all_feats)
         T = math.ceil((n - 1) / TIME_STRIDE) + 1                  # latent frames covering n driving frames
         padded = self._all_feats + [self._all_feats[-1]] * (TIME_STRIDE * (T - 1) + 1 - n)
-        from engine.models.portrait_encoder import group_latent_tokens
-
         feats = torch.from_numpy(np.stack(padded)).to(eng.device, eng.dtype)[None]
         emo = group_latent_tokens(eng.portrait(feats))[0]                                # (T, 97, C)
+        # each window's tokens in FlashPortrait's per-window layout (its first latent: its first frame's 24 tokens +
+        # 73 zero pads), written into one buffer: the windows run one after the other on the engine's stream
+        win_emo = emo.new_empty((1, min(self.W, T), *emo.shape[1:]))
+        per = eng.preset.portrait.tokens_per_frame
         steps = eng.live_steps
         schedule = make_schedule_for(eng.sampler_cfg, steps)
         sampler = Sampler(schedule, generator=self._gen)
@@ -441,7 +460,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         noise = torch.randn((1, 16, T, h, w), generator=self._gen, device=eng.device)
 
         def denoise(x, i, win, cond):
-            return eng.guided_flow(cached, x, i, cond[None], key=win.index)
+            window_latent_tokens(cond, win.start, per, out=win_emo[0])
+            return eng.guided_flow(cached, x, i, win_emo, key=win.index)
 
         t0 = time.perf_counter()
         with eng.lock:
