@@ -35,13 +35,17 @@ Pacing. A window hands out 4S frames at once; the renderer keeps them in its out
 frame j at (push time of driving frame j) + playout delay, the delay being a robust high percentile of the recent
 windows' first-frame waits that forgets a backlog once it is gone (engine/playout.py), so the sinks receive a steady
 stream at the input rate; they add no buffer of their own on top.
-Start. The controller starts on the budget the engine's warm-up timings (one DiT call, one decode) predict to keep
-up within the latency target, so the first windows do not build a backlog.
+Start. The controller starts on the best-quality budget the engine's warm-up timings (one DiT call, one decode)
+predict to keep up within the latency target, so the first windows do not build a backlog.
 Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
-meet the target. The controller
-(engine/controller.py) adapts ALPA interval, steps and stride within `latency_target_ms`; its decision is in
-`stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
-window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
+meet the target. The controller (engine/controller.py) chooses ALPA interval, steps and stride by quality (most full
+passes of the expression branch first) among the budgets predicted to keep up within `latency_target_ms`, learning
+the DiT and decode costs from every window, with hysteresis (down at once, up slowly, never straight back to a
+budget that fell behind); its decision is in `stats()["controller"]`, and `stats()` names what a bench needs:
+`full_passes_per_window`, `budget` (interval, steps, stride, lookahead in latent frames), `budget_changes` and
+`budget_change_times_s` (seconds from the first driving frame). Budget changes apply at a window boundary; a new
+stride or step count starts a new rolling window at the first unreleased latent frame (one unblended seam), a new
+ALPA interval needs nothing.
 
 Bounded. The input queue drops its oldest frame when full (ThreadedRenderer; under a latency target it holds what
 the target lasts, so an extractor that cannot keep up drops frames rather than adding latency); tokens waiting for
@@ -152,8 +156,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
             ctl = replace(ctl, lookahead=lookahead)  # the controller predicts latency with the same lookahead
         self.lookahead = lookahead
         initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
-        seed = eng.window_ms_per_unit(initial) if ctl.enabled and not offline else None
-        self.controller = BudgetController(initial, self.W, self.fps, ctl, ms_per_unit=seed)
+        costs = None
+        if ctl.enabled and not offline:  # the warm-up's timings: one guided DiT call, one latent frame's decode
+            t = eng.measured_costs()
+            costs = (1e3 * t["pass_s"], 1e3 * t["decode_latent_s"])
+        self.controller = BudgetController(initial, self.W, self.fps, ctl, costs=costs)
         self._budget = self.controller.budget  # predicted from the warm-up timings to keep up from the start
         self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
         # stream state
@@ -179,6 +186,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.closed = False
         self.max_lag_latents = 4 * self.W  # beyond this backlog of tokens the stream skips ahead (bounded lag)
         self.skipped_behind = 0
+        self._t_first: float | None = None           # push time of the first driving frame
         self._window_failed = False
         self._window_thread: threading.Thread | None = None
         self._window_cv = threading.Condition()
@@ -306,7 +314,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
-            new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() + len(out))
+            new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() + len(out), decode_s=t2 - t1)
             if new is not None:
                 self._apply_budget(new)
         return out
@@ -325,6 +333,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
         (not started), the windows run here and their frames are returned."""
         pts, stamp = pts if isinstance(pts, tuple) else (pts, time.monotonic())
+        if self._t_first is None:
+            self._t_first = stamp  # budget change times count from the session's first driving frame
         if self._window_failed:
             return []  # nothing would render it: keep no state
         t0 = time.perf_counter()
@@ -524,5 +534,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind,
             "playout_delay_ms": round(1e3 * self.playout.delay, 1), "playout_settled": self.playout.settled,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
+            # for benches (bench/stream_latency.py): the controller's budget and how often it changed
+            "full_passes_per_window": b.full_passes(), "budget_changes": self.controller.changes,
+            "budget_change_times_s": [round(c["t"] - (self._t_first or c["t"]), 3)
+                                      for c in self.controller.change_log],
+            "budget": {"interval": b.interval, "steps": b.steps, "stride": b.stride,
+                       "lookahead": self._lookahead()},
             "controller": self.controller.stats(), **self.engine.stats()})
         return out
