@@ -53,8 +53,8 @@ Decisions (hysteresis: down at once, up slowly, never back to what just failed):
     predicted latency is over the target: to the best-quality budget within 95% of the target predicted to reach
     `target_rtf`, cheaper per frame than the current one (for a latency cut: any); if none reaches it, the fastest;
   * raise, slowly: after `patience` windows on a budget (cool-down), when the rtf has stayed at or above
-    `raise_above` for `patience` more windows with a small backlog: to the nearest better quality class (criteria 1-3) that has a
-    budget predicted to reach `target_rtf` within 90% of the latency target, at its smallest such stride;
+    `raise_above` for `patience` more windows with a small backlog: to the nearest better quality class (criteria
+    1-3) that has a budget predicted to reach `target_rtf` within 90% of the latency target, its best such budget;
   * memory: a budget that fell behind (or over the latency target) is not chosen again for `retry_after` windows,
     doubling with every failure, unless the measured pass cost has since dropped by 15% or more (the GPU got
     faster): a raise that fails costs two changes once, not a change every few windows.
