@@ -425,8 +425,9 @@ class BudgetController:
         if self._cooldown == 0 and self._fast >= cfg.patience and backlog_frames <= inherent:
             # a raise keeps 10% of the latency target spare, or measurement noise would cut it again at once
             rank = self._rank.get(cur, len(self.ladder))
-            better = [b for b in self._allowed(0.9) if self._rank[b] < rank and not self._barred(b)
-                      and self.predicted_rtf(b) >= cfg.target_rtf]
+            target = cfg.latency_target_ms
+            better = [b for b in self.ladder[:rank] if not self._barred(b) and self.predicted_rtf(b) >= cfg.target_rtf
+                      and (target is None or self.predicted_latency_ms(b) <= 0.9 * target)]
             if better:
                 nearest = max(self._class[b] for b in better)  # the nearest better quality class ...
                 choice = min((b for b in better if self._class[b] == nearest), key=self._rank.get)  # ... its best
