@@ -36,6 +36,9 @@ Quality order (best first; `Budget.quality_key`), the order the ladder is sorted
   4. a smaller stride: within what the latency target allows, a larger stride only adds input wait (4 frames per
      latent frame) and leaves fewer frames to blend at the seams, so it is the last lever;
   5. the configured lookahead before none (L = 0 lags a window's last frame by one latent frame).
+Under a latency target, stride is spent for quality within the target (2 full passes at stride 2 before 1 at
+stride 1: the target bounds what it adds). Without one nothing bounds the input wait, so the stride comes first:
+it grows only when no budget at a smaller stride keeps up.
 A measured table (`ControllerConfig.quality`, e.g. from `load_quality_table("bench/results/speed_quality_mini.json")`,
 issue 15's trained mini) replaces criteria 1-3: budgets it rates come first, by their measured error, and those it
 lacks follow in the documented order.
@@ -226,11 +229,12 @@ class BudgetController:
         return math.inf if err is None else err
 
     def _sort_key(self, b: Budget) -> tuple:
-        return (self._table_error(b),) + b.quality_key()
+        unbounded = b.stride if self.cfg.latency_target_ms is None else 0  # no target: the stride comes first
+        return (unbounded, self._table_error(b)) + b.quality_key()
 
     def _class_key(self, b: Budget) -> tuple:
         """The quality class: the order without stride and lookahead (criteria 1-3, or the table's rating)."""
-        return self._sort_key(b)[:4]
+        return self._sort_key(b)[:5]
 
     # --- the cost model -------------------------------------------------------------------------------------------
     def cost_ms(self, budget: Budget) -> float:

@@ -113,6 +113,14 @@ def test_ladder_is_sorted_by_quality_with_one_rung_per_computation():
     # ALPA interval before fewer steps: 2 full passes in 4 steps (K = 2, then K = 3) before 2 plain steps
     two = [b for b in ctl.ladder if b.full_passes() == 2 and b.stride == 1 and b.lookahead is None]
     assert [(b.interval, b.steps) for b in two] == [(2, 4), (3, 4), (2, 3), (1, 2)]
+    # under the target, stride is spent for passes: 4 passes at stride 2 before 2 at stride 1
+    assert ctl.ladder.index(Budget(1, 4, 2)) < ctl.ladder.index(Budget(2, 4, 1))
+    # without a target nothing bounds the input wait: the stride grows only when nothing smaller keeps up
+    free = BudgetController(Budget(1, 4, 1), 4, FPS, ControllerConfig(lookahead=1, max_interval=5))
+    strides = [b.stride for b in free.ladder]
+    assert strides == sorted(strides) and free.ladder.index(Budget(2, 4, 1)) < free.ladder.index(Budget(1, 4, 2))
+    slow = BudgetController(Budget(1, 4, 1), 4, FPS, ControllerConfig(lookahead=1, max_interval=5), costs=(30, 5))
+    assert slow.budget == Budget(1, 3, 1)  # 4 passes at stride 1 do not keep up: 3 passes, not a larger stride
 
 
 def test_today_14b_cannot_fit_and_says_why():
