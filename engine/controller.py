@@ -57,10 +57,12 @@ Decisions (hysteresis: down at once, up slowly, never back to what just failed):
     `target_rtf`, cheaper per frame than the current one (for a latency cut: any); if none reaches it, the fastest;
   * raise, slowly: after `patience` windows on a budget (cool-down), when the rtf has stayed at or above
     `raise_above` for `patience` more windows with a small backlog: to the nearest better quality class (criteria
-    1-3) that has a budget predicted to reach `target_rtf` within 90% of the latency target, its best such budget;
-  * memory: a budget that fell behind (or over the latency target) is not chosen again for `retry_after` windows,
-    doubling with every failure, unless the measured pass cost has since dropped by 15% or more (the GPU got
-    faster): a raise that fails costs two changes once, not a change every few windows.
+    1-3) that has a budget predicted to reach `target_rtf` (at the costliest of the recent windows' pass and decode
+    costs) within 90% of the latency target, its best such budget;
+  * memory: a budget that fell behind (or over the latency target) is not chosen again for `retry_after_s`
+    seconds of stream (the playback time of the windows since), doubling with every failure: a raise that fails costs two changes once, not a change every few windows. (No
+    early retry when the measured pass cost drops: with the guidance economy or ALPA the pass cost a budget sees
+    depends on the budget, so a drop measured on a cheaper budget says little about the one that failed.)
   * the first window after a change is not judged (a new rolling window may pay one-off costs).
 When no budget within the limits keeps up, it stays on the fastest and says so; its reason also says why a budget
 with more full passes was not chosen (predicted rtf and latency against the limits). No queue grows because of the
@@ -149,7 +151,7 @@ class ControllerConfig:
     raise_above: float = 1.3  # measured rtf at or above this for `patience` windows -> try a better quality class
     patience: int = 3  # windows of cool-down after a change, and of headroom before a raise
     warmup_windows: int = 1  # the first windows pay one-off costs (allocations, kernel selection): not judged
-    retry_after: int = 32  # windows before a budget that fell behind is chosen again (doubling per failure)
+    retry_after_s: float = 8.0  # seconds of stream before a budget that fell behind is chosen again (doubling)
     quality: QualityTable | None = None  # a measured quality table (load_quality_table); None: the documented order
     enabled: bool = True
 
@@ -187,7 +189,9 @@ class BudgetController:
         self._settle = 0  # windows after a change that are not judged
         self._fast = 0  # consecutive windows above raise_above
         self._backlog: list[int] = []
-        self._failed: dict[Budget, dict] = {}  # budget -> failures, until (window), pass_ms at the failure
+        self._failed: dict[Budget, dict] = {}  # budget -> failures, barred until (seconds of stream)
+        self.stream_s = 0.0  # playback time of the windows observed so far
+        self._recent: list[tuple[float, float]] = []  # the last patience + 1 (ms per pass, per latent decoded)
         self.reason = "starting: full budget until the first windows are measured"
         start = self.start_budget()
         if start != initial:
@@ -237,11 +241,13 @@ class BudgetController:
         return self._sort_key(b)[:5]
 
     # --- the cost model -------------------------------------------------------------------------------------------
-    def cost_ms(self, budget: Budget) -> float:
-        if self.pass_ms is None:
+    def cost_ms(self, budget: Budget, costs: tuple[float, float] | None = None) -> float:
+        """Predicted ms of one window on `budget`."""
+        pass_ms, decode_ms = costs or (self.pass_ms, self.decode_ms)
+        if pass_ms is None:
             return math.nan
         full = budget.full_passes()
-        return self.pass_ms * (full + PREDICTED_PASS * (budget.steps - full)) + self.decode_ms * budget.stride
+        return pass_ms * (full + PREDICTED_PASS * (budget.steps - full)) + decode_ms * budget.stride
 
     @property
     def ms_per_unit(self) -> float | None:
@@ -250,10 +256,12 @@ class BudgetController:
             return None
         return self.cost_ms(self._reference) / self._reference.units()
 
-    def predicted_rtf(self, budget: Budget) -> float:
+    def predicted_rtf(self, budget: Budget, costs: tuple[float, float] | None = None) -> float:
+        """Playback time over predicted compute of one window; `costs` (ms per pass, per latent decoded) instead of
+        the learnt ones when given."""
         if self.pass_ms is None:
             return math.inf
-        return (4 * budget.stride / self.fps) / (self.cost_ms(budget) / 1e3)
+        return (4 * budget.stride / self.fps) / (self.cost_ms(budget, costs) / 1e3)
 
     def lookahead(self, budget: Budget) -> int:
         overlap = self.window - budget.stride
@@ -288,9 +296,7 @@ class BudgetController:
 
     def _barred(self, b: Budget) -> bool:
         f = self._failed.get(b)
-        if f is None or self.windows >= f["until"]:
-            return False
-        return not (self.pass_ms is not None and self.pass_ms <= 0.85 * f["pass_ms"])
+        return f is not None and self.stream_s < f["until"]
 
     # --- the decision ---------------------------------------------------------------------------------------------
     def start_budget(self) -> Budget:
@@ -368,6 +374,7 @@ class BudgetController:
         else:
             scale = ms / self.cost_ms(b)
             per_pass, per_decode = self.pass_ms * scale, self.decode_ms * scale
+        self._recent = (self._recent + [(per_pass, per_decode)])[-(self.cfg.patience + 1):]
         if self._measured:
             self.pass_ms = 0.7 * self.pass_ms + 0.3 * per_pass
             self.decode_ms = 0.7 * self.decode_ms + 0.3 * per_decode
@@ -378,6 +385,7 @@ class BudgetController:
     def _decide(self, window_s: float, frames: int, backlog_frames: int, decode_s: float | None) -> Budget | None:
         cfg = self.cfg
         self.windows += 1
+        self.stream_s += frames / self.fps
         rtf = (frames / self.fps) / max(window_s, 1e-9)
         self.last_rtf = rtf
         warming = self.windows <= cfg.warmup_windows
@@ -430,7 +438,11 @@ class BudgetController:
             # a raise keeps 10% of the latency target spare, or measurement noise would cut it again at once
             rank = self._rank.get(cur, len(self.ladder))
             target = cfg.latency_target_ms
-            better = [b for b in self.ladder[:rank] if not self._barred(b) and self.predicted_rtf(b) >= cfg.target_rtf
+            # judged on the costliest recent window, not the average: costs that cycle (the guidance economy's pair
+            # pass every few passes) would otherwise raise on a run of cheap windows and fall behind on the next
+            worst = max(self._recent)[0], max(d for _, d in self._recent)
+            better = [b for b in self.ladder[:rank] if not self._barred(b)
+                      and self.predicted_rtf(b, costs=worst) >= cfg.target_rtf
                       and (target is None or self.predicted_latency_ms(b) <= 0.9 * target)]
             if better:
                 nearest = max(self._class[b] for b in better)  # the nearest better quality class ...
@@ -442,24 +454,24 @@ class BudgetController:
         return None
 
     def _fail(self, b: Budget) -> None:
-        """Remember that `b` fell behind: not chosen again for retry_after x 2^(failures - 1) windows."""
+        """Remember that `b` fell behind: not chosen again for retry_after_s x 2^(failures - 1) s of stream."""
         f = self._failed.get(b, {"failures": 0})
         f["failures"] += 1
-        f["until"] = self.windows + self.cfg.retry_after * 2 ** (f["failures"] - 1)
-        f["pass_ms"] = self.pass_ms if self.pass_ms is not None else math.inf
+        f["until"] = self.stream_s + self.cfg.retry_after_s * 2 ** (f["failures"] - 1)
         self._failed[b] = f
 
     def _change(self, budget: Budget, reason: str) -> Budget:
         self.budget = budget
         self.reason = reason
         self.changes += 1
-        self.change_log = (self.change_log + [{"window": self.windows, "t": self.clock(), "budget": asdict(budget),
-                                               "reason": reason}])[-64:]
+        self.change_log = (self.change_log + [{"window": self.windows, "t": self.clock(), "stream_s": self.stream_s,
+                                               "budget": asdict(budget), "reason": reason}])[-64:]
         self._cooldown = self.cfg.patience
         self._settle = 1
         self._fast = 0
         self.rtf = None  # measure the new budget afresh
         self._backlog = []
+        self._recent = []
         return budget
 
     def _describe(self, b: Budget) -> str:

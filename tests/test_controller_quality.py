@@ -192,9 +192,10 @@ def test_load_change_is_cut_at_once_and_recovered():
 
 def test_a_budget_that_fell_behind_is_not_chosen_again_soon():
     """ALPA-predicted steps that cost half a pass (the model assumes a tenth): the 4-step ALPA budgets the model
-    favours fall behind; each is left and not chosen again within retry_after windows; <= 3 changes after 2 s."""
+    favours fall behind; each is left and not chosen again within retry_after_s seconds of stream; <= 3 changes
+    after 2 s."""
     clock = [0.0]
-    ctl = controller(4, 900, 150, clock, retry_after=32)
+    ctl = controller(4, 900, 150, clock, retry_after_s=8.0)
     rows = simulate(ctl, Gpu(150, predicted_ms=75), clock, seconds=40)
     assert len(changes_after(ctl)) <= 3 and len([c for c in ctl.change_log if c["t"] < 22]) <= 4
     left: dict = {}
@@ -202,11 +203,37 @@ def test_a_budget_that_fell_behind_is_not_chosen_again_soon():
     for c in ctl.change_log:
         b = Budget(**c["budget"])
         if b in left:
-            assert c["window"] - left[b] >= 32, ctl.change_log
+            assert c["stream_s"] - left[b] >= 8.0, ctl.change_log
         if "cut to" in c["reason"]:
-            left[prev] = c["window"]
+            left[prev] = c["stream_s"]
         prev = b
-    assert min(r["rtf"] for r in rows[-20:]) >= 1.0
+    assert left and min(r["rtf"] for r in rows[-20:]) >= 1.0
+
+
+def test_cycling_costs_do_not_make_it_oscillate():
+    """The guidance economy (issue 14): the expression/no-expression pair (211 ms) every 4th full pass, the
+    expression branch alone (110 ms) otherwise, so window costs cycle. A budget that keeps up only on average
+    (real-time factor ~1.07) is not raised to on a run of cheap windows, nor retried every few windows."""
+    class Economy(Gpu):
+        count = 0
+
+        def window(self, b, rng, t):
+            full = b.full_passes()
+            dit = 0.0
+            for _ in range(full):
+                dit += self.pass_ms if self.count % 4 == 0 else 110.0
+                self.count += 1
+            dit += self.predicted_ms * (b.steps - full) + self.overhead_ms
+            f = 1 + self.jitter * (2 * rng.random() - 1)
+            return f * (dit + self.decode_ms * b.stride) / 1e3, f * self.decode_ms * b.stride / 1e3
+
+    for W, target in [(3, 700), (3, 450), (4, 900)]:
+        clock = [0.0]
+        ctl = controller(W, target, (211 + 3 * 110) / 4, clock)  # the engine's economy-averaged warm-up pass
+        rows = simulate(ctl, Economy(211), clock)
+        assert len(changes_after(ctl)) <= 3, (W, target, ctl.change_log)
+        late = [r for r in rows if r["t"] > 2]
+        assert p95([r["latency_ms"] for r in late]) <= target
 
 
 def test_a_measured_quality_table_sets_the_order(tmp_path):
