@@ -13,8 +13,9 @@ time) leave it on the fastest budget, saying why more full passes do not fit; gu
 previous controller, replayed the same way, made 31 changes after the first 2 s, as the H200 run measured); where 2 full expression passes per window
 fit, it ends on them, keeps up, meets the latency target and makes <= 3 changes after the first 2 s, also from a
 pessimistic or optimistic warm-up seed; a load change is cut at once and recovered from; a budget that fell behind
-is not chosen again within `retry_after` windows; the renderer's stats name the budget, its full passes and the
-budget changes with their times.
+is not chosen again within `retry_after_s` seconds of stream; window costs that cycle (the guidance economy's pair
+pass every 4th pass) cause no oscillation; the renderer's stats name the budget, its full passes and the budget
+changes with their times.
 """
 from __future__ import annotations
 
