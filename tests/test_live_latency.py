@@ -39,8 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # + the decode of stride 1 = 85 ms per 160 ms of video, real-time factor 1.9) keeps up; with lookahead 1 its
 # predicted latency is 280 ms of input wait + 85 + 40 = 405 ms, over a 350 ms target; without, 245 ms.
 SLOW = {"pass_s": 0.020, "decode_latent_s": 0.005}
-# A fast engine (3 ms per unit: 280 + 13 + 40 = 333 ms with lookahead 1, within 350 ms): what a fast CPU measures.
-FAST = {"pass_s": 0.003, "decode_latent_s": 0.003}
+# A fast engine (1.5 ms per call and per decode: 280 + 7.5 + 40 = 328 ms with lookahead 1, within 95% of 350 ms).
+FAST = {"pass_s": 0.0015, "decode_latent_s": 0.0015}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +69,23 @@ def inject_costs(engine: FlashPortraitEngine, timings: dict) -> FlashPortraitEng
     return engine
 
 
-def windows_cost(renderer: FlashPortraitRenderer, window_s: float) -> FlashPortraitRenderer:
-    """The controller sees every window take `window_s` of wall time (the renderer's own clock reading is replaced),
-    so it never cuts or raises the budget because this machine is slow or busy."""
+def window_cost_s(budget: Budget, timings: dict) -> tuple[float, float]:
+    """(window seconds, of which decode) of one window on `budget` by the controller's cost model at `timings`."""
+    full = budget.full_passes()
+    decode = budget.stride * timings["decode_latent_s"]
+    return (full + 0.1 * (budget.steps - full)) * timings["pass_s"] + decode, decode
+
+
+def windows_cost(renderer: FlashPortraitRenderer, timings: dict) -> FlashPortraitRenderer:
+    """The controller sees every window cost what `timings` predict for its budget (the renderer's own clock
+    readings are replaced), so it never cuts or raises the budget because this machine is slow or busy."""
     observe = renderer.controller.observe
-    renderer.controller.observe = lambda _wall_s, frames, backlog_frames=0: observe(window_s, frames, backlog_frames)
+
+    def injected(_wall_s, frames, backlog_frames=0, decode_s=None):
+        window_s, decode = window_cost_s(renderer._budget, timings)
+        return observe(window_s, frames, backlog_frames, decode_s=decode)
+
+    renderer.controller.observe = injected
     return renderer
 
 
@@ -83,8 +95,7 @@ def make(reference, engine, timings=SLOW, **kw) -> FlashPortraitRenderer:
     r = FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
                               sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
                               fps=FPS, engine=engine, **kw)
-    full = Budget(1, engine.live_steps, 1)
-    return windows_cost(r, engine.window_ms_per_unit(full) * full.units() / 1e3)
+    return windows_cost(r, timings)
 
 
 def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
@@ -131,8 +142,7 @@ def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_windo
     (a GC pause, another session's window, a tab switch). Its wait is measured, the playout delay ignores it."""
     now = [0.0]
     r = make(reference, engine, lookahead=1, pace=False, clock=lambda: now[0])  # windows run inside process()
-    full = Budget(1, engine.live_steps, 1)
-    window_s = engine.window_ms_per_unit(full) * full.units() / 1e3
+    window_s, _ = window_cost_s(Budget(1, engine.live_steps, 1), SLOW)
     decode, calls, delays = r.decoder.decode, [0], []
     slow = 20  # after 19 windows of history
 
@@ -257,7 +267,7 @@ def test_renderer_starts_on_the_budget_its_engine_measured(reference):
     assert engine.measured_costs() is t and stats["warm_up_pass_ms"] > 0 and stats["warm_up_decode_latent_ms"] > 0
     kw = dict(preset="tiny", runtime=CPU, sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="alpa", interval=3,
               order=1), random_weights=True, fps=FPS, latency_target_ms=350, lookahead=0, engine=engine, pace=False)
-    engine.timings = dict(FAST)  # as if the warm-up had measured a fast engine (3 ms per unit)
+    engine.timings = dict(FAST)  # as if the warm-up had measured a fast engine
     fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
     engine.timings = {"pass_s": 0.08, "decode_latent_s": 0.01}  # as if the GPU were this slow at warm-up
     slow = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
