@@ -160,6 +160,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._all_pts: list[float] = []              # offline: every frame's pts
         self._all_feats: list[np.ndarray] = []       # offline: every frame's features
         self._released = 0                           # latent frames released (global)
+        self.guide = eng.make_guidance()             # guidance economy state of this stream (None: pair every pass)
         self._new_roller(0)
         self.faces_missed = 0
         self.face_found: bool | None = None
@@ -221,7 +222,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self._emo
 
     def _denoise(self, x, i, win, cond):
-        return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window")
+        return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window",
+                                       frame=self._base + win.start, guide=self.guide)
 
     def lag_cap(self) -> int:
         """Latent frames of tokens that may wait for windows before the stream skips ahead: `max_lag_latents`, and
@@ -504,5 +506,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind,
             "playout_delay_ms": round(1e3 * self.playout.delay, 1), "playout_settled": self.playout.settled,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
-            "controller": self.controller.stats(), **self.engine.stats()})
+            "controller": self.controller.stats(), **self.engine.stats(),
+            "guidance": None if self.guide is None else self.guide.stats()})
         return out
