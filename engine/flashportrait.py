@@ -444,11 +444,80 @@ class FlashPortraitEngine:
             cached.pair_request = False
         no_emo, cached.pair_no_emo = cached.pair_no_emo, None
         flow = guide.combine(emo_flow, sigma, frame, no_emo, full=full is not False)
-        if guide.shadow and no_emo is None:  # bench / test: the true pair on the same input, for the error
+        if guide.shadow and no_emo is None and full:
+            # bench / test: the true pair on the same input at a single pass (its expression flow is exact, so the
+            # difference is the no-expression estimate's alone; predicted steps add ALPA's own error on top)
             t = cached.schedule.timesteps[i:i + 1].to(x.device).expand(2)
             pair = self.step(x.expand(2, *x.shape[1:]), t, emo.expand(2, *emo.shape[1:]), self.ip_scale_step)
             guide.observe_error(flow, pair[:1], pair[1:])
         return flow
+
+    @torch.no_grad()
+    def guidance_error(self, refresh: int | None = None, windows: int = 6, interval: int = 1, reuse: str = "delta",
+                       seed: int = 0) -> dict:
+        """The guidance economy against the pair at every pass, on this engine's live window (bench and tests).
+
+        One stream of `windows` rolling windows (W = context_size, stride = W - overlap; seeded random expression
+        tokens and noise) is rendered with the live schedule three times: the pair at every pass (reference), the
+        economy (`refresh`; timing and final latents), the economy with shadow pairs (the true pair computed on
+        the same inputs at every single pass). ALPA interval `interval` (1: every step full). Returns
+        guided_rel_l2_mean / max (estimated vs true guided flow), latent_rel_l2_mean / max (each window's emitted
+        latent frames vs the reference's), ms_per_step of both (windows after the first) and pass counts.
+        Needs an engine built with a refresh > 1 (the batch-1 step)."""
+        from engine.sampler import Sampler
+        from engine.wsws import RollingWSWS
+
+        self.warm_up()
+        if self.step1 is None:
+            raise ValueError("guidance_error needs the guidance economy: build the engine with emo_refresh > 1 and "
+                             "emo_cfg > 1.")
+        steps = self.live_steps
+        schedule = make_schedule_for(self.sampler_cfg, steps)
+        W, O = self.window_cfg.context_size, self.window_cfg.context_overlap
+        h, w = self.latent_hw
+        dit = self.preset.dit
+        g = torch.Generator(self.device).manual_seed(seed)
+        T = W + windows * (W - O)
+        tokens = torch.randn(1, T, dit.emo_tokens_per_frame, dit.emo_dim, generator=g, device=self.device)
+        tokens = tokens.to(self.dtype)
+        alpa = ALPAConfig(mode="off" if interval == 1 else "alpa", interval=interval, cache="output")
+
+        def run(guide):
+            sampler = Sampler(schedule, generator=torch.Generator(self.device).manual_seed(seed + 1))
+            roller = RollingWSWS(sampler, W, O, (1, 16, h, w), device=self.device,
+                                 generator=torch.Generator(self.device).manual_seed(seed + 2))
+            cached = self.cached_dit(schedule, alpa)
+
+            def denoise(x, i, win, cond):
+                return self.guided_flow(cached, x, i, tokens[:, win.start:win.start + W], key="window",
+                                        frame=win.start, guide=guide)
+
+            outs, times = [], []
+            for _ in range(windows):
+                while not roller.ready():
+                    roller.push(None)
+                self._sync()
+                t0 = time.perf_counter()
+                outs.append(roller.run(denoise).float().clone())
+                self._sync()
+                times.append(time.perf_counter() - t0)
+            later = times[1:] or times
+            return outs, 1e3 * sum(later) / (len(later) * steps), cached.full_passes
+
+        with self.lock:
+            ref, ref_ms, ref_full = run(None)
+            econ = self.make_guidance(refresh=refresh, reuse=reuse)
+            out, econ_ms, econ_full = run(econ)
+            shadow = self.make_guidance(refresh=refresh, reuse=reuse, shadow=True)
+            run(shadow)
+        lat = [float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+               for a, b in zip(out, ref)]
+        errors = shadow.errors or [0.0]
+        return {"emo_refresh": econ.refresh, "reuse": reuse, "alpa_interval": interval, "windows": windows,
+                "steps": steps, "guided_rel_l2_mean": sum(errors) / len(errors), "guided_rel_l2_max": max(errors),
+                "estimated_flows": len(shadow.errors), "latent_rel_l2_mean": sum(lat) / len(lat),
+                "latent_rel_l2_max": max(lat), "pair_ms_per_step": ref_ms, "economy_ms_per_step": econ_ms,
+                "full_passes": econ_full, "reference_full_passes": ref_full, **econ.stats()}
 
     def make_decoder(self):
         from engine.models.tiny_vae import StreamingTinyDecoder

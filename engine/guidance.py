@@ -12,10 +12,11 @@ with d* the stored difference
     frames beyond the stored window hold its last frame): a window's emitted frames are its oldest, which the
     previous window rendered at the same noise level one stride further in,
   * else the most recent one (this window's earlier step: the same frames, another noise level).
-Refresh is staggered so that every window costs the same: the pair runs at a full pass whose (passes so far at this
-noise level + rank of the pass in its window) is a multiple of `refresh` (refresh 2, two full passes per window: one
-pair and one single pass per window, the pair alternating between the two steps). A full pass with no usable
-difference (the first window, a skip-ahead, a new window size) runs the pair. Predicted (ALPA) steps use the
+Refresh is spread evenly: every full pass earns 1/refresh of a pair, and a pass with a whole pair earned spends it
+when its noise level is the stalest of the window's levels (refreshed longest ago; else the credit waits for that
+level's pass, at most one pair's worth). So windows cost the same and the refreshes rotate over the steps (refresh
+2, two full passes per window: one pair and one single pass per window, the pair alternating between the two
+steps). A full pass with no usable difference (the first window, a skip-ahead, a new window size) runs the pair. Predicted (ALPA) steps use the
 estimate. refresh 1 runs the pair at every full pass: with every step full this is exactly the pair every step.
 
     econ = GuidanceEconomy(emo_cfg=4.0, refresh=2)
@@ -68,10 +69,13 @@ class GuidanceEconomy:
             raise ValueError(f"reuse must be one of {', '.join(REUSE)}, got {reuse!r}.")
         self.emo_cfg, self.refresh, self.reuse, self.shadow = float(emo_cfg), int(refresh), reuse, shadow
         self._store: dict[float, list] = {}  # sigma -> [buffer (d or n), first latent frame]; newest last
-        self._count: dict[float, int] = {}   # expression full passes seen at this noise level
+        self._refreshed: dict[float, int] = {}  # noise level -> full pass index of its last pair (stalest first)
+        self._window_keys: list[float] = []     # noise levels of this window's full passes so far
+        self._prev_keys: list[float] = []       # ... and of the previous window's
+        self._passes = 0                        # full passes so far
+        self._credit = 1.0 - 1.0 / self.refresh  # the first full pass earns a whole pair
         self._scratch: torch.Tensor | None = None
-        self._last: tuple[int, int] | None = None  # (step, frame) of the previous call: a new window resets rank
-        self._rank = 0
+        self._last: tuple[int, int] | None = None  # (step, frame) of the previous call: tells a new window
         self.pairs = 0        # full passes that ran the pair (batch 2)
         self.singles = 0      # full passes of the expression branch alone (batch 1)
         self.estimated = 0    # guided flows that used a stored difference (singles and predicted steps)
@@ -94,15 +98,25 @@ class GuidanceEconomy:
     def wants_pair(self, step: int, sigma: float, frame: int, full: bool) -> bool:
         """Call once per step before the pass: True when this step's full pass must compute the pair."""
         if self._last is None or frame != self._last[1] or step <= self._last[0]:
-            self._rank = 0  # a new window
+            if self._window_keys:  # a new window
+                self._prev_keys, self._window_keys = self._window_keys, []
         self._last = (step, frame)
         if not full:
             return False
         key = self._key(sigma)
-        n = self._count.get(key, 0)
-        self._count[key] = n + 1
-        rank, self._rank = self._rank, self._rank + 1
-        return self.refresh == 1 or (n + rank) % self.refresh == 0 or self._usable(key, frame) is None
+        self._window_keys.append(key)
+        self._passes += 1
+        self._credit += 1.0 / self.refresh
+        if self.refresh > 1 and self._usable(key, frame) is not None:
+            if self._credit < 1.0 - 1e-9:
+                return False
+            levels = set(self._prev_keys) | set(self._window_keys)
+            stalest = min(self._refreshed.get(k, -1) for k in levels)
+            if self._refreshed.get(key, -1) > stalest and self._credit < 2.0 - 1e-9:
+                return False  # another level of the window is staler: keep the credit for its pass
+        self._credit = max(0.0, self._credit - 1.0)
+        self._refreshed[key] = self._passes
+        return True
 
     def combine(self, emo: torch.Tensor, sigma: float, frame: int, no_emo: torch.Tensor | None = None,
                 full: bool = True) -> torch.Tensor:
