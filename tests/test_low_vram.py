@@ -1,0 +1,105 @@
+"""The 24 GB mode (--low-vram) on the tiny preset, CPU: the DiT is built block by block straight into FP8 (the same
+FP8 weights as building it whole and quantizing), a loaded model is moved block by block the same way, CLIP and the
+Wan VAE are released once the conditioning exists, and the output stays within FP8 tolerance of the normal engine
+with the same seed. (Peak GPU memory itself is measured by bench/stream_latency.py on a GPU: peak_gpu_gib.)
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+try:
+    from tests.conftest import image_rgb
+except ImportError:  # pytest's rootdir-relative import of conftest
+    from conftest import image_rgb
+
+from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig, get_preset
+from engine.flashportrait import FlashPortraitEngine, make_schedule_for
+from engine.low_vram import dit_bytes, place_dit, random_dit_blockwise
+from kernels.fp8 import E4M3, Fp8Linear, quantize_linears, relative_error
+
+LOW = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False, low_vram=True)
+CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def fp8_state(model: nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def test_blockwise_fp8_build_equals_whole_build_then_quantize():
+    cfg = get_preset("tiny").dit
+    lean = random_dit_blockwise(cfg, "cpu", torch.float32, seed=3, fp8=True)
+    whole = random_dit_blockwise(cfg, "cpu", torch.float32, seed=3, fp8=False)
+    plain_bytes = dit_bytes(whole.blocks)
+    quantize_linears(whole)
+    a, b = fp8_state(lean), fp8_state(whole)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].dtype == E4M3 else a[k],
+                                                        b[k].view(torch.uint8) if b[k].dtype == E4M3 else b[k]), k
+    assert not any(isinstance(m, nn.Linear) for n, m in lean.named_modules() if n.startswith("blocks."))
+    assert not any(p.is_meta for p in lean.parameters()) and not any(t.is_meta for t in lean.buffers())
+    assert dit_bytes(lean.blocks) < 0.4 * plain_bytes  # fp32 here: FP8 block linears take a quarter of the bytes
+    # another seed, other weights; the same seed is the same model (per-module generators)
+    other = random_dit_blockwise(cfg, "cpu", torch.float32, seed=4, fp8=False)
+    assert not torch.equal(other.blocks[0].self_attn.q.weight, random_dit_blockwise(cfg, "cpu", torch.float32,
+                                                                                    seed=3).blocks[0].self_attn.q.weight)
+
+
+def test_place_dit_quantizes_block_by_block_like_the_whole_model():
+    cfg = get_preset("tiny").dit
+    cpu = random_dit_blockwise(cfg, "cpu", torch.float32, seed=1)
+    ref = random_dit_blockwise(cfg, "cpu", torch.float32, seed=1)
+    quantize_linears(ref)
+    placed = place_dit(cpu, "cpu", fp8=True)
+    for k, v in fp8_state(ref).items():
+        w = fp8_state(placed)[k]
+        assert torch.equal(w.view(torch.uint8), v.view(torch.uint8)) if v.dtype == E4M3 else torch.equal(w, v), k
+
+
+def test_low_vram_engine_releases_encoders_and_matches_the_normal_engine():
+    reference = image_rgb("lp_s0.jpg")
+    kw = dict(preset="tiny", sampler=SamplerConfig(fast=True, emo_refresh=2), window=WindowConfig(3, 2),
+              random_weights=True)
+    low = FlashPortraitEngine(reference, None, 64, 64, runtime=LOW, **kw)
+    assert low.runtime.fp8 is True  # the 24 GB mode is the FP8 DiT
+    low._load()
+    clip, vae = weakref.ref(low.clip), weakref.ref(low.vae)
+    low.warm_up()
+    gc.collect()
+    assert low.clip is None and low.vae is None and clip() is None and vae() is None
+    assert low.released == ["clip", "wan_vae"] and low.stats()["released_after_conditioning"] == ["clip", "wan_vae"]
+    assert low.stats()["low_vram"] is True and low.stats()["fp8"] is True
+    blocks = [m for n, m in low.dit.named_modules() if n.startswith("blocks.")]
+    assert not any(isinstance(m, nn.Linear) for m in blocks) and sum(isinstance(m, Fp8Linear) for m in blocks) == 28
+    assert low.make_decoder() is not None  # the tiny decoder stays
+
+    normal = FlashPortraitEngine(reference, None, 64, 64, runtime=CPU, **kw)
+    normal.warm_up()
+    assert normal.clip is not None and normal.released == []
+    torch.testing.assert_close(low.y, normal.y)  # conditioning from the same encoders, before they were released
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 16, 3, *low.latent_hw, generator=g)
+    emo = torch.randn(1, 3, 97, low.preset.dit.emo_dim, generator=g)
+    sched = make_schedule_for(low.sampler_cfg, 4)
+    flows = [e.guided_flow(e.cached_dit(sched, ALPAConfig(mode="off")), x, 0, emo, key="k") for e in (low, normal)]
+    err = relative_error(flows[0], flows[1])
+    assert 1e-4 < err < 0.15, err  # FP8's rounding, nothing else
+
+
+def test_low_vram_keeps_the_wan_decoder_when_it_decodes():
+    from engine.flashportrait import EngineOptions
+
+    eng = FlashPortraitEngine(np.full((64, 64, 3), 90, np.uint8), None, 64, 64, runtime=LOW, preset="tiny",
+                              sampler=SamplerConfig(fast=True), window=WindowConfig(3, 2), random_weights=True,
+                              options=EngineOptions(decoder="wan"))
+    eng.warm_up()
+    assert eng.released == ["clip", "wan_vae_encoder"] and eng.vae.encoder is None
+    z = torch.randn(1, 16, 1, *eng.latent_hw)
+    assert eng.make_decoder().decode(z).shape == (1, 3, 1, 64, 64)
