@@ -299,10 +299,10 @@ class FlashPortraitEngine:
         if self.random_weights:
             from engine.low_vram import random_dit_blockwise
 
-            # module by module on the device in its dtype (no fp32 copy of 14B parameters); low_vram: each block
-            # goes to FP8 before the next exists. The same seed gives the same weights either way.
-            self.dit = random_dit_blockwise(p.dit, dev, dt, seed=self.options.seed, fp8=self.runtime.low_vram)
+            # WanModel's own random weights, made module by module on the device (no fp32 copy of all 14B
+            # parameters); low_vram: each block goes to FP8 before the next exists. Same seed, same weights.
             torch.manual_seed(self.options.seed)
+            self.dit = random_dit_blockwise(p.dit, dev, dt, fp8=self.runtime.low_vram)
             with torch.device(dev):
                 self.portrait = PortraitEncoder(p.portrait).to(dt).eval().requires_grad_(False)
                 self.fan = FanEncoder(fan_cfg).to(dt).eval().requires_grad_(False)

@@ -1,53 +1,53 @@
 """The 24 GB mode (`--low-vram`): the 14B DiT in FP8 on the GPU without ever holding it there in bf16.
 
-    dit = random_dit_blockwise(cfg, "cuda", torch.bfloat16, seed=0, fp8=True)   # random weights, block by block
+    torch.manual_seed(0); dit = random_dit_blockwise(cfg, "cuda", torch.bfloat16, fp8=True)   # random weights
     dit = place_dit(cpu_dit, "cuda", fp8=True)                                    # loaded on the CPU, moved block by block
 
 The model is built on the meta device (no memory); each block is then materialised on the device in bf16, filled
 (seeded random weights, or the loaded CPU block's), and its linears are quantized to e4m3 at once
 (kernels/fp8.quantize_linears), so the device holds the FP8 model plus one bf16 block at most: ~14 GB for the
 14b preset instead of 28 GB. Embeddings, head and norms stay in bf16 (a small share, the most precision-sensitive).
-The random weights depend only on the seed and each module's name (one generator per top-level module), so a
-low-VRAM engine and a normal one with the same seed hold the same weights up to the FP8 rounding.
+Random weights are drawn exactly as `WanModel(cfg)` draws them from the global RNG (module by module, in
+construction order), so a low-VRAM engine and a normal one with the same seed hold the same weights up to the FP8
+rounding, and the networks built after the DiT get the same weights as before.
 
 `release_encoders(engine)` drops CLIP, the Wan VAE encoder (the whole Wan VAE when the tiny decoder decodes) once a
 session's conditioning exists: only the DiT, the expression encoders and the decoder stay on the device.
 """
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import nn
 
 
 @torch.no_grad()
-def init_random_(module: nn.Module, dim: int, generator: torch.Generator) -> None:
-    """Seeded random weights scaled for unit-variance activations (engine.weights.random_dit's rule): linears and
-    convolutions ~ N(0, 1/fan_in), modulation ~ N(0, 1/dim), biases 0, norm weights 1."""
-    for name, p in module.named_parameters():
-        if name.endswith("modulation"):
-            p.normal_(0, dim ** -0.5, generator=generator)
-        elif p.dim() >= 2:
-            p.normal_(0, p[0].numel() ** -0.5, generator=generator)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
+def default_init_(module: nn.Module, dim: int) -> None:
+    """The weights `WanModel(cfg)` would get from the global RNG, drawn in the same order: each Linear / Conv /
+    LayerNorm resets itself (pre-order, as constructed), then a module's own `modulation` (randn / sqrt(dim), made
+    at the end of its __init__), RMSNorm weights 1. Built module by module, the model holds the numbers of the one
+    built whole with the same seed."""
+    from engine.models.dit import WanRMSNorm
+
+    if isinstance(module, (nn.Linear, nn.Conv3d, nn.LayerNorm)):
+        module.reset_parameters()
+    for child in module.children():
+        default_init_(child, dim)
+    for name, p in module.named_parameters(recurse=False):
+        if name == "modulation":
+            p.copy_(torch.randn(p.shape, device=p.device) / dim ** 0.5)
+        elif isinstance(module, WanRMSNorm):
             p.fill_(1.0)
 
 
-def _generator(device, seed: int, name: str) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-
-
-def _materialise(module: nn.Module, device, dtype) -> nn.Module:
-    return module.to(dtype).to_empty(device=device)  # a meta module: allocates only, in dtype
+def _materialise(module: nn.Module, device) -> nn.Module:
+    return module.to_empty(device=device)  # a meta module: allocates only (fp32, as WanModel builds it)
 
 
 @torch.no_grad()
-def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0, fp8: bool = False):
-    """WanModel with seeded random weights made module by module on `device` in `dtype`; with fp8 each block's
-    linears become Fp8Linear before the next block exists."""
+def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
+    """WanModel with the weights `WanModel(cfg)` gets on `device` from the global RNG (seed it first), made module
+    by module in fp32 and cast to `dtype` at once; with fp8 each block's linears become Fp8Linear before the next
+    block exists. The device holds at most one module in fp32 besides the model so far."""
     from engine.models.dit import WanModel
     from kernels.fp8 import quantize_linears
 
@@ -55,15 +55,13 @@ def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, seed:
         model = WanModel(cfg)
     device = torch.device(device)
     for name, child in list(model.named_children()):
-        if name == "blocks":
-            for i, block in enumerate(child):
-                _materialise(block, device, dtype)
-                init_random_(block, cfg.dim, _generator(device, seed, f"blocks.{i}"))
-                if fp8:
-                    quantize_linears(block, prefix="")
-        else:
-            _materialise(child, device, dtype)
-            init_random_(child, cfg.dim, _generator(device, seed, name))
+        modules = list(child) if name == "blocks" else [child]
+        for module in modules:
+            _materialise(module, device)
+            default_init_(module, cfg.dim)
+            module.to(dtype)
+            if fp8 and name == "blocks":
+                quantize_linears(module, prefix="")
     return model.eval().requires_grad_(False)
 
 

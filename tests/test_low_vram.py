@@ -20,6 +20,7 @@ except ImportError:  # pytest's rootdir-relative import of conftest
 
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig, get_preset
 from engine.flashportrait import FlashPortraitEngine, make_schedule_for
+from engine.models.dit import WanModel
 from engine.low_vram import dit_bytes, place_dit, random_dit_blockwise
 from kernels.fp8 import E4M3, Fp8Linear, quantize_linears, relative_error
 
@@ -28,39 +29,47 @@ CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def fp8_state(model: nn.Module) -> dict:
-    return {k: v for k, v in model.state_dict().items()}
+def build(seed: int, fp8: bool = False, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return random_dit_blockwise(get_preset("tiny").dit, "cpu", dtype, fp8=fp8)
+
+
+def same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        x, y = sa[k], sb[k]
+        assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype == E4M3 else x,
+                                                  y.view(torch.uint8) if y.dtype == E4M3 else y), k
+
+
+def test_blockwise_build_draws_the_weights_of_the_whole_model():
+    cfg = get_preset("tiny").dit
+    torch.manual_seed(3)
+    whole = WanModel(cfg).eval()
+    after_whole = torch.rand(4)  # the RNG continues where the whole build left it: later networks are unchanged
+    lean = build(3)
+    assert torch.equal(torch.rand(4), after_whole)
+    same_state(lean, whole)
+    assert not any(p.is_meta for p in lean.parameters())
+    assert build(3, dtype=torch.bfloat16).blocks[0].ffn[0].weight.dtype == torch.bfloat16
+    assert not torch.equal(build(4).blocks[0].self_attn.q.weight, whole.blocks[0].self_attn.q.weight)
 
 
 def test_blockwise_fp8_build_equals_whole_build_then_quantize():
-    cfg = get_preset("tiny").dit
-    lean = random_dit_blockwise(cfg, "cpu", torch.float32, seed=3, fp8=True)
-    whole = random_dit_blockwise(cfg, "cpu", torch.float32, seed=3, fp8=False)
+    lean = build(3, fp8=True)
+    whole = build(3)
     plain_bytes = dit_bytes(whole.blocks)
     quantize_linears(whole)
-    a, b = fp8_state(lean), fp8_state(whole)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].dtype == E4M3 else a[k],
-                                                        b[k].view(torch.uint8) if b[k].dtype == E4M3 else b[k]), k
+    same_state(lean, whole)
     assert not any(isinstance(m, nn.Linear) for n, m in lean.named_modules() if n.startswith("blocks."))
-    assert not any(p.is_meta for p in lean.parameters()) and not any(t.is_meta for t in lean.buffers())
     assert dit_bytes(lean.blocks) < 0.4 * plain_bytes  # fp32 here: FP8 block linears take a quarter of the bytes
-    # another seed, other weights; the same seed is the same model (per-module generators)
-    other = random_dit_blockwise(cfg, "cpu", torch.float32, seed=4, fp8=False)
-    assert not torch.equal(other.blocks[0].self_attn.q.weight, random_dit_blockwise(cfg, "cpu", torch.float32,
-                                                                                    seed=3).blocks[0].self_attn.q.weight)
 
 
 def test_place_dit_quantizes_block_by_block_like_the_whole_model():
-    cfg = get_preset("tiny").dit
-    cpu = random_dit_blockwise(cfg, "cpu", torch.float32, seed=1)
-    ref = random_dit_blockwise(cfg, "cpu", torch.float32, seed=1)
+    ref = build(1)
     quantize_linears(ref)
-    placed = place_dit(cpu, "cpu", fp8=True)
-    for k, v in fp8_state(ref).items():
-        w = fp8_state(placed)[k]
-        assert torch.equal(w.view(torch.uint8), v.view(torch.uint8)) if v.dtype == E4M3 else torch.equal(w, v), k
+    same_state(place_dit(build(1), "cpu", fp8=True), ref)
 
 
 def test_low_vram_engine_releases_encoders_and_matches_the_normal_engine():
