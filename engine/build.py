@@ -45,10 +45,9 @@ def engine_configs(args) -> dict:
                       cuda_graphs=args.compile)
     low_vram = bool(getattr(args, "low_vram", False))
     fp8 = low_vram or resolve_fp8(getattr(args, "fp8", None), args.preset, runtime.device)
-    runtime = replace(runtime, fp8=fp8, low_vram=low_vram)
+    runtime = replace(runtime, fp8=fp8, low_vram=low_vram, emo_refresh=getattr(args, "emo_refresh", None))
     return {"preset": get_preset(args.preset), "runtime": runtime,
-            "sampler": replace(SamplerConfig(), steps=args.steps, fast=args.fast, emo_cfg=args.emo_cfg,
-                               emo_refresh=getattr(args, "emo_refresh", None)),
+            "sampler": replace(SamplerConfig(), steps=args.steps, fast=args.fast, emo_cfg=args.emo_cfg),
             "window": replace(WindowConfig(), context_size=args.context_size, context_overlap=args.context_overlap),
             "alpa": replace(ALPAConfig(), mode=args.alpa)}
 

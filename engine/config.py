@@ -202,6 +202,10 @@ class RuntimeConfig:
     # The 24 GB mode (--low-vram): the DiT is built or loaded block by block straight into FP8 (the bf16 model never
     # sits on the device whole), and CLIP / umT5 / the Wan VAE encoder are freed once the conditioning exists.
     low_vram: bool = False
+    # Live guidance economy (engine/guidance.py): the no-expression branch is computed at one expression full pass
+    # in `emo_refresh` (the pair as one batch of 2) and estimated from the last guidance difference at the others
+    # (the expression branch alone, batch 1). 1 = the pair at every pass; None = auto (engine.guidance.auto_refresh).
+    emo_refresh: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -216,10 +220,6 @@ class SamplerConfig:
     shift: float = 5.0
     fast: bool = False  # 4-step distilled schedule (timesteps 1000, 750, 500, 250) with the LoRA merged
     emo_cfg: float = 4.0  # noise = no_emo + emo_cfg * (emo - no_emo); 1.0 turns the second pass off
-    # Live guidance economy (engine/guidance.py): the no-expression branch is computed at one expression full pass
-    # in `emo_refresh` (the pair as one batch of 2) and estimated from the last guidance difference at the others
-    # (the expression branch alone, batch 1). 1 = the pair at every pass; None = auto (engine.guidance.auto_refresh).
-    emo_refresh: int | None = None
     text_cfg: float = 1.0
     seed: int = 0
 

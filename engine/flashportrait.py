@@ -177,7 +177,7 @@ class FlashPortraitEngine:
         from engine.distributed import world_size
         from engine.guidance import auto_refresh
 
-        refresh = self.sampler_cfg.emo_refresh
+        refresh = self.runtime.emo_refresh
         self.emo_refresh = auto_refresh(self.preset.name, self.sampler_cfg.emo_cfg, world_size()) \
             if refresh is None else max(1, int(refresh))
 

@@ -152,7 +152,7 @@ def test_fp8_choice():
         resolve_fp8("yes", "14b", "cuda")
     assert engine_configs(args(fp8="on", device="cpu"))["runtime"].fp8 is True
     assert engine_configs(args(fp8="off", low_vram=True, device="cpu"))["runtime"].fp8 is True  # 24 GB mode
-    assert engine_configs(args(emo_refresh=3))["sampler"].emo_refresh == 3
+    assert engine_configs(args(emo_refresh=3))["runtime"].emo_refresh == 3
     import flashlive
 
     cli = flashlive.build_parser().parse_args(["serve", "--renderer", "flashportrait", "--fp8", "on", "--low-vram",
@@ -166,7 +166,7 @@ def test_engine_reports_fp8_and_stays_close_to_fp32():
     from engine.config import ALPAConfig
 
     ref = np.full((64, 64, 3), 120, np.uint8)
-    kw = dict(preset="tiny", sampler=SamplerConfig(fast=True, emo_refresh=1), window=WindowConfig(3, 2),
+    kw = dict(preset="tiny", sampler=SamplerConfig(fast=True), window=WindowConfig(3, 2),
               random_weights=True)
     plain = FlashPortraitEngine(ref, None, 64, 64, runtime=CPU, **kw)
     fp8 = FlashPortraitEngine(ref, None, 64, 64, runtime=RuntimeConfig(device="cpu", compile=False,

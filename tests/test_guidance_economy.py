@@ -24,14 +24,14 @@ from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig
 from engine.flashportrait import FlashPortraitEngine, make_schedule_for
 from engine.guidance import GuidanceEconomy, auto_refresh, shift_into
 
-CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False, emo_refresh=2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def engine():
     eng = FlashPortraitEngine(image_rgb("lp_s0.jpg"), None, 64, 64, preset="tiny", runtime=CPU,
-                              sampler=SamplerConfig(fast=True, emo_refresh=2), window=WindowConfig(3, 2),
+                              sampler=SamplerConfig(fast=True), window=WindowConfig(3, 2),
                               random_weights=True)
     eng.warm_up()
     return eng
@@ -156,8 +156,9 @@ def test_auto_refresh():
 
 
 def test_unused_engine_refresh_needs_the_single_step():
-    eng = FlashPortraitEngine(np.zeros((64, 64, 3), np.uint8), None, 64, 64, preset="tiny", runtime=CPU,
-                              sampler=SamplerConfig(fast=True, emo_refresh=1), window=WindowConfig(3, 2),
+    eng = FlashPortraitEngine(np.zeros((64, 64, 3), np.uint8), None, 64, 64, preset="tiny",
+                              runtime=RuntimeConfig(device="cpu", compile=False, cuda_graphs=False, emo_refresh=1),
+                              sampler=SamplerConfig(fast=True), window=WindowConfig(3, 2),
                               random_weights=True)
     eng.warm_up()
     assert eng.step1 is None and eng.make_guidance() is None and eng.stats()["guidance_economy"] is False

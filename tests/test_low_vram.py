@@ -24,8 +24,8 @@ from engine.models.dit import WanModel
 from engine.low_vram import dit_bytes, place_dit, random_dit_blockwise
 from kernels.fp8 import E4M3, Fp8Linear, quantize_linears, relative_error
 
-LOW = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False, low_vram=True)
-CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+LOW = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False, low_vram=True, emo_refresh=2)
+CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False, emo_refresh=2)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -74,7 +74,7 @@ def test_place_dit_quantizes_block_by_block_like_the_whole_model():
 
 def test_low_vram_engine_releases_encoders_and_matches_the_normal_engine():
     reference = image_rgb("lp_s0.jpg")
-    kw = dict(preset="tiny", sampler=SamplerConfig(fast=True, emo_refresh=2), window=WindowConfig(3, 2),
+    kw = dict(preset="tiny", sampler=SamplerConfig(fast=True), window=WindowConfig(3, 2),
               random_weights=True)
     low = FlashPortraitEngine(reference, None, 64, 64, runtime=LOW, **kw)
     assert low.runtime.fp8 is True  # the 24 GB mode is the FP8 DiT
