@@ -245,8 +245,14 @@ async def measure_pts(args, frames: list) -> dict:
     from avatar_probe import note_packet_arrivals, note_ticks, stamp, stamped_push
 
     import flashlive
-    from engine.build import idle_image, load_reference, renderer_factory
     from streaming.server import AvatarServer, serve
+
+    try:
+        from engine.build import idle_image, load_reference, renderer_factory
+        new_layout = True
+    except ImportError:  # a checkout from before engine/build.py (bench/gpu_run.sh's baseline stages)
+        from flashlive import idle_image, load_reference, renderer_factory
+        new_layout = False
 
     cli = flashlive.build_parser().parse_args(
         ["serve", "--renderer", args.renderer, "--size", args.size, "--fps", str(args.fps), "--port", "0",
@@ -256,7 +262,7 @@ async def measure_pts(args, frames: list) -> dict:
     cfg = flashlive.stream_config(cli)
     reference = load_reference(cli.reference, cli.renderer)
     make, device = renderer_factory(cli, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
-    idle = idle_image(cli.renderer, make, reference, cfg.width, cfg.height)
+    idle = idle_image(cli.renderer if new_layout else cli, make, reference, cfg.width, cfg.height)
     t0 = time.perf_counter()
     make().close()  # warm start, as flashlive serve: load, compile and capture before the peer connects
     warm_up_s = time.perf_counter() - t0
