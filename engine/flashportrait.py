@@ -12,6 +12,12 @@ latent frame is flagged as the reference), the prompt context (engine/models/tex
 fixed random context) and the fixed-shape DiT step (kernels/graphs.CompiledStep: compiled + CUDA graph on CUDA,
 eager on CPU). A lock serialises the DiT work of the sessions that share it.
 
+Speed and memory for the 14b preset: runtime.fp8 quantizes the DiT block linears inside the compiled step
+(kernels/fp8.py); with guidance on and runtime.emo_refresh > 1 (engine/guidance.py) a second, batch-1 step (the
+expression branch alone) shares the pair step's CUDA graph pool and the live windows compute the no-expression
+branch only at one expression full pass in emo_refresh; runtime.low_vram builds the DiT block by block into FP8 and
+releases CLIP and the Wan VAE after the conditioning (engine/low_vram.py).
+
 The per-peer session that runs windows on it is `engine/renderer.py` (FlashPortraitRenderer).
 """
 from __future__ import annotations
