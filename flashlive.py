@@ -67,6 +67,9 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
                    help="flashportrait: e4m3 weights for the DiT block linears inside the compiled step (auto: on "
                         "for --preset 14b on a GPU with FP8 matmuls, compute capability 8.9+)")
+    g.add_argument("--fp8-scaling", choices=("rowwise", "tensorwise"), default=None,
+                   help="flashportrait FP8: a scale per token and per weight row (rowwise, default: accurate) or one "
+                        "per tensor (tensorwise: faster GEMMs, coarser)")
     g.add_argument("--low-vram", action="store_true",
                    help="flashportrait: the 24 GB mode (RTX 4090/5090): the DiT built or loaded block by block "
                         "straight into FP8, CLIP and the Wan VAE encoder freed once the conditioning exists")

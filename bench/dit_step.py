@@ -447,6 +447,36 @@ def fp8_matmul_peak(device: torch.device, n: int = 8192) -> dict:
     return out
 
 
+@torch.no_grad()
+def gemm_shapes(cfg: DiTConfig, tokens: int, device: torch.device) -> list[dict]:
+    """The block's GEMMs at the live token count (batch 1 and 2): bf16 vs FP8 rowwise vs FP8 tensorwise scaled
+    matmul, kernel only (no activation quantization), TFLOP/s each: where the FP8 step's time can come from."""
+    from kernels.fp8 import E4M3
+
+    D, Fh = cfg.dim, cfg.ffn_dim
+    rows = []
+    for name, K, N in (("qkvo", D, D), ("ffn_up", D, Fh), ("ffn_down", Fh, D), ("emo_kv", cfg.emo_dim, D)):
+        for M in (tokens, 2 * tokens):
+            a = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            w = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+            a8, w8 = a.to(E4M3), w.to(E4M3)
+            flops = 2 * M * K * N
+            row = {"gemm": name, "M": M, "K": K, "N": N,
+                   "bf16_tflops": flops / bench_ms(lambda: a @ w.t(), 3, 20, True) / 1e9}
+            for mode, sa, sb in (("rowwise", torch.ones(M, 1, device=device), torch.ones(1, N, device=device)),
+                                 ("tensorwise", torch.ones((), device=device), torch.ones((), device=device))):
+                try:
+                    ms = bench_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,
+                                                           out_dtype=torch.bfloat16), 3, 20, True)
+                    row[f"fp8_{mode}_tflops"] = flops / ms / 1e9
+                except (RuntimeError, NotImplementedError) as e:
+                    row[f"fp8_{mode}_error"] = f"{type(e).__name__}: {e}"[:160]
+            rows.append(row)
+            print("  gemm " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items()), flush=True)
+    return rows
+
+
 def call_checks(step, x, t, emo, ip_scale) -> dict:
     """Allocations and host syncs of one graph replay of a live step."""
     torch.cuda.synchronize()
@@ -490,11 +520,12 @@ def run_live14(args) -> int:
     peak8 = fp8_matmul_peak(device) if cuda and torch.cuda.get_device_capability() >= (8, 9) else {"tflops": None}
     print(f"{preset} live step, {args.size}x{args.size}, {frames} latent frames ({shape1.tokens(cfg.patch_size)} "
           f"tokens): bf16 peak {peak['tflops']:.0f} TFLOP/s, FP8 peak {peak8.get('tflops')} TFLOP/s", flush=True)
+    gemms = gemm_shapes(cfg, shape1.tokens(cfg.patch_size), device) if peak8.get("tflops") else []
     ref_img = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
     refresh = args.emo_refresh
     payload = {"preset": preset, "frames": frames, "size": args.size, "tokens": shape1.tokens(cfg.patch_size),
                "matmul_peak": peak, "fp8_matmul_peak": peak8, "flops_pair": flops2, "flops_single": flops1,
-               "emo_refresh": refresh, "rows": [], "economy": [], "checks": {}, "warm_up_s": {}, "memory_gib": {},
+               "emo_refresh": refresh, "gemms": gemms, "rows": [], "economy": [], "checks": {}, "warm_up_s": {}, "memory_gib": {},
                "config": vars(args)}
     rows = payload["rows"]
 
@@ -518,15 +549,16 @@ def run_live14(args) -> int:
     window = WindowConfig(frames, frames - 1)
     sampler = SamplerConfig(fast=True)
 
-    def engine(fp8: bool, emo_refresh: int):
-        rt = RuntimeConfig(device=str(device), fp8=fp8, emo_refresh=emo_refresh)
+    def engine(fp8: bool, emo_refresh: int, scaling: str = "rowwise"):
+        rt = RuntimeConfig(device=str(device), fp8=fp8, emo_refresh=emo_refresh, fp8_scaling=scaling)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         eng = FlashPortraitEngine(ref_img, None, args.size, args.size, preset=preset, runtime=rt, sampler=sampler,
                                   window=window, random_weights=True)
         eng.warm_up()
-        key = f"{'fp8' if fp8 else 'bf16'}_refresh{emo_refresh}"
+        key = f"{'fp8' if fp8 else 'bf16'}{'_tensorwise' if fp8 and scaling == 'tensorwise' else ''}" \
+              f"_refresh{emo_refresh}"
         payload["warm_up_s"][key] = round(time.perf_counter() - t0, 1)
         if cuda:
             payload["memory_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -591,6 +623,15 @@ def run_live14(args) -> int:
     from engine.low_vram import dit_bytes
 
     payload["memory_gib"]["fp8_dit_weights"] = round(dit_bytes(eng.dit) / 2**30, 2)
+    if "fp8_tensorwise" in args.live_modes:  # one scale per tensor: faster GEMMs, coarser numbers
+        del eng, e1
+        FlashPortraitEngine.release_all()
+        free_memory(cuda)
+        eng = engine(True, 1, "tensorwise")
+        pair = eng.step(x, t, e2, eng.ip_scale_step).clone()
+        err = {"rel_err_vs_bf16": relative_error(pair, ref_pair)} if ref_pair is not None else {}
+        row("fp8_tensorwise_pair_b2", bench_ms(lambda: eng.step(x, t, e2, eng.ip_scale_step), args.warmup,
+                                               args.iters, cuda), flops2, True, err)
     bad = [k for k, c in payload["checks"].items() if c["allocations_per_call"] or not c["host_sync_free"]]
     if bad:
         print(f"live step checks FAILED: {bad}")
@@ -687,7 +728,9 @@ def run(argv=None) -> int:
                    help="only the live step of --preset 14b (the first of --presets when given) as the engine runs "
                         "it: bf16 pair, FP8 pair, FP8 expression branch alone, the guidance economy (~4 min on an "
                         "H200); writes dit_step_<preset>_live_<gpu>.json")
-    p.add_argument("--live-modes", default="bf16,fp8", help="--live14: bf16 (the bf16 pair engine) and fp8")
+    p.add_argument("--live-modes", default="bf16,fp8",
+                   help="--live14: bf16 (the bf16 pair engine), fp8 (pair + expression branch + economy); "
+                        "fp8_tensorwise adds the pair with per-tensor FP8 scales (one more 14b compile)")
     p.add_argument("--emo-refresh", type=int, default=2, help="--live14: the economy's refresh interval")
     p.add_argument("--live-windows", type=int, default=6, help="--live14: rolling windows per economy error run")
     p.add_argument("--out", default=None,

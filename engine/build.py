@@ -45,7 +45,8 @@ def engine_configs(args) -> dict:
                       cuda_graphs=args.compile)
     low_vram = bool(getattr(args, "low_vram", False))
     fp8 = low_vram or resolve_fp8(getattr(args, "fp8", None), args.preset, runtime.device)
-    runtime = replace(runtime, fp8=fp8, low_vram=low_vram, emo_refresh=getattr(args, "emo_refresh", None))
+    runtime = replace(runtime, fp8=fp8, low_vram=low_vram, emo_refresh=getattr(args, "emo_refresh", None),
+                      fp8_scaling=getattr(args, "fp8_scaling", None))
     return {"preset": get_preset(args.preset), "runtime": runtime,
             "sampler": replace(SamplerConfig(), steps=args.steps, fast=args.fast, emo_cfg=args.emo_cfg),
             "window": replace(WindowConfig(), context_size=args.context_size, context_overlap=args.context_overlap),

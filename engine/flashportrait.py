@@ -148,6 +148,9 @@ class FlashPortraitEngine:
                              f"pass --size 512x512 or another multiple of 16.")
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.runtime = runtime or RuntimeConfig()
+        if self.runtime.fp8_scaling not in ("rowwise", "tensorwise"):
+            raise ValueError(f"Unknown FP8 scaling {self.runtime.fp8_scaling!r}: pass --fp8-scaling rowwise or "
+                             f"tensorwise.")
         if self.runtime.low_vram and not self.runtime.fp8:
             self.runtime = dataclasses.replace(self.runtime, fp8=True)  # the 24 GB mode is the FP8 DiT
         self.sampler_cfg = sampler or SamplerConfig()
@@ -308,7 +311,8 @@ class FlashPortraitEngine:
             # WanModel's own random weights, made module by module on the device (no fp32 copy of all 14B
             # parameters); low_vram: each block goes to FP8 before the next exists. Same seed, same weights.
             torch.manual_seed(self.options.seed)
-            self.dit = random_dit_blockwise(p.dit, dev, dt, fp8=self.runtime.low_vram)
+            self.dit = random_dit_blockwise(p.dit, dev, dt, fp8=self.runtime.low_vram,
+                                            rowwise=self.runtime.fp8_scaling != "tensorwise")
             with torch.device(dev):
                 self.portrait = PortraitEncoder(p.portrait).to(dt).eval().requires_grad_(False)
                 self.fan = FanEncoder(fan_cfg).to(dt).eval().requires_grad_(False)
@@ -333,7 +337,7 @@ class FlashPortraitEngine:
             if self.runtime.low_vram:
                 from engine.low_vram import place_dit
 
-                place_dit(self.dit, dev, fp8=True)
+                place_dit(self.dit, dev, fp8=True, rowwise=self.runtime.fp8_scaling != "tensorwise")
             self.portrait = load_portrait_encoder(wd, p.portrait, dtype=dt, device=dev)
             self.fan = FanEncoder.from_checkpoint(wd, fan_cfg, dev, dt)
             self.clip = load_clip_vision(wd, p.clip, device=dev, dtype=dt)
@@ -553,6 +557,7 @@ class FlashPortraitEngine:
         return {"preset": self.preset.name, "random_weights": self.random_weights, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."), "batch": self.batch,
                 "fp8": bool(self.runtime.fp8), "low_vram": bool(self.runtime.low_vram),
+                "fp8_scaling": self.runtime.fp8_scaling if self.runtime.fp8 else None,
                 "emo_cfg": self.sampler_cfg.emo_cfg, "emo_refresh": self.emo_refresh, "guidance_economy": self.economy,
                 "released_after_conditioning": self.released,
                 "peak_warm_up_gib": round(self.peak_load_bytes / 2**30, 2) if self.peak_load_bytes else None,

@@ -44,7 +44,7 @@ def _materialise(module: nn.Module, device) -> nn.Module:
 
 
 @torch.no_grad()
-def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, fp8: bool = False):
+def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, fp8: bool = False, rowwise: bool = True):
     """WanModel with the weights `WanModel(cfg)` gets on `device` from the global RNG (seed it first), made module
     by module in fp32 and cast to `dtype` at once; with fp8 each block's linears become Fp8Linear before the next
     block exists. The device holds at most one module in fp32 besides the model so far."""
@@ -61,12 +61,12 @@ def random_dit_blockwise(cfg, device, dtype: torch.dtype = torch.bfloat16, fp8: 
             default_init_(module, cfg.dim)
             module.to(dtype)
             if fp8 and name == "blocks":
-                quantize_linears(module, prefix="")
+                quantize_linears(module, rowwise=rowwise, prefix="")
     return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def place_dit(model: nn.Module, device, fp8: bool = True) -> nn.Module:
+def place_dit(model: nn.Module, device, fp8: bool = True, rowwise: bool = True) -> nn.Module:
     """Move a (CPU) WanModel to `device` block by block, quantizing each block's linears on arrival (fp8): the
     device never holds more than one block in the model's dtype."""
     from kernels.fp8 import quantize_linears
@@ -76,7 +76,7 @@ def place_dit(model: nn.Module, device, fp8: bool = True) -> nn.Module:
             for block in child:
                 block.to(device)
                 if fp8:
-                    quantize_linears(block, prefix="")
+                    quantize_linears(block, rowwise=rowwise, prefix="")
         else:
             child.to(device)
     return model

@@ -93,7 +93,8 @@ class CompiledStep:
     model: WanModel, used in place: with runtime.fused_kernels each block's FFN becomes a GeluFFN (same weights and
     keys, one GEMM + GELU epilogue on CUDA) and with runtime.fp8 the block linears become FP8 ones.
     shape: StepShape. runtime: engine.config.RuntimeConfig, or any object with its fields compile, cuda_graphs,
-    attention, fp8, fused_kernels (kernels never import the engine).
+    attention, fp8, fused_kernels (and optionally fp8_scaling: "rowwise" | "tensorwise"; kernels never import the
+    engine).
     compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
     torch.compile with that backend on any device. compile_mode: a torch.compile mode (then inductor_options are not
     used). inductor_options: Inductor config for this compile (default INDUCTOR_OPTIONS; {} = Inductor's defaults).
@@ -120,7 +121,7 @@ class CompiledStep:
         if runtime.fp8:
             from kernels.fp8 import quantize_linears
 
-            quantize_linears(model)
+            quantize_linears(model, rowwise=getattr(runtime, "fp8_scaling", "rowwise") != "tensorwise")
 
         B, F, H, W = shape.batch, shape.frames, shape.height, shape.width
         L, D = shape.tokens(cfg.patch_size), cfg.dim

@@ -106,12 +106,13 @@ def test_fp8_linear_equals_the_dequantized_matmul():
     assert 0 < relative_error(y, lin(x)) < 0.05
 
 
-def tiny_step_pair(fp8: bool):
+def tiny_step_pair(fp8: bool, scaling: str = "rowwise"):
     torch.manual_seed(0)
     cfg = get_preset("tiny").dit
     model = WanModel(cfg).eval()
     shape = StepShape(2, 3, 8, 8)
-    step = CompiledStep(model, shape, RuntimeConfig(device="cpu", compile=False, cuda_graphs=False, fp8=fp8))
+    step = CompiledStep(model, shape, RuntimeConfig(device="cpu", compile=False, cuda_graphs=False, fp8=fp8,
+                                                    fp8_scaling=scaling))
     g = torch.Generator().manual_seed(1)
     step.set_session(torch.randn(2, 10, cfg.text_dim, generator=g), torch.randn(2, cfg.clip_tokens, cfg.clip_dim,
                      generator=g), torch.randn(2, 20, 3, 8, 8, generator=g))
@@ -132,11 +133,16 @@ def test_fp8_step_against_the_fp32_step():
     assert 1e-4 < err < 0.1, err  # FP8 changes the numbers, within FP8's few per cent
     # each branch of the pair separately too
     assert relative_error(out[1], ref[1]) < 0.1 and relative_error(out[0], ref[0]) < 0.1
+    # one scale per tensor (--fp8-scaling tensorwise): coarser, still FP8-close
+    tstep, tout = tiny_step_pair(fp8=True, scaling="tensorwise")
+    assert all(not m.rowwise for m in tstep.model.modules() if isinstance(m, Fp8Linear))
+    assert 1e-4 < relative_error(tout, ref) < 0.15 and not torch.equal(tout, out)
 
 
 def args(**kw):
     base = dict(device=None, dtype=None, compile=None, preset="14b", steps=None, fast=None, emo_cfg=None,
-                context_size=None, context_overlap=None, alpa=None, fp8="auto", low_vram=False, emo_refresh=None)
+                context_size=None, context_overlap=None, alpa=None, fp8="auto", low_vram=False, emo_refresh=None,
+                fp8_scaling=None)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -158,6 +164,7 @@ def test_fp8_choice():
     cli = flashlive.build_parser().parse_args(["serve", "--renderer", "flashportrait", "--fp8", "on", "--low-vram",
                                                "--emo-refresh", "4"])
     assert (cli.fp8, cli.low_vram, cli.emo_refresh) == ("on", True, 4)
+    assert engine_configs(args(fp8_scaling="tensorwise"))["runtime"].fp8_scaling == "tensorwise"
     assert flashlive.build_parser().parse_args(["serve"]).fp8 == "auto"
 
 
@@ -173,7 +180,9 @@ def test_engine_reports_fp8_and_stays_close_to_fp32():
                                                                        cuda_graphs=False, fp8=True), **kw)
     plain.warm_up()
     fp8.warm_up()
-    assert fp8.stats()["fp8"] is True and plain.stats()["fp8"] is False
+    assert fp8.stats()["fp8"] is True and plain.stats()["fp8"] is False and fp8.stats()["fp8_scaling"] == "rowwise"
+    with pytest.raises(ValueError, match="--fp8-scaling"):
+        FlashPortraitEngine(ref, None, 64, 64, runtime=RuntimeConfig(device="cpu", fp8=True, fp8_scaling="row"), **kw)
     g = torch.Generator().manual_seed(6)
     x = torch.randn(1, 16, 3, *plain.latent_hw, generator=g)
     emo = torch.randn(1, 3, 97, plain.preset.dit.emo_dim, generator=g)
