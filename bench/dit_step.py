@@ -615,11 +615,13 @@ def run_live14(args) -> int:
             print(f"  economy refresh {refresh}, ALPA K={interval}: " + ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
             save()
-        for reuse in ("flow",):
-            res = eng.guidance_error(refresh=refresh, windows=args.live_windows, interval=1, reuse=reuse)
+        # the other estimate, independent tokens every latent frame (the worst case), a sparser refresh
+        for reuse, corr, n in (("flow", 0.9, refresh), ("delta", 0.0, refresh), ("delta", 0.9, 4)):
+            res = eng.guidance_error(refresh=n, windows=args.live_windows, interval=1, reuse=reuse, token_corr=corr)
             payload["economy"].append(res)
-            print(f"  economy refresh {refresh}, reuse {reuse}: guided rel L2 {res['guided_rel_l2_mean']:.4g}, "
-                  f"latent rel L2 {res['latent_rel_l2_mean']:.4g}", flush=True)
+            print(f"  economy refresh {n}, reuse {reuse}, token correlation {corr}: guided rel L2 "
+                  f"{res['guided_rel_l2_mean']:.4g}, latent rel L2 {res['latent_rel_l2_mean']:.4g}", flush=True)
+            save()
     from engine.low_vram import dit_bytes
 
     payload["memory_gib"]["fp8_dit_weights"] = round(dit_bytes(eng.dit) / 2**30, 2)

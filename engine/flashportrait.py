@@ -464,11 +464,12 @@ class FlashPortraitEngine:
 
     @torch.no_grad()
     def guidance_error(self, refresh: int | None = None, windows: int = 6, interval: int = 1, reuse: str = "delta",
-                       seed: int = 0) -> dict:
+                       seed: int = 0, token_corr: float = 0.9) -> dict:
         """The guidance economy against the pair at every pass, on this engine's live window (bench and tests).
 
-        One stream of `windows` rolling windows (W = context_size, stride = W - overlap; seeded random expression
-        tokens and noise) is rendered with the live schedule three times: the pair at every pass (reference), the
+        One stream of `windows` rolling windows (W = context_size, stride = W - overlap; seeded noise; random
+        expression tokens correlated `token_corr` from one latent frame to the next, as a face's expression moves
+        little in 4 video frames; 0 = independent every frame, the worst case) is rendered with the live schedule three times: the pair at every pass (reference), the
         economy (`refresh`; timing and final latents), the economy with shadow pairs (the true pair computed on
         the same inputs at every single pass). ALPA interval `interval` (1: every step full). Returns
         guided_rel_l2_mean / max (estimated vs true guided flow), latent_rel_l2_mean / max (each window's emitted
@@ -489,6 +490,8 @@ class FlashPortraitEngine:
         g = torch.Generator(self.device).manual_seed(seed)
         T = W + windows * (W - O)
         tokens = torch.randn(1, T, dit.emo_tokens_per_frame, dit.emo_dim, generator=g, device=self.device)
+        for f in range(1, T):  # AR(1) over latent frames, unit variance
+            tokens[:, f] = token_corr * tokens[:, f - 1] + (1 - token_corr ** 2) ** 0.5 * tokens[:, f]
         tokens = tokens.to(self.dtype)
         alpa = ALPAConfig(mode="off" if interval == 1 else "alpa", interval=interval, cache="output")
 
@@ -524,6 +527,7 @@ class FlashPortraitEngine:
                for a, b in zip(out, ref)]
         errors = shadow.errors or [0.0]
         return {"emo_refresh": econ.refresh, "reuse": reuse, "alpa_interval": interval, "windows": windows,
+                "token_corr": token_corr,
                 "steps": steps, "guided_rel_l2_mean": sum(errors) / len(errors), "guided_rel_l2_max": max(errors),
                 "estimated_flows": len(shadow.errors), "latent_rel_l2_mean": sum(lat) / len(lat),
                 "latent_rel_l2_max": max(lat), "pair_ms_per_step": ref_ms, "economy_ms_per_step": econ_ms,
