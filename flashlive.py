@@ -76,7 +76,7 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emo-refresh", type=int, default=None,
                    help="flashportrait: compute the no-expression guidance branch at one expression full pass in N "
                         "and estimate it from the last guidance difference in between (1: every pass; default: "
-                        "2 for --preset 14b, else 1)")
+                        "4 for --preset 14b, else 1)")
     g.add_argument("--gpus", type=int, default=1,
                    help="flashportrait: spread the DiT over N GPUs of this host (guidance pair and sequence split; "
                         "rank 0 runs the command); or launch N processes with torchrun --nproc_per_node N")

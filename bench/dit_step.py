@@ -501,7 +501,7 @@ def run_live14(args) -> int:
     the pair at every pass (engine.guidance_error). Writes bench/results/dit_step_<preset>_live_<gpu>.json."""
     import numpy as np
 
-    from bench.stream_latency import gpu_tag
+    from bench.common import gpu_tag
     from engine.config import SamplerConfig, WindowConfig
     from engine.flashportrait import FlashPortraitEngine
 
@@ -522,10 +522,13 @@ def run_live14(args) -> int:
           f"tokens): bf16 peak {peak['tflops']:.0f} TFLOP/s, FP8 peak {peak8.get('tflops')} TFLOP/s", flush=True)
     gemms = gemm_shapes(cfg, shape1.tokens(cfg.patch_size), device) if peak8.get("tflops") else []
     ref_img = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
-    refresh = args.emo_refresh
+    from engine.guidance import auto_refresh
+
+    refresh = args.emo_refresh or max(2, auto_refresh(preset, 4.0))
     payload = {"preset": preset, "frames": frames, "size": args.size, "tokens": shape1.tokens(cfg.patch_size),
                "matmul_peak": peak, "fp8_matmul_peak": peak8, "flops_pair": flops2, "flops_single": flops1,
-               "emo_refresh": refresh, "gemms": gemms, "rows": [], "economy": [], "checks": {}, "warm_up_s": {}, "memory_gib": {},
+               "emo_refresh": refresh, "gemms": gemms, "rows": [], "economy": [], "checks": {}, "warm_up_s": {},
+               "memory_gib": {},
                "config": vars(args)}
     rows = payload["rows"]
 
@@ -615,8 +618,9 @@ def run_live14(args) -> int:
             print(f"  economy refresh {refresh}, ALPA K={interval}: " + ", ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
             save()
-        # the other estimate, independent tokens every latent frame (the worst case), a sparser refresh
-        for reuse, corr, n in (("flow", 0.9, refresh), ("delta", 0.0, refresh), ("delta", 0.9, 4)):
+        # the other estimate, independent tokens every latent frame (the worst case), another refresh
+        other = 2 if refresh != 2 else 4
+        for reuse, corr, n in (("flow", 0.9, refresh), ("delta", 0.0, refresh), ("delta", 0.9, other)):
             res = eng.guidance_error(refresh=n, windows=args.live_windows, interval=1, reuse=reuse, token_corr=corr)
             payload["economy"].append(res)
             print(f"  economy refresh {n}, reuse {reuse}, token correlation {corr}: guided rel L2 "
@@ -733,7 +737,8 @@ def run(argv=None) -> int:
     p.add_argument("--live-modes", default="bf16,fp8",
                    help="--live14: bf16 (the bf16 pair engine), fp8 (pair + expression branch + economy); "
                         "fp8_tensorwise adds the pair with per-tensor FP8 scales (one more 14b compile)")
-    p.add_argument("--emo-refresh", type=int, default=2, help="--live14: the economy's refresh interval")
+    p.add_argument("--emo-refresh", type=int, default=None,
+                   help="--live14: the economy's refresh interval (default: the engine's auto choice for the preset)")
     p.add_argument("--live-windows", type=int, default=6, help="--live14: rolling windows per economy error run")
     p.add_argument("--out", default=None,
                    help="result name under bench/results/ (default dit_step, or dit_step_quick with --quick)")

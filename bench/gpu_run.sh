@@ -14,7 +14,7 @@
 #   dit14               bench/dit_step.py --live14: bf16 pair, FP8 pair, FP8 expression branch alone, the guidance
 #                       economy (cost and error): dit_step_14b_live_<gpu>.json. ~4-5 min: three 14b engines' worth of
 #                       compiles (bf16 pair; FP8 pair + FP8 single), each ~60-90 s cold.
-#   stream14            the live 14b stream (FP8 auto-on, guidance economy auto refresh 2): stream_latency_fp_14b_<gpu>
+#   stream14            the live 14b stream (FP8 auto-on, guidance economy auto refresh 4): stream_latency_fp_14b_<gpu>
 #   stream14_24g        the same with --low-vram (the 24 GB mode): ..._14b_<gpu>_24g.json, peak_gpu_gib <= 24
 #   stream14_baseline   the same bench against the checkout exported to .baseline/ (git archive of main before issue
 #                       14; it has no --fp8 / --low-vram / --emo-refresh): ..._14b_<gpu>_baseline.json. Set
@@ -85,7 +85,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     stream_aiortc_both) stage stream_aiortc_both 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --server-jitter-buffer aiortc --name stream_latency_fp_1.3b_${GPU}_aiortc_both ;;
-    stream_baseline) cp bench/stream_latency.py .baseline/bench/stream_latency.py  # today's metrics, old server
+    stream_baseline) cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
       stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \
         --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_${GPU}_baseline \
@@ -102,7 +102,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
       stage stream14_24g 400 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
         --server-args "--preset 14b --random-weights --low-vram" --seconds 23 --name stream_latency_fp_14b_${GPU}_24g ;;
     stream14_baseline) echo "stream14_baseline: the old server (bf16 pair, fp32 init of 14B): expect ~2-3 min warm-up"
-      cp bench/stream_latency.py .baseline/bench/stream_latency.py  # today's metrics, old server
+      cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
       stage stream14_baseline 400 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         FLASHLIVE_COMMIT=${FLASHLIVE_BASELINE_COMMIT:-baseline} python3 bench/stream_latency.py \
         --renderer flashportrait --driving $(realpath "$VIDEO") --server-args '--preset 14b --random-weights' --seconds 23 \

@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, env_info, write_result  # noqa: E402
+from bench.common import RESULTS, env_info, gpu_tag, write_result  # noqa: E402
 
 
 def pick_frames(path: str, size: int = 480) -> tuple[np.ndarray, np.ndarray]:
@@ -406,16 +406,6 @@ def peak_gpu_gib() -> float | None:
     if not torch.cuda.is_available():
         return None
     return round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 2)
-
-
-def gpu_tag(device_name: str | None) -> str:
-    """'h200' for 'NVIDIA H200', 'rtx4090' for 'NVIDIA GeForce RTX 4090', 'cpu' without a GPU."""
-    import re
-
-    if not device_name or device_name.startswith("cpu"):
-        return "cpu"
-    m = re.search(r"\b([A-Z]+\d+)", device_name.replace("GeForce ", "").replace("RTX ", "RTX"))
-    return m.group(1).lower() if m else "gpu"
 
 
 def default_name(args, preset: str | None, device: str | None) -> str:

@@ -469,7 +469,8 @@ class FlashPortraitEngine:
 
         One stream of `windows` rolling windows (W = context_size, stride = W - overlap; seeded noise; random
         expression tokens correlated `token_corr` from one latent frame to the next, as a face's expression moves
-        little in 4 video frames; 0 = independent every frame, the worst case) is rendered with the live schedule three times: the pair at every pass (reference), the
+        little in 4 video frames; 0 = independent every frame, the worst case) is rendered with the live schedule
+        three times: the pair at every pass (reference), the
         economy (`refresh`; timing and final latents), the economy with shadow pairs (the true pair computed on
         the same inputs at every single pass). ALPA interval `interval` (1: every step full). Returns
         guided_rel_l2_mean / max (estimated vs true guided flow), latent_rel_l2_mean / max (each window's emitted

@@ -16,8 +16,9 @@ Refresh is spread evenly: every full pass earns 1/refresh of a pair, and a pass 
 when its noise level is the stalest of the window's levels (refreshed longest ago; else the credit waits for that
 level's pass, at most one pair's worth). So windows cost the same and the refreshes rotate over the steps (refresh
 2, two full passes per window: one pair and one single pass per window, the pair alternating between the two
-steps). A full pass with no usable difference (the first window, a skip-ahead, a new window size) runs the pair. Predicted (ALPA) steps use the
-estimate. refresh 1 runs the pair at every full pass: with every step full this is exactly the pair every step.
+steps). A full pass with no usable difference (the first window, a skip-ahead, a new window size) runs the pair.
+Predicted (ALPA) steps use the estimate. refresh 1 runs the pair at every full pass: with every step full this is
+exactly the pair every step. (With refresh > passes per window, windows alternate between a pair and none.)
 
     econ = GuidanceEconomy(emo_cfg=4.0, refresh=2)
     pair = econ.wants_pair(step, sigma, frame, full=True)    # frame: global index of the window's first latent
@@ -34,11 +35,15 @@ REUSE = ("delta", "flow")
 
 
 def auto_refresh(preset_name: str, emo_cfg: float, world_size: int = 1) -> int:
-    """The default refresh interval: 2 for the 14b preset on one GPU (one pair per two expression passes: the
-    published model's step is what must fit the frame budget), 1 (the pair at every pass) otherwise."""
+    """The default refresh interval: 4 for the 14b preset on one GPU, 1 (the pair at every pass) otherwise.
+
+    Why 4 for 14b: on one H200 an FP8 pair pass costs ~2x a single one (~210 vs ~110 ms at 3 latent frames), and two
+    expression passes per window must fit a stride-2 window's 320 ms at 25 fps: refresh 2 costs ~320 ms per window
+    (no headroom), refresh 4 ~270 ms (one pair every other window). bench/dit_step.py --live14 measures both costs
+    and the error of each against the pair at every pass."""
     if emo_cfg <= 1.0 or world_size > 1:
         return 1
-    return 2 if preset_name == "14b" else 1
+    return 4 if preset_name == "14b" else 1
 
 
 def shift_into(out: torch.Tensor, src: torch.Tensor, src_frame: int, frame: int) -> bool:

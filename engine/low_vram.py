@@ -1,7 +1,7 @@
 """The 24 GB mode (`--low-vram`): the 14B DiT in FP8 on the GPU without ever holding it there in bf16.
 
     torch.manual_seed(0); dit = random_dit_blockwise(cfg, "cuda", torch.bfloat16, fp8=True)   # random weights
-    dit = place_dit(cpu_dit, "cuda", fp8=True)                                    # loaded on the CPU, moved block by block
+    dit = place_dit(cpu_dit, "cuda", fp8=True)     # loaded on the CPU, moved block by block
 
 The model is built on the meta device (no memory); each block is then materialised on the device in bf16, filled
 (seeded random weights, or the loaded CPU block's), and its linears are quantized to e4m3 at once

@@ -149,7 +149,7 @@ def test_live_renderer_runs_the_economy_and_reports_it(engine):
 
 
 def test_auto_refresh():
-    assert auto_refresh("14b", 4.0) == 2 and auto_refresh("1.3b", 4.0) == 1
+    assert auto_refresh("14b", 4.0) == 4 and auto_refresh("1.3b", 4.0) == 1
     assert auto_refresh("14b", 1.0) == 1 and auto_refresh("14b", 4.0, world_size=2) == 1
     with pytest.raises(ValueError, match="--emo-refresh"):
         GuidanceEconomy(4.0, 0)
