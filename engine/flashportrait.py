@@ -394,10 +394,10 @@ class FlashPortraitEngine:
         self.kv1 = [tuple(t[:1] for t in kv) for kv in self.kv]  # batch-1 views (the context is the same)
         self.ctx_img1, self.ctx_txt1 = self.ctx_img[:1], self.ctx_txt[:1]
         if self.batch == 2 and self.emo_refresh > 1 and isinstance(self.step, CompiledStep):
+            # the pair's context K/V, first half: the same values, no second copy (0.6 GB at 14b)
             self.step1 = CompiledStep(self.dit, dataclasses.replace(shape, batch=1), self.runtime,
-                                      pool=self.step.pool)
+                                      pool=self.step.pool, kv_buffers=self.kv1)
             self.step1.set_session(None, None, self.y, kv=self.kv1)
-            self.kv1 = self.step1.kv
             if self.step1.use_graph:
                 self.step1.write_inputs(self.step1.x, 1000.0, self.step1.emo, 1.0)
                 self.step1.capture()

@@ -61,6 +61,13 @@ def test_single_step_equals_the_pairs_expression_half(engine):
     pair = engine.step(x.expand(2, -1, -1, -1, -1), 750.0, emo.expand(2, -1, -1, -1), engine.ip_scale_step)
     torch.testing.assert_close(single, pair[:1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(pair[:1], pair[1:])  # the two branches differ: the estimate has work to do
+    # the single step reads the pair's context K/V (its first half): no second copy
+    assert all(a.data_ptr() == b.data_ptr() for kv1, kv2 in zip(engine.step1.kv, engine.step.kv)
+               for a, b in zip(kv1, kv2))
+    from kernels.graphs import CompiledStep
+
+    with pytest.raises(ValueError, match="kv_buffers"):
+        CompiledStep(engine.dit, engine.step1.shape, CPU, kv_buffers=engine.step.kv)  # batch 2 for a batch-1 step
 
 
 def schedule_of(refresh: int, windows: int, full_steps=(0, 2), stride: int = 1, sigmas=(1.0, 0.9, 0.7, 0.4)):
