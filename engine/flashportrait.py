@@ -378,16 +378,19 @@ class FlashPortraitEngine:
         expression branch alone (batch 1), captured into the same CUDA graph memory pool: the two never run at once
         and no tensor of the pool outlives a replay (their outputs are static buffers outside it)."""
         from kernels.graphs import CompiledStep, StepShape
-        from engine.distributed import make_step  # CompiledStep; on rank 0 of several GPUs (--gpus N), ParallelStep
+        from engine.distributed import make_step, world_size  # on rank 0 of several GPUs (--gpus N), ParallelStep
 
         h, w = self.latent_hw
         shape = StepShape(self.batch, self.window_cfg.context_size, h, w)
-        self.step = make_step(self.dit, shape, self.runtime)
+        if world_size() > 1:
+            self.step = make_step(self.dit, shape, self.runtime)
+        else:  # the step reads the engine's context K/V where they are: no second copy (1.3 GB at 14b, batch 2)
+            dense = all(t.is_contiguous() and t.dtype == self.dtype for kv in self.kv for t in kv)
+            self.step = CompiledStep(self.dit, shape, self.runtime, kv_buffers=self.kv if dense else None)
+            self.kv = self.step.kv
         # The guidance pair runs as one batch: ip_scale per sample, 1 (emotion branch) and 0 (no-emotion branch).
         self.ip_scale_step = self.ip_scale
         self.step.set_session(None, None, self.y_batch, kv=self.kv)
-        if isinstance(self.step, CompiledStep):
-            self.kv = self.step.kv  # the same values: the engine keeps no second copy (1.3 GB at 14b, batch 2)
         if self.step.use_graph:
             self.step.write_inputs(self.step.x, 1000.0, self.step.emo, self.ip_scale_step)
             self.step.capture()
