@@ -2,7 +2,7 @@
 # Run GPU benches in one go on a CUDA machine: bash bench/gpu_run.sh STAGE [STAGE ...]
 # Stages: env install tests gpu_tests decode expression expression_bf16 dit_step dit_step_full alpa realtime stream
 # stream_long stream_aiortc_client stream_aiortc_both stream_baseline parallel load_memory
-# dit14 stream14 stream14_24g stream14_baseline (issue 14: the published 14B model live on one GPU).
+# tests14 dit14 stream14 stream14_24g stream14_baseline (issue 14: the published 14B model live on one GPU).
 # Wheels in .whl0/ and .whl/ (aiortc, av, mediapipe, numpy<2, ...: more than one call's 64 MiB, so they may come in
 # two calls to the same warm machine) are installed into /tmp/site.whl0 and /tmp/site.whl; the driving video
 # is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
@@ -11,6 +11,7 @@
 # same machine: a before/after measured in one run; `stream_aiortc_client` runs today's server with that client,
 # `stream_aiortc_both` also with aiortc's stock buffer on the server side (an A/B of streaming/jitter.py).
 # Issue 14 stages (one H200; random weights, 512x512, lp_d3 at 25 fps, guidance at its default 4):
+#   tests14             the issue's CPU tests plus their CUDA cases (one graph pool for the pair and single steps)
 #   dit14               bench/dit_step.py --live14: bf16 pair, FP8 pair, FP8 expression branch alone, the guidance
 #                       economy (cost and error): dit_step_14b_live_<gpu>.json. ~4-5 min: three 14b engines' worth of
 #                       compiles (bf16 pair; FP8 pair + FP8 single), each ~60-90 s cold.
@@ -93,6 +94,8 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     gpu_tests) stage gpu_tests 300 python3 -m pytest -q -rs tests/test_pdfgc_extractor.py tests/test_graphs.py -k cuda ;;
     expression_bf16) stage expression_bf16 240 python3 bench/expression.py --device cuda --dtype bf16 --video "$VIDEO" \
         --name expression_cuda_bf16_$GPU ;;
+    tests14) stage tests14 300 python3 -m pytest -q -rs tests/test_guidance_economy.py tests/test_fp8_live.py \
+        tests/test_low_vram.py tests/test_graphs.py ;;
     dit14) echo "dit14: expect ~4-5 min (3 cold 14b compiles)"
       stage dit14 540 python3 bench/dit_step.py --live14 ;;
     stream14) echo "stream14: expect warm-up ~2.5-3.5 min cold (~1 min with a warm Inductor cache) + 23 s stream"

@@ -171,3 +171,40 @@ def test_unused_engine_refresh_needs_the_single_step():
     assert eng.step1 is None and eng.make_guidance() is None and eng.stats()["guidance_economy"] is False
     with pytest.raises(ValueError, match="emo_refresh > 1"):
         eng.guidance_error()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_pair_and_single_graphs_share_one_pool():
+    """The pair (batch 2) and the expression branch alone (batch 1) captured into one graph memory pool replay in any
+    order with their own results, allocating nothing per call."""
+    from engine.config import get_preset
+    from engine.models.dit import WanModel
+    from kernels.graphs import CompiledStep, StepShape
+
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").dit
+    model = WanModel(cfg).to("cuda", torch.bfloat16).eval()
+    rt = RuntimeConfig(device="cuda", compile=False, cuda_graphs=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ctx = torch.randn(2, 10, cfg.text_dim, device="cuda", generator=g)
+    clip = torch.randn(2, cfg.clip_tokens, cfg.clip_dim, device="cuda", generator=g)
+    y = torch.randn(2, 20, 3, 8, 8, device="cuda", generator=g)
+    pair = CompiledStep(model, StepShape(2, 3, 8, 8), rt)
+    pair.set_session(ctx, clip, y)
+    pair.capture()
+    single = CompiledStep(model, StepShape(1, 3, 8, 8), rt, pool=pair.pool,
+                          kv_buffers=[tuple(t[:1] for t in kv) for kv in pair.kv])
+    single.set_session(None, None, y[:1], kv=single.kv)
+    single.capture()
+    ip = torch.tensor([1.0, 0.0], device="cuda")
+    outs = []
+    for k in range(3):
+        x = torch.randn(1, 16, 3, 8, 8, device="cuda", generator=g)
+        emo = torch.randn(1, 3, cfg.emo_tokens_per_frame, cfg.emo_dim, device="cuda", generator=g).bfloat16()
+        p = pair(x.expand(2, -1, -1, -1, -1), 750.0, emo.expand(2, -1, -1, -1), ip).clone()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        s = single(x, 750.0, emo, 1.0).clone()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] - before <= 1  # the clone
+        torch.testing.assert_close(s, p[:1], atol=2e-2, rtol=2e-2)
+        outs.append(s)
+    assert not torch.allclose(outs[0], outs[1])
