@@ -323,6 +323,16 @@ class FlashPortraitEngine:
                                        generator=torch.Generator(dev).manual_seed(self.options.seed + 1))
             self.notes.append("random weights: every network is randomly initialised (timing only, output is noise)")
         else:
+            from engine.models.text import PromptEncoder
+
+            def encode_prompt():  # umT5-XXL (11 GB in bf16) only when the prompt is not in the on-disk cache
+                prompts = PromptEncoder(wd, Path(self.options.prompt_cache).expanduser(), p.t5, device=dev, dtype=dt)
+                self.context = prompts.encode(self.options.prompt)[None]
+
+            if self.runtime.low_vram:  # umT5 is gone before the DiT arrives
+                encode_prompt()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
             # low_vram: loaded on the CPU, then moved block by block into FP8 (after the LoRA merge, below)
             self.dit = load_dit(wd, p.dit, dtype=dt, device="cpu" if self.runtime.low_vram else dev)
             if self.sampler_cfg.fast:
@@ -348,10 +358,8 @@ class FlashPortraitEngine:
                     self.tiny_vae = load_tiny_vae(wd, p.tiny_vae, device=dev, dtype=dt)
                 except WeightsError as err:
                     self.notes.append(f"no tiny VAE ({err}); decoding with the Wan VAE")
-            from engine.models.text import PromptEncoder
-
-            prompts = PromptEncoder(wd, Path(self.options.prompt_cache).expanduser(), p.t5, device=dev, dtype=dt)
-            self.context = prompts.encode(self.options.prompt)[None]
+            if not self.runtime.low_vram:
+                encode_prompt()
         self.loaded = True
 
     @torch.no_grad()
