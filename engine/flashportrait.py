@@ -444,7 +444,7 @@ class FlashPortraitEngine:
         windows; `frame` = global index of the window's first latent frame): the expression branch alone, the pair
         where the economy asks for it, the no-expression branch estimated in between.
         """
-        if guide is not None and frame is not None and x.shape == self.step1.x.shape:
+        if guide is not None and frame is not None and x.shape == self.step1.x.shape and self._economy_fits(cached):
             return self._economy_flow(cached, x, i, emo, key, frame, guide)
         n, B = x.shape[2], self.batch
         y = self.y_batch if n == self.y_batch.shape[2] else self.y_batch[:, :, :n]
@@ -454,6 +454,13 @@ class FlashPortraitEngine:
             return flows
         emo_flow, no_emo = flows[:1], flows[1:]
         return no_emo + self.sampler_cfg.emo_cfg * (emo_flow - no_emo)
+
+    @staticmethod
+    def _economy_fits(cached) -> bool:
+        """The economy needs full passes through the compiled steps and the output-only ALPA cache (what the live
+        path runs); TeaCache and layer caches keep the pair at every pass."""
+        cfg = cached.cfg
+        return cfg.mode == "off" or (cfg.mode in ("alpa", "taylorseer") and cfg.cache == "output")
 
     def _economy_flow(self, cached: "_StepCachedDiT", x, i: int, emo, key, frame: int, guide) -> torch.Tensor:
         sigma = cached.schedule.sigma_list[i]

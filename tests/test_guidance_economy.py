@@ -51,6 +51,11 @@ def test_refresh_one_every_step_full_is_exactly_the_pair(engine):
     econ = engine.guided_flow(engine.cached_dit(schedule, alpa), x, 1, emo, key="w", frame=0,
                               guide=engine.make_guidance(refresh=1))
     assert torch.equal(plain, econ)
+    # TeaCache and layer caches keep the pair at every pass (the economy runs on the compiled, output-cache path)
+    for cfg in (ALPAConfig(mode="teacache"), ALPAConfig(mode="alpa", interval=2, cache="layers")):
+        guide = engine.make_guidance(refresh=4)
+        flow = engine.guided_flow(engine.cached_dit(schedule, cfg), x, 0, emo, key="w", frame=0, guide=guide)
+        assert guide.pairs == guide.singles == 0 and torch.isfinite(flow).all()
 
 
 def test_single_step_equals_the_pairs_expression_half(engine):
