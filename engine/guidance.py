@@ -168,3 +168,79 @@ class GuidanceEconomy:
             out["guided_rel_l2_mean"] = sum(self.errors) / len(self.errors)
             out["guided_rel_l2_max"] = max(self.errors)
         return out
+
+
+@torch.no_grad()
+def measure_economy(engine, refresh: int | None = None, windows: int = 6, interval: int = 1, reuse: str = "delta",
+                    seed: int = 0, token_corr: float = 0.9) -> dict:
+    """The guidance economy against the pair at every pass, on a FlashPortraitEngine's live window (bench, tests).
+
+    One stream of `windows` rolling windows (W = context_size, stride = W - overlap; seeded noise; random
+    expression tokens correlated `token_corr` from one latent frame to the next, as a face's expression moves
+    little in 4 video frames; 0 = independent every frame, the worst case) is rendered with the live schedule
+    three times: the pair at every pass (reference), the economy (`refresh`; timing and final latents), the
+    economy with shadow pairs (the true pair computed on the same inputs at every single pass). ALPA interval `interval` (1: every step full). Returns
+    guided_rel_l2_mean / max (estimated vs true guided flow), latent_rel_l2_mean / max (each window's emitted
+    latent frames vs the reference's), ms_per_step of both (windows after the first) and pass counts.
+    Needs an engine built with a refresh > 1 (the batch-1 step)."""
+    import time
+
+    from engine.config import ALPAConfig
+    from engine.flashportrait import make_schedule_for
+    from engine.sampler import Sampler
+    from engine.wsws import RollingWSWS
+
+    engine.warm_up()
+    if engine.step1 is None:
+        raise ValueError("guidance_error needs the guidance economy: build the engine with emo_refresh > 1 and "
+                         "emo_cfg > 1.")
+    steps = engine.live_steps
+    schedule = make_schedule_for(engine.sampler_cfg, steps)
+    W, O = engine.window_cfg.context_size, engine.window_cfg.context_overlap
+    h, w = engine.latent_hw
+    dit = engine.preset.dit
+    g = torch.Generator(engine.device).manual_seed(seed)
+    T = W + windows * (W - O)
+    tokens = torch.randn(1, T, dit.emo_tokens_per_frame, dit.emo_dim, generator=g, device=engine.device)
+    for f in range(1, T):  # AR(1) over latent frames, unit variance
+        tokens[:, f] = token_corr * tokens[:, f - 1] + (1 - token_corr ** 2) ** 0.5 * tokens[:, f]
+    tokens = tokens.to(engine.dtype)
+    alpa = ALPAConfig(mode="off" if interval == 1 else "alpa", interval=interval, cache="output")
+
+    def run(guide):
+        sampler = Sampler(schedule, generator=torch.Generator(engine.device).manual_seed(seed + 1))
+        roller = RollingWSWS(sampler, W, O, (1, 16, h, w), device=engine.device,
+                             generator=torch.Generator(engine.device).manual_seed(seed + 2))
+        cached = engine.cached_dit(schedule, alpa)
+
+        def denoise(x, i, win, cond):
+            return engine.guided_flow(cached, x, i, tokens[:, win.start:win.start + W], key="window",
+                                      frame=win.start, guide=guide)
+
+        outs, times = [], []
+        for _ in range(windows):
+            while not roller.ready():
+                roller.push(None)
+            engine._sync()
+            t0 = time.perf_counter()
+            outs.append(roller.run(denoise).float().clone())
+            engine._sync()
+            times.append(time.perf_counter() - t0)
+        later = times[1:] or times
+        return outs, 1e3 * sum(later) / (len(later) * steps), cached.full_passes
+
+    with engine.lock:
+        ref, ref_ms, ref_full = run(None)
+        econ = engine.make_guidance(refresh=refresh, reuse=reuse)
+        out, econ_ms, econ_full = run(econ)
+        shadow = engine.make_guidance(refresh=refresh, reuse=reuse, shadow=True)
+        run(shadow)
+    lat = [float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+           for a, b in zip(out, ref)]
+    errors = shadow.errors or [0.0]
+    return {"emo_refresh": econ.refresh, "reuse": reuse, "alpa_interval": interval, "windows": windows,
+            "token_corr": token_corr,
+            "steps": steps, "guided_rel_l2_mean": sum(errors) / len(errors), "guided_rel_l2_max": max(errors),
+            "estimated_flows": len(shadow.errors), "latent_rel_l2_mean": sum(lat) / len(lat),
+            "latent_rel_l2_max": max(lat), "pair_ms_per_step": ref_ms, "economy_ms_per_step": econ_ms,
+            "full_passes": econ_full, "reference_full_passes": ref_full, **econ.stats()}
