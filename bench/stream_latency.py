@@ -461,7 +461,8 @@ def run_pts(args) -> None:
         "budget_changes": changes, "budget_changes_window_s": args.changes_window,
         "renderer_budget_changes": rstats.get("budget_changes"),
         "final_budget": final_budget,
-        "full_passes_per_window": rstats.get("full_passes_per_window", full_passes(final_budget)),
+        "full_passes_per_window": rstats["full_passes_per_window"] if rstats.get("full_passes_per_window")
+        is not None else full_passes(final_budget),
         "last_window_full_passes": rstats.get("passes"),
         "peak_gpu_gib": result["peak_gpu_gib"],
         "fp8": rstats.get("fp8"), "low_vram": rstats.get("low_vram"), "emo_refresh": rstats.get("emo_refresh"),
