@@ -1,0 +1,1 @@
+"""Model modules (networks with checkpoint key layouts)."""
