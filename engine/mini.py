@@ -127,6 +127,43 @@ class FaceMeshTracker:
         self._mesh.close()
 
 
+class MiniExpressionExtractor:
+    """The mini's stand-in for PD-FGC's ExpressionExtractor (same interface): push(frame) -> ExpressionResult whose
+    `features` is the landmark expression encoder's output (feature_dim,), the vector the PortraitEncoder reads.
+    A frame without a face carries the last good row (face_found False); before any face, the encoder's answer
+    for the landmarks of the reference image, or zeros if there is none."""
+
+    def __init__(self, expression: torch.nn.Module, tracker: FaceMeshTracker | None = None,
+                 neutral_landmarks: np.ndarray | None = None):
+        self.expression = expression
+        self.landmarks = tracker or FaceMeshTracker()
+        self.neutral = (self._encode(neutral_landmarks) if neutral_landmarks is not None else
+                        np.zeros(expression.net[-1].out_features, np.float32))
+        self._last: np.ndarray | None = None
+
+    @torch.no_grad()
+    def _encode(self, pts: np.ndarray) -> np.ndarray:
+        p = next(self.expression.parameters())
+        feats = landmark_features(torch.from_numpy(np.asarray(pts, np.float32))).to(p.device, p.dtype)
+        return self.expression(feats).float().cpu().numpy()
+
+    def push(self, frame: np.ndarray):
+        from engine.pdfgc.extractor import ExpressionResult
+
+        pts = self.landmarks(frame)
+        if pts is None:
+            carried = self.neutral if self._last is None else self._last
+            return ExpressionResult(carried.copy(), False)
+        self._last = self._encode(pts)
+        return ExpressionResult(self._last.copy(), True)
+
+    def push_batch(self, frames) -> list:
+        return [self.push(f) for f in frames]
+
+    def reset(self) -> None:
+        self._last = None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # conditioning and rendering
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,6 +178,8 @@ class RenderSettings:
     window: int = 3             # latent frames per window
     overlap: int = 1
     rolling: bool = False       # causal rolling windows (the live path) instead of offline step-major WSWS
+    lookahead: int | None = None  # rolling: latent frames of real tokens beyond the emitted ones (None: all);
+    #                               frames past that hold the newest real tokens, as the live renderer does
     alpa: ALPAConfig = field(default_factory=lambda: ALPAConfig(mode="off"))
     seed: int = 0
 
@@ -224,7 +263,12 @@ def render_clip(models: MiniModels, reference: np.ndarray, landmarks: np.ndarray
 
     def denoise(x, i, win, cond):
         n = x.shape[2]
-        emo = window_tokens(tokens[win.start:win.start + n] if cond is None else cond, win.start, per)
+        emo = tokens[win.start:win.start + n] if cond is None else cond
+        if s.rolling and s.lookahead is not None:
+            real = max(1, W - s.overlap + s.lookahead)
+            if real < n:
+                emo = torch.cat([emo[:real], emo[real - 1:real].expand(n - real, -1, -1)])
+        emo = window_tokens(emo, win.start, per)
         key = "window" if s.rolling else win.index
         flows = cached(x.expand(B, -1, -1, -1, -1), i, ctx_img, ctx_txt, y[:, :, :n], emo[None].expand(B, -1, -1, -1),
                        ip_scale=ip if B > 1 else 1.0, key=key, kv=kv)
