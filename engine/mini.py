@@ -28,7 +28,7 @@ import torch
 from engine.config import ALPAConfig, ModelPreset, get_preset
 from engine.models.mini_expression import landmark_features, load_landmark_expression
 from engine.models.mini_vae import StreamingMiniDecoder, load_mini_vae
-from engine.portrait_encoder import group_latent_tokens
+from engine.models.portrait_encoder import group_latent_tokens
 from engine.sampler import Sampler, distilled_schedule, flow_schedule
 from engine.weights import find_file, load_dit, load_into, load_portrait_encoder, load_state_dict
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -66,7 +66,7 @@ class MiniModels:
 def load_mini(weights_dir: str | os.PathLike, preset: ModelPreset | str = "mini", device="cpu",
               dtype: torch.dtype = torch.float32) -> MiniModels:
     """Load every file of the mini checkpoint from `weights_dir` (WeightsError names a missing or wrong file)."""
-    from engine.clip_vision import ClipVision
+    from engine.models.clip_vision import ClipVision
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     if p.autoencoder is None or p.landmark_expression is None:
@@ -148,7 +148,7 @@ class MiniExpressionExtractor:
         return self.expression(feats).float().cpu().numpy()
 
     def push(self, frame: np.ndarray):
-        from engine.pdfgc.extractor import ExpressionResult
+        from engine.models.pdfgc.extractor import ExpressionResult
 
         pts = self.landmarks(frame)
         if pts is None:

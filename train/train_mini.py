@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.clip_vision import ClipVision
+from engine.models.clip_vision import ClipVision
 from engine.config import ModelPreset, get_preset
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 from engine.models.mini_expression import LandmarkExpressionEncoder, landmark_features
 from engine.models.mini_vae import MiniVAE
-from engine.portrait_encoder import PortraitEncoder, group_latent_tokens
+from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
 from engine.sampler import shift_sigmas
 from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache, split_range
 
