@@ -30,6 +30,8 @@ from engine.config import ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig,
 from engine.sampler import DISTILLED_TIMESTEPS, distilled_schedule, flow_schedule
 from engine.weights import WeightsError, find_file
 
+MINI_SIZE = 128  # the mini preset's training resolution
+
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
 
@@ -117,6 +119,9 @@ class FlashPortraitEngine:
             raise ValueError(f"The flashportrait renderer needs a size divisible by 16 (got {width}x{height}): "
                              f"pass --size 512x512 or another multiple of 16.")
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        if self.preset.autoencoder is not None and (width, height) != (MINI_SIZE, MINI_SIZE):
+            raise ValueError(f"The {self.preset.name} preset renders {MINI_SIZE}x{MINI_SIZE} (what it was trained at, "
+                             f"got {width}x{height}): pass --size {MINI_SIZE}x{MINI_SIZE}.")
         self.runtime = runtime or RuntimeConfig()
         self.sampler_cfg = sampler or SamplerConfig()
         self.window_cfg = window or WindowConfig()
@@ -246,7 +251,10 @@ class FlashPortraitEngine:
         p, dev, dt = self.preset, self.device, self.dtype
         fan_cfg = FanEncoderConfig.tiny() if p.name == "tiny" else FanEncoderConfig()
         wd = self.weights_dir
-        if self.random_weights:
+        self.expression = None
+        if p.autoencoder is not None:
+            self._load_mini()
+        elif self.random_weights:
             torch.manual_seed(self.options.seed)
             with torch.device(dev):
                 self.dit = WanModel(p.dit).to(dt).eval().requires_grad_(False)
@@ -284,6 +292,37 @@ class FlashPortraitEngine:
             prompts = PromptEncoder(wd, Path(self.options.prompt_cache).expanduser(), p.t5, device=dev, dtype=dt)
             self.context = prompts.encode(self.options.prompt)[None]
         self.loaded = True
+
+    def _load_mini(self) -> None:
+        """The trained `mini` preset (engine/mini.py): its own autoencoder decodes, face-mesh landmarks through its
+        expression encoder stand in for PD-FGC, its text context is one stored tensor. No FanEncoder, no TAEHV."""
+        from engine.mini import load_mini
+        from engine.models.clip_vision import ClipVision
+        from engine.models.dit import WanModel
+        from engine.models.mini_expression import LandmarkExpressionEncoder
+        from engine.models.mini_vae import MiniVAE
+        from engine.models.portrait_encoder import PortraitEncoder
+
+        p, dev, dt = self.preset, self.device, self.dtype
+        self.fan = self.tiny_vae = None
+        if self.random_weights:
+            torch.manual_seed(self.options.seed)
+            with torch.device(dev):
+                self.dit = WanModel(p.dit).to(dt).eval().requires_grad_(False)
+                self.portrait = PortraitEncoder(p.portrait).to(dt).eval().requires_grad_(False)
+                self.expression = LandmarkExpressionEncoder(p.landmark_expression, p.portrait).to(dt).eval()
+                self.clip = ClipVision(p.clip).to(dt).eval().requires_grad_(False)
+                self.vae = MiniVAE(p.autoencoder).to(dt).eval().requires_grad_(False)
+            self.context = torch.randn(1, p.dit.text_len, p.dit.text_dim, device=dev, dtype=dt,
+                                       generator=torch.Generator(dev).manual_seed(self.options.seed + 1))
+            self.notes.append("random weights: every network is randomly initialised (timing only, output is noise)")
+        else:
+            m = load_mini(self.weights_dir, p, dev, dt)
+            self.dit, self.portrait, self.expression, self.clip, self.vae = m.dit, m.portrait, m.expression, m.clip, \
+                m.vae
+            self.context = m.context
+            if self.sampler_cfg.fast:
+                self.notes.append("mini: no distillation LoRA exists for it; the 4-step schedule runs on the base DiT")
 
     @torch.no_grad()
     def _build_conditioning(self) -> None:
@@ -346,6 +385,10 @@ class FlashPortraitEngine:
         from engine.models.tiny_vae import StreamingTinyDecoder
         from engine.models.vae import StreamingDecoder
 
+        if self.preset.autoencoder is not None:
+            from engine.models.mini_vae import StreamingMiniDecoder
+
+            return StreamingMiniDecoder(self.vae)
         if self.options.decoder == "tiny" and self.tiny_vae is not None:
             return StreamingTinyDecoder(self.tiny_vae)
         return StreamingDecoder(self.vae)
@@ -353,6 +396,11 @@ class FlashPortraitEngine:
     def make_extractor(self):
         from engine.models.pdfgc.extractor import ExpressionExtractor, make_landmarks
 
+        if self.preset.autoencoder is not None:  # mini: face-mesh landmarks -> its expression encoder
+            from engine.mini import FaceMeshTracker, MiniExpressionExtractor
+
+            neutral = FaceMeshTracker(static=True)(self.reference)
+            return MiniExpressionExtractor(self.expression, FaceMeshTracker(), neutral_landmarks=neutral)
         if self.options.landmarks is not None:
             landmarks = self.options.landmarks()
         else:
@@ -373,8 +421,8 @@ class FlashPortraitEngine:
                 "warm_up_s": None if self.warm_up_s is None else round(self.warm_up_s, 2),
                 "warm_up_pass_ms": round(1e3 * self.timings["pass_s"], 2) if self.timings else None,
                 "warm_up_decode_latent_ms": round(1e3 * self.timings["decode_latent_s"], 2) if self.timings else None,
-                "decoder": "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None
-                else "wan", "sessions": self.sessions, "notes": self.notes}
+                "decoder": "mini" if self.preset.autoencoder is not None else "tiny"
+                if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None else "wan", "sessions": self.sessions, "notes": self.notes}
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 from engine.config import ALPAConfig, ModelPreset, get_preset
 from engine.models.mini_expression import landmark_features, load_landmark_expression
 from engine.models.mini_vae import StreamingMiniDecoder, load_mini_vae
-from engine.models.portrait_encoder import group_latent_tokens
+from engine.models.portrait_encoder import group_latent_tokens, window_tokens
 from engine.sampler import Sampler, distilled_schedule, flow_schedule
 from engine.weights import find_file, load_dit, load_into, load_portrait_encoder, load_state_dict
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -209,18 +209,6 @@ def reference_tensor(reference: np.ndarray, size: int) -> torch.Tensor:
     if sq.shape[0] != size:
         sq = cv2.resize(sq, (size, size), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(np.ascontiguousarray(sq)).permute(2, 0, 1)[None].float() / 127.5 - 1
-
-
-def window_tokens(tokens: torch.Tensor, start: int, tokens_per_frame: int) -> torch.Tensor:
-    """Global per-latent tokens (n, 97, C) of a window starting at latent `start` -> the window's own layout: its
-    first latent gets the 24 tokens of its first video frame (the last 24 of the global block) + 73 zeros."""
-    if start == 0:
-        return tokens
-    out = tokens.clone()
-    first = tokens[0, -tokens_per_frame:]
-    out[0].zero_()
-    out[0, :tokens_per_frame] = first
-    return out
 
 
 @torch.no_grad()

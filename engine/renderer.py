@@ -66,7 +66,7 @@ from engine.config import ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig,
 from engine.controller import Budget, BudgetController, ControllerConfig
 from engine.flashportrait import (TIME_STRIDE, EngineOptions, FlashPortraitEngine, frames_uint8,
                                   make_schedule_for)
-from engine.models.portrait_encoder import latent_token_range
+from engine.models.portrait_encoder import latent_token_range, window_tokens
 from engine.playout import PlayoutDelay
 from engine.sampler import Sampler
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -212,11 +212,14 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self._have >= start + self._budget.stride + self._lookahead()
 
     def _window_emo(self, win) -> torch.Tensor:
-        """(1, W, 97, C) tokens of the window's global latent frames; frames without tokens yet hold the newest."""
+        """(1, W, 97, C) tokens of the window's global latent frames; frames without tokens yet hold the newest. The
+        window's first latent frame gets its own first video frame's 24 tokens + 73 zeros (FlashPortrait's
+        per-window layout, `window_tokens`)."""
         if win.index != self._emo_window:
             g0 = self._base + win.start
             newest = self._have - 1
-            self._emo = torch.stack([self._tokens[min(g, newest)] for g in range(g0, g0 + self.W)])[None]
+            emo = torch.stack([self._tokens[min(g, newest)] for g in range(g0, g0 + self.W)])
+            self._emo = window_tokens(emo, g0, self.engine.preset.portrait.tokens_per_frame)[None]
             self._emo_window = win.index
         return self._emo
 
@@ -440,8 +443,10 @@ class FlashPortraitRenderer(ThreadedRenderer):
         cached = eng.cached_dit(schedule, alpa)
         noise = torch.randn((1, 16, T, h, w), generator=self._gen, device=eng.device)
 
-        def denoise(x, i, win, cond):
-            return eng.guided_flow(cached, x, i, cond[None], key=win.index)
+        per = eng.preset.portrait.tokens_per_frame
+
+        def denoise(x, i, win, cond):  # each window in its own token layout (window_tokens)
+            return eng.guided_flow(cached, x, i, window_tokens(cond, win.start, per)[None], key=win.index)
 
         t0 = time.perf_counter()
         with eng.lock:

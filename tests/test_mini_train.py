@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.mini import window_tokens
+from engine.models.portrait_encoder import window_tokens
 from engine.models.mini_expression import landmark_features
 from engine.models.mini_vae import MiniVAE, StreamingMiniDecoder
 from tests.conftest import data_file, video_frames

@@ -149,3 +149,17 @@ def group_latent_tokens(tokens: torch.Tensor, tokens_per_frame: int = 24, tempor
         body = tokens[:, start:].unfold(1, per, per - 1)  # (B, n-1, C, per)
         out[:, 1:] = body[:, :n - 1].transpose(-1, -2)
     return out
+
+
+def window_tokens(tokens: torch.Tensor, start: int, tokens_per_frame: int = 24) -> torch.Tensor:
+    """Tokens of a context window in its own layout: (n, 97, C) global per-latent tokens of the window's latent
+    frames [start, start + n) -> the same with the first latent rebuilt as its own first video frame's 24 tokens
+    (the last 24 of its global block) + 73 zeros, as FlashPortrait encodes every window (clip) on its own. A
+    window at start 0 already has that layout and is returned as is."""
+    if start == 0:
+        return tokens
+    out = tokens.clone()
+    first = tokens[0, -tokens_per_frame:]
+    out[0].zero_()
+    out[0, :tokens_per_frame] = first
+    return out
