@@ -19,6 +19,8 @@ shared 2-core machine: indicative only), PSNR and SSIM against the ground truth,
 against the ground truth (bench/quality.py's), and the deviation from the reference output (PSNR between the two
 videos, and the relative L2 error of the final latents). FP8 (GPU only) and the guidance economy are not measured
 here (other work): rows for them are absent, not guessed.
+--ladder adds every budget of the live controller's ladder, scored by PSNR against the ground truth; --ladder-out
+writes that table where the engine reads it (weights/mini/quality_ladder.json orders the controller's ladder).
 """
 from __future__ import annotations
 
@@ -60,6 +62,42 @@ def configs(steps: int) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def measure_ladder(models, clips, reader, base, args) -> list[dict]:
+    """Every budget of the live controller's ladder (engine/controller.py) at the live window (3 latent frames,
+    4-step schedule, output-feature ALPA cache): ALPA K 1..3, steps 2..4, stride 1..2, lookahead 1 or 0, rendered
+    rolling; score = PSNR against the ground truth (dB). Writes the table the controller reads (--ladder-out)."""
+    import json
+
+    from engine.config import ALPAConfig
+    from engine.mini import render_clip
+
+    out = []
+    for k in (1, 2, 3):
+        for steps in (2, 3, 4):
+            for stride in (1, 2):
+                for la in (1, 0):
+                    s = replace(base, rolling=True, window=3, overlap=3 - stride, fast=True, steps=steps,
+                                lookahead=min(la, 3 - stride),
+                                alpa=ALPAConfig(mode="alpa" if k > 1 else "off", interval=k, cache="output"))
+                    ps, ex = [], []
+                    for _, truth, lm, truth_pts in clips:
+                        o = render_clip(models, truth[0], lm, s)
+                        for t, (f, g) in enumerate(zip(o.frames, truth)):
+                            ps.append(psnr(f, g))
+                            gp = truth_pts[t]
+                            op = reader(f) if gp is not None else None
+                            if gp is not None and op is not None:
+                                ex.append(float(np.abs(expression(op, iod_of(gp)) - expression(gp, iod_of(gp))).mean()))
+                    row = {"interval": k, "steps": steps, "stride": stride, "no_lookahead": la == 0,
+                           "score": round(float(np.mean(ps)), 3), "expression_error": round(float(np.mean(ex)), 4)}
+                    out.append(row)
+                    print(f"ladder K={k} steps={steps} stride={stride} L={la}: psnr {row['score']:.2f} "
+                          f"expr {row['expression_error']:.4f}", flush=True)
+    if args.ladder_out:
+        Path(args.ladder_out).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", default="weights/mini")
@@ -69,6 +107,9 @@ def main(argv=None):
     ap.add_argument("--emo-cfg", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="speed_quality_mini")
+    ap.add_argument("--ladder", action="store_true", help="also measure every budget of the live controller's ladder")
+    ap.add_argument("--ladder-out", default=None, help="write the measured ladder table here (e.g. weights/mini/"
+                                                       "quality_ladder.json, which the engine reads)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -125,6 +166,7 @@ def main(argv=None):
               f"psnr {row['psnr']:.2f}  expr {row['expression_error']:.4f}  vs full: psnr {row['psnr_vs_full']:.2f} "
               f"latent err {row['latent_err_vs_full']:.3f}", flush=True)
 
+    ladder = measure_ladder(models, clips, reader, base, args) if args.ladder else []
     by = {r["name"]: r for r in rows}
     verdict = []
     for k in (2, 3, 5):
@@ -136,7 +178,7 @@ def main(argv=None):
                         "latent_err_vs_full": {r["name"]: round(r["latent_err_vs_full"], 4) for r in (a, t, f)},
                         "psnr_vs_gt": {r["name"]: round(r["psnr"], 2) for r in (a, t, f)},
                         "expression_error": {r["name"]: round(r["expression_error"], 4) for r in (a, t, f)}})
-    payload = {"rows": rows, "equal_passes": verdict,
+    payload = {"rows": rows, "equal_passes": verdict, "ladder": ladder,
                "not_measured": ["FP8 (GPU only)", "guidance economy (other work)"],
                "config": {"weights": args.weights, "videos": args.videos, "frames_per_video": args.frames,
                           "steps": args.steps, "emo_cfg": args.emo_cfg, "reference": "offline WSWS W3 O1, full compute",

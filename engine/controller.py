@@ -75,6 +75,25 @@ class ControllerConfig:
     patience: int = 3  # windows between decisions
     warmup_windows: int = 1  # the first windows pay one-off costs (allocations, kernel selection): not judged
     enabled: bool = True
+    # Measured quality of budgets, higher is better, keyed by `quality_key(budget)` (bench/speed_quality.py's ladder
+    # on the trained mini: PSNR against held-out ground truth). Given, the ladder is ordered by it instead of by
+    # cost; budgets it lacks come after every measured one, in cost order.
+    quality: dict | None = None
+
+
+def quality_key(b: Budget) -> tuple[int, int, int, bool]:
+    """(interval, steps, stride, without lookahead): how a measured quality table names a budget."""
+    return b.interval, b.steps, b.stride, b.lookahead == 0
+
+
+def load_quality(path) -> dict:
+    """A measured quality table from a JSON list of {"interval", "steps", "stride", "no_lookahead", "score"}."""
+    import json
+    from pathlib import Path
+
+    rows = json.loads(Path(path).read_text())
+    return {(int(r["interval"]), int(r["steps"]), int(r["stride"]), bool(r["no_lookahead"])): float(r["score"])
+            for r in rows}
 
 
 class BudgetController:
@@ -95,9 +114,15 @@ class BudgetController:
         budgets = {Budget(k, s, st, la) for k in range(initial.interval, max(initial.interval, k_max) + 1)
                    for s in range(min_steps, initial.steps + 1) for st in strides for la in looks}
         # Quality order: most expensive per emitted frame first; ties prefer low K, many steps, small stride, and
-        # the configured lookahead over none.
-        self.ladder = sorted(budgets, key=lambda b: (-b.units() / b.stride, b.interval, -b.steps, b.stride,
-                                                     b.lookahead == 0))
+        # the configured lookahead over none. With a measured quality table (cfg.quality), its order instead.
+        cost_order = lambda b: (-b.units() / b.stride, b.interval, -b.steps, b.stride, b.lookahead == 0)  # noqa
+        if cfg.quality:
+            # measured order: best measured quality first; a tie (or an unmeasured budget) falls back to cost
+            score = lambda b: cfg.quality.get(quality_key(b), -math.inf)  # noqa: E731
+            self.ladder = sorted(budgets, key=lambda b: (-score(b), *cost_order(b)))
+        else:
+            self.ladder = sorted(budgets, key=cost_order)
+        self._rank = {b: i for i, b in enumerate(self.ladder)}
         self.rtf: float | None = None  # moving average on the current budget
         self.last_rtf: float | None = None
         # Cost of one unit: seeded from the engine's warm-up timings (one DiT call, one decode) when given, then a
@@ -230,14 +255,19 @@ class BudgetController:
                                         f"{self.predicted_rtf(choice):.2f})")
         if self._fast >= self.cfg.patience and backlog_frames <= inherent:
             # a raise keeps 10% of the latency target spare, or measurement noise would cut it again at once
-            richer = [b for b in self._allowed(0.9) if b.units() / b.stride > self.budget.units() / self.budget.stride
-                      and self.predicted_rtf(b) >= self.cfg.target_rtf]
+            richer = [b for b in self._allowed(0.9) if self._better(b) and self.predicted_rtf(b) >= self.cfg.target_rtf]
             if richer:
                 choice = richer[-1]  # the smallest step up
                 return self._change(choice, f"real-time factor {self.rtf:.2f} > {self.cfg.raise_above}: raised "
                                             f"to {self._describe(choice)}")
         self.reason = f"holding {self._describe(self.budget)}: real-time factor {self.rtf:.2f}"
         return None
+
+    def _better(self, b: Budget) -> bool:
+        """b is a step up from the current budget: above it on a measured-quality ladder, else costlier per frame."""
+        if self.cfg.quality:
+            return self._rank[b] < self._rank.get(self.budget, len(self.ladder))
+        return b.units() / b.stride > self.budget.units() / self.budget.stride
 
     def _change(self, budget: Budget, reason: str) -> Budget:
         self.budget = budget

@@ -31,6 +31,7 @@ from engine.sampler import DISTILLED_TIMESTEPS, distilled_schedule, flow_schedul
 from engine.weights import WeightsError, find_file
 
 MINI_SIZE = 128  # the mini preset's training resolution
+QUALITY_LADDER_FILE = "quality_ladder.json"  # bench/speed_quality.py --ladder-out: measured budget quality
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
@@ -146,6 +147,7 @@ class FlashPortraitEngine:
         self.lock = threading.RLock()  # GPU work of the sessions sharing this engine, one at a time
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # rolling windows
         self.loaded = False
+        self.quality: dict | None = None  # measured budget quality for the controller's ladder (see _load_mini)
         self.warm_up_s: float | None = None
         self.timings: dict = {}  # measured_costs(): seconds of one DiT call and of one latent frame's decode
         self.sessions = 0  # open renderer sessions (close() decrements)
@@ -321,6 +323,12 @@ class FlashPortraitEngine:
             self.dit, self.portrait, self.expression, self.clip, self.vae = m.dit, m.portrait, m.expression, m.clip, \
                 m.vae
             self.context = m.context
+            table = Path(self.weights_dir) / QUALITY_LADDER_FILE
+            if table.is_file():
+                from engine.controller import load_quality
+
+                self.quality = load_quality(table)
+                self.notes.append(f"controller ladder ordered by measured quality ({QUALITY_LADDER_FILE})")
             if self.sampler_cfg.fast:
                 self.notes.append("mini: no distillation LoRA exists for it; the 4-step schedule runs on the base DiT")
 

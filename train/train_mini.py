@@ -3,6 +3,7 @@
     python -m train.data                                    # cache 128x128 crops + face-mesh landmarks (once)
     python -m train.train_mini --stage vae --minutes 6      # autoencoder, then its latent statistics
     python -m train.train_mini --stage dit --minutes 22     # DiT + NFEB + PortraitEncoder + expression encoder
+    python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone (latent space frozen)
     python -m train.train_mini --export weights/mini        # the published file layout, loadable by --weights
 
 Resumable: every stage keeps `<run>/<stage>.ckpt` (model, optimizer, step, RNG states), written every
@@ -238,9 +239,48 @@ def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     print(f"vae done at step {step}; latent std {vae.latent_std.mean():.3f}", flush=True)
 
 
-def load_trained_vae(run: Path, preset: ModelPreset) -> MiniVAE:
+def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
+    """Stage "decoder": more training of the autoencoder's decoder alone, the encoder (and so the latent space the
+    DiT was trained on, with its statistics) frozen. Reads vae.ckpt, writes decoder.ckpt (export prefers it)."""
+    vae = load_trained_vae(run, preset)
+    params = [p for n, p in vae.named_parameters() if not n.startswith(("encoder.", "first_in.", "group_in."))]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=args.lr_vae / 2, weight_decay=0.0)
+    gen, tgen = np.random.default_rng(args.seed + 2), torch.Generator().manual_seed(args.seed + 2)
+    ckpt = run / "decoder.ckpt"
+    step, log = load_state(ckpt, vae, opt, gen, tgen)
+    t0 = time.time()
+    while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        video = data.sample(args.vae_batch, 5, gen)["video"]
+        if args.vae_crop < video.shape[-1]:
+            c = args.vae_crop
+            i, j = (int(v) for v in gen.integers(0, video.shape[-1] - c + 1, size=2) // 8 * 8)
+            video = video[..., i:i + c, j:j + c]
+        with torch.no_grad():
+            raw = vae.encode_raw(video)
+        out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw))
+        loss = F.l1_loss(out, video) + F.mse_loss(out, video)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        log.append((step, loss.item(), time.time() - t0))
+        if step % 25 == 0:
+            print(f"decoder step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
+                  flush=True)
+        if step % args.save_every == 0:
+            save_state(ckpt, vae, opt, step, gen, tgen, log)
+    save_state(ckpt, vae, opt, step, gen, tgen, log)
+    print(f"decoder done at step {step}", flush=True)
+
+
+def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> MiniVAE:
+    """The trained autoencoder; `decoder` True takes the decoder-stage weights when that stage ran."""
     vae = MiniVAE(preset.autoencoder)
-    st = torch.load(run / "vae.ckpt", map_location="cpu", weights_only=False)
+    path = run / "decoder.ckpt" if decoder and (run / "decoder.ckpt").exists() else run / "vae.ckpt"
+    st = torch.load(path, map_location="cpu", weights_only=False)
     vae.load_state_dict(st["model"])
     return vae.eval().requires_grad_(False)
 
@@ -288,7 +328,7 @@ def export(run: Path, out: Path, preset: ModelPreset) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = MiniPortrait(preset)
     model.load_state_dict(torch.load(run / "dit.ckpt", map_location="cpu", weights_only=False)["model"])
-    vae = load_trained_vae(run, preset)
+    vae = load_trained_vae(run, preset, decoder=True)
 
     def dump(module_or_sd, name):
         sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
@@ -306,7 +346,8 @@ def export(run: Path, out: Path, preset: ModelPreset) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stage", choices=["vae", "dit"], help="train this stage (resumes from <run>/<stage>.ckpt)")
+    ap.add_argument("--stage", choices=["vae", "dit", "decoder"],
+                    help="train this stage (resumes from <run>/<stage>.ckpt)")
     ap.add_argument("--export", metavar="DIR", help="write the trained checkpoint in the published layout to DIR")
     ap.add_argument("--run", default="runs/mini", help="training state folder")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
@@ -328,7 +369,7 @@ def main(argv=None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     if args.stage:
         data = ClipDataset(load_cache(args.cache), "train")
-        (train_vae if args.stage == "vae" else train_dit)(args, preset, data, run)
+        {"vae": train_vae, "dit": train_dit, "decoder": train_decoder}[args.stage](args, preset, data, run)
     if args.export:
         export(run, Path(args.export), preset)
 
