@@ -5,7 +5,7 @@
 Self-reenactment on the last 20% of every driving video (never seen in training, train/data.py): the reference is
 the segment's first frame, the driving signal its frames' face-mesh landmarks, the ground truth the frames
 themselves (128x128 crops from the training cache; `python -m train.data` builds it). Methods:
-    mini     engine/mini.render_clip: offline step-major WSWS (window 3 latent frames, overlap 1), --steps flow
+    mini     engine/mini.render_clip: offline step-major WSWS (window 3 latent frames, overlap 2), --steps flow
              steps, emotion guidance --emo-cfg (two passes per step, one batch)
     static   the reference frame repeated (what a frozen avatar scores)
     preview  engine/preview.PreviewRenderer driven by the ground-truth frames (mesh warp of the reference)
@@ -173,10 +173,14 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--emo-cfg", type=float, default=4.0)
     ap.add_argument("--window", type=int, default=3)
-    ap.add_argument("--overlap", type=int, default=1)
+    ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--videos", nargs="*", default=None, help="subset of video names (default: all)")
     ap.add_argument("--max-frames", type=int, default=None, help="cap per held-out segment (quick runs)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--split", choices=["test", "train"], default="test",
+                    help="test: the held-out 20%% (the result); train: the last frames before it (for choosing "
+                         "settings without looking at the held-out frames)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: two are far slower on a busy 2-core machine)")
     ap.add_argument("--name", default="quality_mini")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -199,6 +203,8 @@ def main(argv=None):
     t_render = 0.0
     for v in videos:
         a, b = split_range(len(v.frames), "test")
+        if args.split == "train":  # tuning runs: the end of the training part, never the held-out frames
+            a, b = max(0, a - (args.max_frames or 41)), a
         if args.max_frames:
             b = min(b, a + args.max_frames)
         truth = ((v.frames[a:b].permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -253,7 +259,8 @@ def main(argv=None):
                      for m, c in curves.items()},
                   "curves": curves},
         "per_video": per_video,
-        "config": {"weights": args.weights, "steps": args.steps, "emo_cfg": args.emo_cfg, "window": args.window,
+        "config": {"weights": args.weights, "split": args.split, "steps": args.steps, "emo_cfg": args.emo_cfg,
+                   "window": args.window,
                    "overlap": args.overlap, "size": models.size, "max_frames": args.max_frames,
                    "render_seconds": round(t_render, 1), "threads": args.threads},
     }

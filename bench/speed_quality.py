@@ -4,7 +4,7 @@
 
 Held-out segments (the last 20% of --videos, capped at --frames frames each) are rendered by engine/mini.render_clip
 with every configuration below, all from the same noise. Reference: full compute, --steps flow-matching steps
-(shift 5), emotion guidance 4 (one batch of 2 per DiT call), offline step-major WSWS, window 3, overlap 1.
+(shift 5), emotion guidance --emo-cfg (one batch of 2 per DiT call), offline step-major WSWS, window 3, overlap 2.
 Configurations (each a row):
     full                    the reference
     4-step                  the distilled schedule's timesteps (1000, 750, 500, 250) on the mini (no LoRA exists
@@ -105,7 +105,8 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=41)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--emo-cfg", type=float, default=4.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: two are far slower on a busy 2-core machine)")
     ap.add_argument("--name", default="speed_quality_mini")
     ap.add_argument("--ladder", action="store_true", help="also measure every budget of the live controller's ladder")
     ap.add_argument("--ladder-out", default=None, help="write the measured ladder table here (e.g. weights/mini/"
@@ -119,7 +120,7 @@ def main(argv=None):
     models = load_mini(args.weights)
     videos = [v for v in load_cache(DEFAULT_CACHE) if v.name in args.videos]
     reader = MeshReader()
-    base = RenderSettings(steps=args.steps, emo_cfg=args.emo_cfg, window=3, overlap=1)
+    base = RenderSettings(steps=args.steps, emo_cfg=args.emo_cfg, window=3, overlap=2)
     clips = []
     for v in videos:
         a, b = split_range(len(v.frames), "test")
@@ -181,7 +182,7 @@ def main(argv=None):
     payload = {"rows": rows, "equal_passes": verdict, "ladder": ladder,
                "not_measured": ["FP8 (GPU only)", "guidance economy (other work)"],
                "config": {"weights": args.weights, "videos": args.videos, "frames_per_video": args.frames,
-                          "steps": args.steps, "emo_cfg": args.emo_cfg, "reference": "offline WSWS W3 O1, full compute",
+                          "steps": args.steps, "emo_cfg": args.emo_cfg, "reference": "offline WSWS W3 O2, full compute",
                           "threads": args.threads}}
     path = write_result(args.name, payload)
     for v in verdict:

@@ -429,8 +429,12 @@ class FlashPortraitEngine:
                 "warm_up_s": None if self.warm_up_s is None else round(self.warm_up_s, 2),
                 "warm_up_pass_ms": round(1e3 * self.timings["pass_s"], 2) if self.timings else None,
                 "warm_up_decode_latent_ms": round(1e3 * self.timings["decode_latent_s"], 2) if self.timings else None,
-                "decoder": "mini" if self.preset.autoencoder is not None else "tiny"
-                if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None else "wan", "sessions": self.sessions, "notes": self.notes}
+                "decoder": self._decoder_name(), "sessions": self.sessions, "notes": self.notes}
+
+    def _decoder_name(self) -> str:
+        if self.preset.autoencoder is not None:
+            return "mini"
+        return "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None else "wan"
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,9 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   flow matching as Wan: x_t = (1 - s) x0 + s noise, target noise - x0, s = shift(u) with u uniform and shift 5
   (uniform draws on the shifted grid, as `--uniform_sampling` does), timestep 1000 s;
   y = [mask 4 | latent of (reference, zeros...)]: the mask flags latent 0 as the given image, as Wan I2V builds it;
-  the reference is another frame of the same video (self-reenactment), not the clip's first frame;
+  the reference is a frame of the same video (self-reenactment): the clip's own first frame for half the samples
+  (as Wan / FlashPortrait's I2V clips: latent 0 is the given image, which teaches the copy path from y), another
+  frame of the video for the other half (what later windows and a real reference image look like);
   expression tokens per clip: latent 0 gets its own first frame's 24 tokens + 73 zeros, latent i >= 1 the 97 tokens
   [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens);
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
@@ -26,6 +28,9 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
 The text context is one learned (text_len, text_dim) tensor (the prompt is fixed); the CLIP tower is a small ViT
 trained jointly. Latents of every frame position are precomputed once with the trained autoencoder, so a DiT step
 touches no pixels.
+
+Threads: on a shared 2-core machine (load average 7-12 from other work) one DiT step took 1.3-1.7 s with one torch
+thread and 20-47 s with two (OpenMP workers waiting on each other at every op), so the default is one.
 """
 from __future__ import annotations
 
@@ -138,16 +143,19 @@ def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Te
     return (iny[..., :, None] & inx[..., None, :]).float()
 
 
-def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator):
+def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator,
+              ref_first: float = 0.0):
     """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
-    (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w)."""
+    (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
+    clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
+    the same video and split."""
     frames = 1 + 4 * k
     x0, y, refs, lms = [], [], [], []
     for _ in range(batch):
         v = int(gen.choice(len(data.videos), p=data.weights))
         a, b = data.ranges[v]
         s = int(gen.integers(a, b - frames + 1))
-        r = int(gen.integers(a, b))
+        r = s if gen.random() < ref_first else int(gen.integers(a, b))
         x0.append(bank.clip(v, s, k))
         ref = torch.stack([bank.first[v][r]] + [bank.zero_group] * k, dim=1)
         mask = torch.zeros(4, *ref.shape[1:])
@@ -299,7 +307,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         k = int(gen.choice(args.latents)) - 1
-        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen)
+        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr)
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen)
@@ -344,23 +352,58 @@ def export(run: Path, out: Path, preset: ModelPreset) -> None:
                                                 for p in sorted(out.iterdir())))
 
 
+def training_curves(run: Path, out: Path) -> None:
+    """The loss curves of every stage run so far (from the checkpoints' logs) -> out.json and out.png."""
+    import json
+
+    curves = {}
+    for stage in ("vae", "dit", "decoder"):
+        path = run / f"{stage}.ckpt"
+        if path.exists():
+            log = torch.load(path, map_location="cpu", weights_only=False)["log"]
+            steps, losses = np.array([s for s, _, _ in log]), np.array([l for _, l, _ in log])
+            k = 25
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) >= k else losses
+            curves[stage] = {"steps": steps[len(steps) - len(smooth):].tolist()[::5],
+                             "loss_mean25": [round(float(x), 4) for x in smooth[::5]], "final_step": int(steps[-1])}
+    out.with_suffix(".json").write_text(json.dumps(curves) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4))
+    for ax, (stage, c) in zip(np.atleast_1d(axes), curves.items()):
+        ax.plot(c["steps"], c["loss_mean25"])
+        ax.set_title(f"{stage} loss (mean of 25 steps)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["vae", "dit", "decoder"],
                     help="train this stage (resumes from <run>/<stage>.ckpt)")
     ap.add_argument("--export", metavar="DIR", help="write the trained checkpoint in the published layout to DIR")
     ap.add_argument("--run", default="runs/mini", help="training state folder")
+    ap.add_argument("--curves", metavar="PATH", help="write the loss curves (PATH.json, PATH.png)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--minutes", type=float, default=20.0, help="wall-time budget of this invocation")
     ap.add_argument("--steps", type=int, default=10**9, help="total steps of the stage")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latents", type=int, nargs="+", default=[3, 4], help="latent frames per clip (drawn)")
+    ap.add_argument("--ref-first", type=float, default=0.5,
+                    help="probability that a clip's reference is its own first frame (else another frame)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-crop", type=int, default=64)
     ap.add_argument("--lr-vae", type=float, default=1e-3)
     ap.add_argument("--save-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -372,6 +415,8 @@ def main(argv=None) -> None:
         {"vae": train_vae, "dit": train_dit, "decoder": train_decoder}[args.stage](args, preset, data, run)
     if args.export:
         export(run, Path(args.export), preset)
+    if args.curves:
+        training_curves(run, Path(args.curves))
 
 
 if __name__ == "__main__":
