@@ -19,8 +19,9 @@ shared 2-core machine: indicative only), PSNR and SSIM against the ground truth,
 against the ground truth (bench/quality.py's), and the deviation from the reference output (PSNR between the two
 videos, and the relative L2 error of the final latents). FP8 (GPU only) and the guidance economy are not measured
 here (other work): rows for them are absent, not guessed.
---ladder adds every budget of the live controller's ladder, scored by PSNR against the ground truth; --ladder-out
-writes that table where the engine reads it (weights/mini/quality_ladder.json orders the controller's ladder).
+--ladder adds every budget of the live controller's ladder, scored by its latent error against the top budget;
+--ladder-out writes that table where the engine reads it (weights/mini/quality_ladder.json orders the controller's
+ladder, engine/controller.load_quality_table).
 """
 from __future__ import annotations
 
@@ -65,36 +66,42 @@ def configs(steps: int) -> list[tuple[str, str, dict]]:
 def measure_ladder(models, clips, reader, base, args) -> list[dict]:
     """Every budget of the live controller's ladder (engine/controller.py) at the live window (3 latent frames,
     4-step schedule, output-feature ALPA cache): ALPA K 1..3, steps 2..4, stride 1..2, lookahead 1 or 0, rendered
-    rolling; score = PSNR against the ground truth (dB). Writes the table the controller reads (--ladder-out)."""
+    rolling. error = relative L2 error of the final latents against the top budget's (K 1, 4 steps, stride 1,
+    lookahead 1), what the speed tricks cost; PSNR and expression error against the ground truth alongside.
+    --ladder-out writes the controller's table (rows interval, steps, stride, error; lookahead 1)."""
     import json
 
     from engine.config import ALPAConfig
     from engine.mini import render_clip
 
-    out = []
+    out, top = [], {}
     for k in (1, 2, 3):
-        for steps in (2, 3, 4):
+        for steps in (4, 3, 2):
             for stride in (1, 2):
                 for la in (1, 0):
                     s = replace(base, rolling=True, window=3, overlap=3 - stride, fast=True, steps=steps,
                                 lookahead=min(la, 3 - stride),
                                 alpa=ALPAConfig(mode="alpa" if k > 1 else "off", interval=k, cache="output"))
-                    ps, ex = [], []
-                    for _, truth, lm, truth_pts in clips:
+                    ps, ex, dev = [], [], []
+                    for name, truth, lm, truth_pts in clips:
                         o = render_clip(models, truth[0], lm, s)
+                        top.setdefault(name, o)  # the first budget, (K 1, 4 steps, stride 1, L 1), is the top one
+                        dev.append(float((o.latents - top[name].latents).norm() / top[name].latents.norm()))
                         for t, (f, g) in enumerate(zip(o.frames, truth)):
                             ps.append(psnr(f, g))
                             gp = truth_pts[t]
                             op = reader(f) if gp is not None else None
                             if gp is not None and op is not None:
                                 ex.append(float(np.abs(expression(op, iod_of(gp)) - expression(gp, iod_of(gp))).mean()))
-                    row = {"interval": k, "steps": steps, "stride": stride, "no_lookahead": la == 0,
-                           "score": round(float(np.mean(ps)), 3), "expression_error": round(float(np.mean(ex)), 4)}
+                    row = {"interval": k, "steps": steps, "stride": stride, "lookahead": la,
+                           "error": round(float(np.mean(dev)), 4), "psnr": round(float(np.mean(ps)), 3),
+                           "expression_error_vs_truth": round(float(np.mean(ex)), 4) if ex else None}
                     out.append(row)
-                    print(f"ladder K={k} steps={steps} stride={stride} L={la}: psnr {row['score']:.2f} "
-                          f"expr {row['expression_error']:.4f}", flush=True)
-    if args.ladder_out:
-        Path(args.ladder_out).write_text(json.dumps(out, indent=1) + "\n")
+                    print(f"ladder K={k} steps={steps} stride={stride} L={la}: latent error vs top {row['error']:.3f} "
+                          f"psnr {row['psnr']:.2f} expr {row['expression_error_vs_truth']}", flush=True)
+    if args.ladder_out:  # the controller's table (engine/controller.load_quality_table): lookahead 1 rows
+        table = [{k: r[k] for k in ("interval", "steps", "stride", "error")} for r in out if r["lookahead"] == 1]
+        Path(args.ladder_out).write_text(json.dumps(table, indent=1) + "\n")
     return out
 
 

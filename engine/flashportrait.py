@@ -325,9 +325,9 @@ class FlashPortraitEngine:
             self.context = m.context
             table = Path(self.weights_dir) / QUALITY_LADDER_FILE
             if table.is_file():
-                from engine.controller import load_quality
+                from engine.controller import load_quality_table
 
-                self.quality = load_quality(table)
+                self.quality = load_quality_table(table)
                 self.notes.append(f"controller ladder ordered by measured quality ({QUALITY_LADDER_FILE})")
             if self.sampler_cfg.fast:
                 self.notes.append("mini: no distillation LoRA exists for it; the 4-step schedule runs on the base DiT")

@@ -28,7 +28,7 @@ import torch
 from engine.config import ALPAConfig, ModelPreset, get_preset
 from engine.models.mini_expression import landmark_features, load_landmark_expression
 from engine.models.mini_vae import StreamingMiniDecoder, load_mini_vae
-from engine.models.portrait_encoder import group_latent_tokens, window_tokens
+from engine.models.portrait_encoder import group_latent_tokens, window_latent_tokens
 from engine.sampler import Sampler, distilled_schedule, flow_schedule
 from engine.weights import find_file, load_dit, load_into, load_portrait_encoder, load_state_dict
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -256,7 +256,7 @@ def render_clip(models: MiniModels, reference: np.ndarray, landmarks: np.ndarray
             real = max(1, W - s.overlap + s.lookahead)
             if real < n:
                 emo = torch.cat([emo[:real], emo[real - 1:real].expand(n - real, -1, -1)])
-        emo = window_tokens(emo, win.start, per)
+        emo = window_latent_tokens(emo, win.start, per)
         key = "window" if s.rolling else win.index
         flows = cached(x.expand(B, -1, -1, -1, -1), i, ctx_img, ctx_txt, y[:, :, :n], emo[None].expand(B, -1, -1, -1),
                        ip_scale=ip if B > 1 else 1.0, key=key, kv=kv)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.models.portrait_encoder import window_tokens
+from engine.models.portrait_encoder import window_latent_tokens
 from engine.models.mini_expression import landmark_features
 from engine.models.mini_vae import MiniVAE, StreamingMiniDecoder
 from tests.conftest import data_file, video_frames
@@ -63,7 +63,7 @@ def test_mini_tokens_follow_the_per_clip_layout(clip):
     for i in (1, 2):                                                        # latent i: tokens [96i-73, 96i+23]
         torch.testing.assert_close(emo[0, i], per_frame[0, 96 * i - 73:96 * i + 24])
     # a window starting at latent 1 rebuilds its first latent as frame 4's 24 tokens + 73 zeros
-    win = window_tokens(emo[0, 1:], 1, 24)
+    win = window_latent_tokens(emo[0, 1:], 1, 24)
     torch.testing.assert_close(win[0, :24], per_frame[0, 96:120])
     assert win[0, 24:].abs().max() == 0
     torch.testing.assert_close(win[1], emo[0, 2])
