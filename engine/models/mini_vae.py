@@ -12,6 +12,14 @@ frames' features, then a shared per-frame 2D decoder. A latent depends on its ow
 so streaming decode is exact: `StreamingMiniDecoder` turns a stream's first latent into 1 frame and every later one
 into 4, like the Wan VAE's and TAEHV's streaming decoders.
 
+Known limitation: `first_in` and `group_in` are separate maps, so a stream's first latent and the later ones live in
+different spaces (the Wan VAE's causal convs keep them compatible). A context window that does not start at the
+video's first latent still treats its latent 0 as a "first" latent (the y mask, the per-window tokens), so the DiT
+generates a first-type latent there, which decodes as a washed-out frame through `group_out`. Windows with an
+overlap of 2 or more never emit it (WSWS takes a window's first latent entirely from the previous window); with
+overlap 1 those frames are visibly wrong. The fix is to encode frame 0 through the group path (as a group of four
+copies of itself) so every latent shares one space; it needs the autoencoder and the DiT retrained.
+
 Latents are normalised per channel with `latent_mean` / `latent_std` (buffers in the checkpoint, measured on the
 training set after the autoencoder is trained), as Wan normalises with its fixed statistics.
 """
