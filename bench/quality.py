@@ -9,7 +9,7 @@ themselves (128x128 crops from the training cache; `python -m train.data` builds
              steps, emotion guidance --emo-cfg (two passes per step, one batch)
     static   the reference frame repeated (what a frozen avatar scores)
     preview  engine/preview.PreviewRenderer driven by the ground-truth frames (mesh warp of the reference)
-Metrics per frame, averaged over all held-out frames:
+Metrics per frame, averaged over all held-out frames but each segment's first (the reference itself):
     psnr, ssim (Gaussian 11x11, sigma 1.5, on luma)
     expression error: mediapipe face mesh (static mode, 2x upscale) of output and ground truth; mouth opening
         (13-14), eye opening (159-145, 386-374), head pose (yaw, pitch: nose tip 1 relative to the iris midpoint;
@@ -52,9 +52,10 @@ EXPR_KEYS = ("mouth", "eyes", "yaw", "pitch", "roll")
 # --------------------------------------------------------------------------------------------------------------
 # metrics
 # --------------------------------------------------------------------------------------------------------------
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
+def psnr(a: np.ndarray, b: np.ndarray, cap: float = 60.0) -> float:
+    """PSNR in dB, capped at `cap` (identical frames would otherwise weigh infinitely in a mean)."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+    return float(min(cap, 10 * np.log10(255.0 ** 2 / max(mse, 1e-10))))
 
 
 def _luma(x: np.ndarray) -> np.ndarray:
@@ -137,6 +138,8 @@ def score(outputs: np.ndarray, truth: np.ndarray, truth_pts, static_err, reader:
     """Per-frame psnr, ssim, expression error (and its parts), face-missed flags."""
     rows = {"psnr": [], "ssim": [], "expr": [], "parts": [], "missed": []}
     for t, (o, g) in enumerate(zip(outputs, truth)):
+        if t == 0:  # the reference itself: the static baseline would score it perfectly
+            continue
         rows["psnr"].append(psnr(o, g))
         rows["ssim"].append(ssim(o, g))
         gp = truth_pts[t]
