@@ -232,8 +232,16 @@ class RuntimeConfig:
     compile: bool = True  # torch.compile the fixed-shape DiT step
     cuda_graphs: bool = True  # capture the compiled step into a CUDA graph
     attention: str = "auto"  # auto | sdpa | flash | cudnn | fa3 | math
-    fp8: bool = False  # e4m3 weights for the DiT linears (large presets)
+    fp8: bool = False  # e4m3 weights for the DiT block linears, inside the compiled step (large presets)
+    fp8_scaling: str = "rowwise"  # rowwise (per token / per output row) | tensorwise (one scale each: faster GEMMs)
     fused_kernels: bool = True  # Triton RMSNorm+RoPE and LayerNorm+modulation on CUDA
+    # The 24 GB mode (--low-vram): the DiT is built or loaded block by block straight into FP8 (the bf16 model never
+    # sits on the device whole), and CLIP / umT5 / the Wan VAE encoder are freed once the conditioning exists.
+    low_vram: bool = False
+    # Live guidance economy (engine/guidance.py): the no-expression branch is computed at one expression full pass
+    # in `emo_refresh` (the pair as one batch of 2) and estimated from the last guidance difference at the others
+    # (the expression branch alone, batch 1). 1 = the pair at every pass; None = auto (engine.guidance.auto_refresh).
+    emo_refresh: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
