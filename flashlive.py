@@ -66,7 +66,8 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_size, default=(512, 512), help="output WIDTHxHEIGHT (default 512x512)")
     g.add_argument("--fps", type=float, default=None, help="output fps (serve: default 25; render: the driving fps)")
     g.add_argument("--weights", default="weights", help="folder with the FlashPortrait / Wan2.1 checkpoints")
-    g.add_argument("--preset", default="14b", help="model preset: tiny, 1.3b or 14b (flashportrait)")
+    g.add_argument("--preset", default="14b",
+                   help="model preset: tiny, mini (trained here: CPU, 128x128), 1.3b or 14b (flashportrait)")
     g.add_argument("--device", default=None, help="torch device for flashportrait (default cuda)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (flashportrait; default bf16)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (flashportrait)")

@@ -38,6 +38,9 @@ from engine.config import ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig,
 from engine.sampler import DISTILLED_TIMESTEPS, distilled_schedule, flow_schedule
 from engine.weights import WeightsError, find_file
 
+MINI_SIZE = 128  # the mini preset's training resolution
+QUALITY_LADDER_FILE = "quality_ladder.json"  # bench/speed_quality.py --ladder-out: measured budget quality
+
 log = logging.getLogger("flashlive.engine")
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
@@ -150,6 +153,9 @@ class FlashPortraitEngine:
             raise ValueError(f"The flashportrait renderer needs a size divisible by 16 (got {width}x{height}): "
                              f"pass --size 512x512 or another multiple of 16.")
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
+        if self.preset.autoencoder is not None and (width, height) != (MINI_SIZE, MINI_SIZE):
+            raise ValueError(f"The {self.preset.name} preset renders {MINI_SIZE}x{MINI_SIZE} (what it was trained at, "
+                             f"got {width}x{height}): pass --size {MINI_SIZE}x{MINI_SIZE}.")
         self.runtime = runtime or RuntimeConfig()
         if self.runtime.fp8_scaling not in ("rowwise", "tensorwise"):
             raise ValueError(f"Unknown FP8 scaling {self.runtime.fp8_scaling!r}: pass --fp8-scaling rowwise or "
@@ -179,6 +185,7 @@ class FlashPortraitEngine:
         self.lock = threading.RLock()  # GPU work of the sessions sharing this engine, one at a time
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # rolling windows
         self.loaded = False
+        self.quality: dict | None = None  # measured budget quality for the controller's ladder (see _load_mini)
         self.warm_up_s: float | None = None
         self.timings: dict = {}  # measured_costs(): seconds of one DiT call and of one latent frame's decode
         self.sessions = 0  # open renderer sessions (close() decrements)
@@ -230,7 +237,8 @@ class FlashPortraitEngine:
             self._load()
             log.info("warm-up 2/4: reference conditioning (%.1f s so far)", time.perf_counter() - t0)
             self._build_conditioning()
-            log.info("warm-up 3/4: building the DiT step: compile, CUDA graphs (%.1f s so far)", time.perf_counter() - t0)
+            log.info("warm-up 3/4: building the DiT step: compile, CUDA graphs (%.1f s so far)",
+                     time.perf_counter() - t0)
             self._build_step()
             if self.runtime.low_vram:
                 from engine.low_vram import release_encoders
@@ -313,7 +321,10 @@ class FlashPortraitEngine:
         p, dev, dt = self.preset, self.device, self.dtype
         fan_cfg = FanEncoderConfig.tiny() if p.name == "tiny" else FanEncoderConfig()
         wd = self.weights_dir
-        if self.random_weights:
+        self.expression = None
+        if p.autoencoder is not None:
+            self._load_mini()
+        elif self.random_weights:
             from engine.low_vram import random_dit_blockwise
 
             # WanModel's own random weights, made module by module on the device (no fp32 copy of all 14B
@@ -369,6 +380,43 @@ class FlashPortraitEngine:
             if not self.runtime.low_vram:
                 encode_prompt()
         self.loaded = True
+
+    def _load_mini(self) -> None:
+        """The trained `mini` preset (engine/mini.py): its own autoencoder decodes, face-mesh landmarks through its
+        expression encoder stand in for PD-FGC, its text context is one stored tensor. No FanEncoder, no TAEHV."""
+        from engine.mini import load_mini
+        from engine.models.clip_vision import ClipVision
+        from engine.models.dit import WanModel
+        from engine.models.mini_expression import LandmarkExpressionEncoder
+        from engine.models.mini_vae import MiniVAE
+        from engine.models.portrait_encoder import PortraitEncoder
+
+        p, dev, dt = self.preset, self.device, self.dtype
+        self.fan = self.tiny_vae = None
+        if self.random_weights:
+            torch.manual_seed(self.options.seed)
+            with torch.device(dev):
+                self.dit = WanModel(p.dit).to(dt).eval().requires_grad_(False)
+                self.portrait = PortraitEncoder(p.portrait).to(dt).eval().requires_grad_(False)
+                self.expression = LandmarkExpressionEncoder(p.landmark_expression, p.portrait).to(dt).eval()
+                self.clip = ClipVision(p.clip).to(dt).eval().requires_grad_(False)
+                self.vae = MiniVAE(p.autoencoder).to(dt).eval().requires_grad_(False)
+            self.context = torch.randn(1, p.dit.text_len, p.dit.text_dim, device=dev, dtype=dt,
+                                       generator=torch.Generator(dev).manual_seed(self.options.seed + 1))
+            self.notes.append("random weights: every network is randomly initialised (timing only, output is noise)")
+        else:
+            m = load_mini(self.weights_dir, p, dev, dt)
+            self.dit, self.portrait, self.expression, self.clip, self.vae = m.dit, m.portrait, m.expression, m.clip, \
+                m.vae
+            self.context = m.context
+            table = Path(self.weights_dir) / QUALITY_LADDER_FILE
+            if table.is_file():
+                from engine.controller import load_quality_table
+
+                self.quality = load_quality_table(table)
+                self.notes.append(f"controller ladder ordered by measured quality ({QUALITY_LADDER_FILE})")
+            if self.sampler_cfg.fast:
+                self.notes.append("mini: no distillation LoRA exists for it; the 4-step schedule runs on the base DiT")
 
     @torch.no_grad()
     def _build_conditioning(self) -> None:
@@ -499,6 +547,10 @@ class FlashPortraitEngine:
         from engine.models.tiny_vae import StreamingTinyDecoder
         from engine.models.vae import StreamingDecoder
 
+        if self.preset.autoencoder is not None:
+            from engine.models.mini_vae import StreamingMiniDecoder
+
+            return StreamingMiniDecoder(self.vae)
         if self.options.decoder == "tiny" and self.tiny_vae is not None:
             return StreamingTinyDecoder(self.tiny_vae)
         return StreamingDecoder(self.vae)
@@ -506,6 +558,11 @@ class FlashPortraitEngine:
     def make_extractor(self):
         from engine.models.pdfgc.extractor import ExpressionExtractor, make_landmarks
 
+        if self.preset.autoencoder is not None:  # mini: face-mesh landmarks -> its expression encoder
+            from engine.mini import FaceMeshTracker, MiniExpressionExtractor
+
+            neutral = FaceMeshTracker(static=True)(self.reference)
+            return MiniExpressionExtractor(self.expression, FaceMeshTracker(), neutral_landmarks=neutral)
         if self.options.landmarks is not None:
             landmarks = self.options.landmarks()
         else:
@@ -535,8 +592,12 @@ class FlashPortraitEngine:
                 "warm_up_s": None if self.warm_up_s is None else round(self.warm_up_s, 2),
                 "warm_up_pass_ms": round(1e3 * self.timings["pass_s"], 2) if self.timings else None,
                 "warm_up_decode_latent_ms": round(1e3 * self.timings["decode_latent_s"], 2) if self.timings else None,
-                "decoder": "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None
-                else "wan", "sessions": self.sessions, "notes": self.notes}
+                "decoder": self._decoder_name(), "sessions": self.sessions, "notes": self.notes}
+
+    def _decoder_name(self) -> str:
+        if self.preset.autoencoder is not None:
+            return "mini"
+        return "tiny" if self.options.decoder == "tiny" and getattr(self, "tiny_vae", None) is not None else "wan"
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:

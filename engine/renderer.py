@@ -152,7 +152,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         k_max = 1 if alpa.mode == "off" else max(1, alpa.interval)
         stride0 = eng.window_cfg.stride
         ctl = controller or ControllerConfig(latency_target_ms=latency_target_ms, max_interval=k_max,
-                                             lookahead=lookahead)
+                                             lookahead=lookahead, quality=eng.quality)
         if controller is None and offline:
             ctl.enabled = False
         if ctl.lookahead is None and lookahead is not None:
