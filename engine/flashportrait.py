@@ -40,8 +40,7 @@ from engine.weights import WeightsError, find_file
 
 MINI_SIZE = 128  # the mini preset's training resolution
 QUALITY_LADDER_FILE = "quality_ladder.json"  # bench/speed_quality.py --ladder-out: measured budget quality
-
-log = logging.getLogger("flashlive.engine")
+log = logging.getLogger("flashlive.engine")  # warm-up progress: serve prints it
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
@@ -232,13 +231,9 @@ class FlashPortraitEngine:
             if self.warm_up_s is not None:
                 return self.warm_up_s
             t0 = time.perf_counter()
-            what = "random weights" if self.random_weights else f"weights from {self.weights_dir}"
-            log.info("warm-up 1/4: loading the %s models (%s) on %s", self.preset.name, what, self.device)
+            log.info("warm-up: loading and compiling %s%s", self.preset.name, " (random weights)" * self.random_weights)
             self._load()
-            log.info("warm-up 2/4: reference conditioning (%.1f s so far)", time.perf_counter() - t0)
             self._build_conditioning()
-            log.info("warm-up 3/4: building the DiT step: compile, CUDA graphs (%.1f s so far)",
-                     time.perf_counter() - t0)
             self._build_step()
             if self.runtime.low_vram:
                 from engine.low_vram import release_encoders
@@ -265,7 +260,7 @@ class FlashPortraitEngine:
         with self.lock:
             if not self.timings:
                 self.warm_up()
-                log.info("warm-up 4/4: timing one DiT call and one decode (the budget controller's start)")
+                log.info("warm-up: timing one DiT call and one decode (the budget controller's start)")
                 self.timings = self._measure_costs()
             return self.timings
 

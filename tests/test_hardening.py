@@ -234,7 +234,7 @@ def test_flashportrait_warm_up_prints_progress_before_it_is_warm():
         proc.kill()
         proc.wait(30)
     assert "warming up" in first and "progress follows" in first, first
-    assert "warm-up 1/4: loading the tiny models (random weights)" in progress, progress
+    assert "warm-up: loading and compiling tiny (random weights)" in progress, progress
 
 
 CLIENT = """
