@@ -301,6 +301,7 @@ class PreviewRenderer(ThreadedRenderer):
         self._close_w = np.where(below, np.exp(-(dist.min(1) / 0.2) ** 2), 0.0)
         self._close_w[self._lip_upper] = 0.0
         self._closure = np.zeros(len(q))  # upward shift (normalised units) of each point; set per neutral face
+        self._eye_ratio = np.ones(2)  # the driver's eye opening relative to its open eyes, per eye
 
         # Backward map grid at map_scale resolution, in output pixel units; a coarser one for the background field.
         self.map_scale = float(map_scale)
@@ -407,8 +408,9 @@ class PreviewRenderer(ThreadedRenderer):
         landmarks before the head motion, normalised (y down the face); a changed copy is returned.
         """
         q = q.copy()
-        for (upper, lower), open_gap in zip(self._eye_chains, self._eyes_open):
+        for e, ((upper, lower), open_gap) in enumerate(zip(self._eye_chains, self._eyes_open)):
             ratio = float(np.clip((q_now[lower] - q_now[upper]).imag.sum() / max(open_gap, 1e-3), 0.0, 2.0))
+            self._eye_ratio[e] = ratio
             gap = (self._ref_q[lower] - self._ref_q[upper]).imag * ratio
             mid = (q[upper] + q[lower]) / 2
             q[upper], q[lower] = mid - 0.5j * gap, mid + 0.5j * gap
@@ -537,8 +539,8 @@ class PreviewRenderer(ThreadedRenderer):
             map_x, map_y = self._full_x, self._full_y
         else:
             map_x, map_y = self._map_x, self._map_y
-        for iris, k in zip(IRISES, stretch):
-            self._move_iris(map_x, map_y, target, iris, k)
+        for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
+            self._move_iris(map_x, map_y, target, iris, k, ratio)
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._fill_mouth(out, target)
         return out
@@ -575,16 +577,19 @@ class PreviewRenderer(ThreadedRenderer):
         self._map_y *= alpha
         self._map_y += fy
 
-    def _move_iris(self, map_x: np.ndarray, map_y: np.ndarray, target: np.ndarray, iris: tuple, stretch: float):
+    def _move_iris(self, map_x: np.ndarray, map_y: np.ndarray, target: np.ndarray, iris: tuple, stretch: float,
+                   opening: float):
         """Move the reference's iris inside the eye opening by the gaze in `target` (its iris landmarks relative to
         the eye corners, against the reference's): the backward map around the iris samples the reference iris at
         its own place, the map's shift fading out towards the lids; map_x/map_y are full-resolution, edited in
-        place."""
+        place. The shift fades out as the driver's eye closes (`opening`: its gap relative to the open eye): the face
+        mesh's iris points wander while the lids hide the iris."""
         c, ia, ib, rim = iris
         at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
         r_ref = (self._ref_z[c] - as_) / (bs - as_)
         r_now = (target[c] - at) / (bt - at)
         dr = GAZE_GAIN * complex((r_now - r_ref).real, 0.5 * (r_now - r_ref).imag)
+        dr *= float(np.clip((opening - 0.35) / 0.35, 0.0, 1.0))
         if abs(dr) < 0.004:
             return
         et = bt - at
