@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from engine.config import DiTConfig, get_preset, parse_dtype
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 from kernels import fused
 from kernels.graphs import StepShape, step_forward
 

@@ -14,21 +14,17 @@ User errors print one sentence naming the fix and exit 1.
 from __future__ import annotations
 
 import argparse
+import os
 import runpy
 import shutil
 import socket
 import sys
 from pathlib import Path
 
-import numpy as np
+from engine.build import idle_image, load_reference, renderer_factory
 
 ROOT = Path(__file__).resolve().parent
 RENDERERS = ("preview", "flashportrait")
-# Server-side latency target of live flashportrait (capture -> frame sent): WebRTC adds 30-70 ms on loopback (codecs,
-# one frame of aiortc's jitter buffer at a client without streaming/jitter.py), so the glass-to-glass p95 stays within
-# 0.5 s. With the live window (3, stride 1) it rules out lookahead 1 (4 frames more input wait) unless a window costs
-# under ~30 ms; it also bounds the input queue and the lag (engine/renderer.py).
-LIVE_LATENCY_TARGET_MS = 350.0
 
 
 # --- flags -> config dataclasses ---------------------------------------------------------------------------------
@@ -73,18 +69,6 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
                         "rank 0 runs the command); or launch N processes with torchrun --nproc_per_node N")
 
 
-def engine_configs(args) -> dict:
-    """The flashportrait configs from flags (unset flags keep the dataclass defaults)."""
-    from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig, get_preset, replace
-
-    runtime = replace(RuntimeConfig(), device=args.device, dtype=args.dtype, compile=args.compile,
-                      cuda_graphs=args.compile)
-    return {"preset": get_preset(args.preset), "runtime": runtime,
-            "sampler": replace(SamplerConfig(), steps=args.steps, fast=args.fast, emo_cfg=args.emo_cfg),
-            "window": replace(WindowConfig(), context_size=args.context_size, context_overlap=args.context_overlap),
-            "alpa": replace(ALPAConfig(), mode=args.alpa)}
-
-
 def stream_config(args):
     from engine.config import StreamConfig, replace
 
@@ -92,90 +76,6 @@ def stream_config(args):
     return replace(StreamConfig(), host=args.host, port=args.port, fps=args.fps, width=width, height=height,
                    playout_frames=args.playout, input_queue=args.input_queue, driving=args.driving,
                    vcam=args.vcam or None, record=args.record)
-
-
-def renderer_factory(args, reference, width: int, height: int, input_queue: int = 4, fps: float = 25.0,
-                     offline: bool = False):
-    """-> (make_renderer, device name); a missing or broken renderer is one sentence (ValueError).
-
-    offline (flashlive render): the renderer may look at the whole clip before emitting (`flush()`)."""
-    if args.renderer == "preview":
-        from engine.preview import PreviewRenderer
-
-        return (lambda: PreviewRenderer(reference, width=width, height=height, input_queue=input_queue)), "cpu"
-    try:
-        from engine.renderer import EngineOptions, FlashPortraitRenderer
-    except ModuleNotFoundError as err:
-        if err.name == "engine.renderer":
-            raise ValueError("The flashportrait renderer is not in this installation (engine/renderer.py is "
-                             "missing): use --renderer preview or update FlashLive.") from None
-        raise ValueError(f"The flashportrait renderer needs the package {err.name!r}: pip install it.") from None
-    cfgs = engine_configs(args)
-    device = cfgs["runtime"].device
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("The flashportrait renderer needs a CUDA GPU and none is visible: use --renderer "
-                             "preview, or install the CUDA build of torch (flashlive doctor checks this).")
-        device = torch.cuda.get_device_name(torch.device(device))
-
-    options = EngineOptions(**({"decoder": args.decoder} if args.decoder else {}))
-    # Live, the controller keeps glass-to-glass near half a second by default (it drops the lookahead and picks a
-    # budget for latency while there is real-time headroom); `render` has no latency to keep.
-    latency_target_ms = args.latency_target_ms
-    if latency_target_ms is None and not offline:
-        latency_target_ms = LIVE_LATENCY_TARGET_MS
-
-    def make():
-        return FlashPortraitRenderer(reference, weights_dir=args.weights, width=width, height=height,
-                                     input_queue=input_queue, random_weights=args.random_weights,
-                                     latency_target_ms=latency_target_ms, fps=fps, offline=offline,
-                                     options=options, **cfgs)
-
-    return make, device
-
-
-def idle_image(args, make_renderer, reference, width: int, height: int) -> np.ndarray:
-    """The portrait as the avatar frames it, shown until the first avatar frame. For preview, one renderer is built
-    up front so a bad reference fails before the server starts; a model renderer is not loaded twice for this."""
-    if args.renderer == "preview":
-        renderer = make_renderer()
-        try:
-            return renderer.reference
-        finally:
-            renderer.close()
-    import cv2
-
-    h, w = reference.shape[:2]
-    scale = max(width / w, height / h)  # cover the output, crop the overflow evenly
-    resized = cv2.resize(reference, (max(width, round(w * scale)), max(height, round(h * scale))),
-                         interpolation=cv2.INTER_AREA)
-    y0, x0 = (resized.shape[0] - height) // 2, (resized.shape[1] - width) // 2
-    return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
-
-
-def load_reference(path, renderer: str = "preview"):
-    """(H, W, 3) uint8 RGB portrait; None -> the bundled one. A bad file is one sentence (ValueError)."""
-    try:
-        from engine.preview import load_reference as load
-    except ImportError as err:  # a GPU box without mediapipe can still run flashportrait, which finds faces itself
-        if renderer == "preview":
-            raise ValueError(f"The preview renderer needs {err.name}: pip install mediapipe==0.10.21.") from None
-        return read_image(path)
-    return load(path)
-
-
-def read_image(path) -> np.ndarray:
-    import cv2
-
-    path = str(path or ROOT / "engine" / "assets" / "portrait.jpg")
-    if not Path(path).is_file():
-        raise ValueError(f"reference image {path} does not exist: pass the path of a portrait JPEG or PNG.")
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"reference {path} is not a readable image: pass a portrait as a JPEG or PNG file.")
-    return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
 # --- serve -------------------------------------------------------------------------------------------------------
@@ -192,7 +92,7 @@ def cmd_serve(args) -> int:
         from streaming.capture import open_video
 
         open_video(args.driving).close()  # a bad path fails here, in one sentence, not in a thread later
-    idle = idle_image(args, make, reference, cfg.width, cfg.height)
+    idle = idle_image(args.renderer, make, reference, cfg.width, cfg.height)
     info = {}  # labels at the top of /stats and on the page
     if args.renderer == "flashportrait":
         import time
@@ -200,7 +100,7 @@ def cmd_serve(args) -> int:
         t0 = time.perf_counter()
         make().close()  # warm start: the shared engine loads, compiles and captures before the first peer
         warm = time.perf_counter() - t0
-        from kernels.parallel import world_size
+        from engine.distributed import world_size
 
         info = {"preset": args.preset, "random_weights": bool(args.random_weights), "warm_up_s": round(warm, 2),
                 "gpus": world_size()}
@@ -418,74 +318,19 @@ def cmd_bench(args) -> int:
     return 0
 
 
-# --- several GPUs -------------------------------------------------------------------------------------------------
-def join_group(args):
-    """(DistInfo, follower processes or None) when serve/render runs over several ranks (--gpus N > 1: this process
-    is rank 0 and starts N - 1 followers; torchrun: RANK / WORLD_SIZE say which rank this is), else None."""
-    import os
-
-    if args.command not in ("serve", "render"):
-        return None
-    gpus = args.gpus
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's environment: this is the entry point
-    if gpus < 1:
-        raise ValueError(f"--gpus {gpus} is not a GPU count: pass --gpus 1 or more.")
-    if gpus == 1 and not launched:
-        return None
-    if args.renderer != "flashportrait":
-        raise ValueError("Several GPUs run the flashportrait DiT: pass --renderer flashportrait (preview needs one "
-                         "CPU).")
-    if launched and gpus > 1:
-        raise ValueError("torchrun already starts one process per GPU: drop --gpus, or run flashlive without torchrun.")
-    from datetime import timedelta
-
-    import torch
-
-    from kernels import parallel
-
-    device = "cpu" if (args.device or "cuda").startswith("cpu") else "cuda"
-    if device == "cuda" and not launched and torch.cuda.device_count() < gpus:
-        raise ValueError(f"--gpus {gpus} needs {gpus} visible GPUs and torch sees {torch.cuda.device_count()}: "
-                         f"pass --gpus {max(torch.cuda.device_count(), 1)}.")
-    # Followers wait for rank 0's next DiT call for as long as it serves (or loads a large model): days, not
-    # torch's default minutes. A rank 0 that dies takes its followers along (parent-death signal / torchrun).
-    wait = timedelta(days=30)
-    if launched:
-        return parallel.init_distributed(device, timeout=wait), None
-    return parallel.start_followers(parallel.follower, gpus, device=device, timeout=wait)
-
-
-def release_group(children) -> None:
-    """Rank 0 at exit: release the followers, wait for them (a minute at most), leave the group."""
-    import torch.distributed as dist
-
-    from kernels import parallel
-
-    try:
-        parallel.shutdown()
-    finally:
-        if children is not None:
-            try:
-                for _ in range(60):
-                    if children.join(timeout=1):
-                        break
-            finally:
-                for proc in children.processes:
-                    if proc.is_alive():
-                        proc.terminate()
-        dist.destroy_process_group()
-
-
 def run_command(args) -> int:
     """args.func(args) here, or on rank 0 of a group of DiT ranks (the other ranks follow its DiT calls)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # torchrun's environment: this is the entry point
+    if args.command not in ("serve", "render") or (args.gpus == 1 and not launched):
+        return args.func(args)
+    from engine.distributed import follower, join_group, release_group
+
     group = join_group(args)
     if group is None:
         return args.func(args)
     info, children = group
     if info.rank != 0:  # torchrun's other ranks: only DiT work, no network, camera or files
         import torch.distributed as dist
-
-        from kernels.parallel import follower
 
         try:
             follower(info)

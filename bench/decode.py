@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, write_result  # noqa: E402
 from engine.config import TinyVAEConfig, VAEConfig, get_preset, parse_dtype  # noqa: E402
-from engine.tiny_vae import StreamingTinyDecoder, TinyVAE  # noqa: E402
-from engine.vae import StreamingDecoder, WanVAE  # noqa: E402
+from engine.models.tiny_vae import StreamingTinyDecoder, TinyVAE  # noqa: E402
+from engine.models.vae import StreamingDecoder, WanVAE  # noqa: E402
 
 FPS = 25.0  # playback rate the decoder has to stay ahead of
 

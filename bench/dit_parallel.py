@@ -40,7 +40,8 @@ from bench.common import env_info, write_result  # noqa: E402
 from engine.config import DiTConfig, get_preset  # noqa: E402
 from engine.weights import random_dit  # noqa: E402
 from kernels import attention as attn  # noqa: E402
-from kernels.parallel import SequenceParallelDiT, init_distributed, make_groups  # noqa: E402
+from engine.distributed import init_distributed  # noqa: E402
+from kernels.parallel import SequenceParallelDiT, make_groups  # noqa: E402
 
 
 def torchrun_command(gpus: int, argv: list[str]) -> list[str]:

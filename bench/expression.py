@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
-from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig  # noqa: E402
+from engine.models.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig  # noqa: E402
 
 DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "driving" / "lp_d0.mp4"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -86,7 +86,7 @@ def bench_encoder(encoder: FanEncoder, device: torch.device, dtype: torch.dtype,
 
 def bench_extractor(args, encoder: FanEncoder) -> dict:
     try:
-        from engine.pdfgc.extractor import ExpressionExtractor, make_landmarks
+        from engine.models.pdfgc.extractor import ExpressionExtractor, make_landmarks
     except ImportError as err:  # cv2 (opencv-contrib-python, installed with mediapipe) missing
         return {"skipped": f"extractor needs {err.name}: {err}"}
     try:

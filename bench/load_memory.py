@@ -50,7 +50,7 @@ def write_checkpoints(preset: str, folder: Path, shard_bytes: int) -> dict:
     from safetensors.torch import save_file
 
     from engine.config import get_preset
-    from engine.dit import WanModel
+    from engine.models.dit import WanModel
     from engine.weights import WAN_INDEX
 
     cfg = get_preset(preset).dit
@@ -89,7 +89,7 @@ def measure(case: str, preset: str, files: dict, device: str) -> dict:
     import torch
 
     from engine.config import get_preset
-    from engine.dit import WanModel
+    from engine.models.dit import WanModel
     from engine.weights import load_dit
 
     cfg = get_preset(preset).dit

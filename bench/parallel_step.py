@@ -1,11 +1,11 @@
-"""The renderer's multi-GPU DiT step (kernels/parallel.ParallelStep) against its one-GPU step (CompiledStep).
+"""The renderer's multi-GPU DiT step (engine/distributed.ParallelStep) against its one-GPU step (CompiledStep).
 
     python bench/parallel_step.py --gpus 2 --preset 1.3b --frames 3            # live window, 512x512
     python bench/parallel_step.py --gpus 4 --preset 14b --frames 6
     python bench/parallel_step.py --gpus 2 --device cpu --preset tiny --size 128 --iters 2 --out parallel_step_cpu_smoke
 
 Exactly what `flashlive serve/render --gpus N` runs: this process is rank 0 and starts N - 1 followers
-(kernels.parallel.start_followers + follower), the followers receive the DiT's config and weights from rank 0, and
+(engine.distributed.start_followers + follower), the followers receive the DiT's config and weights from rank 0, and
 one call is the guidance pair (batch 2, ip_scale [1, 0]) with the session's context K/V and y set once. Rank 0
 first times the one-GPU CompiledStep (compiled + CUDA graph on CUDA, as the renderer builds it; --no-compile: eager)
 on the same seeded random weights, then ParallelStep, and checks that both give the same flow (bf16 tolerance).
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import write_result  # noqa: E402
 from engine.config import RuntimeConfig, get_preset, replace  # noqa: E402
 from engine.weights import random_dit  # noqa: E402
-from kernels import parallel  # noqa: E402
+from engine import distributed  # noqa: E402
 from kernels.graphs import CompiledStep, StepShape  # noqa: E402
 
 
@@ -68,11 +68,11 @@ def main(argv=None) -> int:
     if args.gpus < 2:
         raise SystemExit("--gpus must be at least 2 (the one-GPU step is always measured as the baseline).")
 
-    info, children = parallel.start_followers(parallel.follower, args.gpus, device=args.device)
+    info, children = distributed.start_followers(distributed.follower, args.gpus, device=args.device)
     try:
         return run(args, info)
     finally:
-        parallel.shutdown()
+        distributed.shutdown()
         children.join()
         torch.distributed.destroy_process_group()
 
@@ -108,7 +108,7 @@ def run(args, info) -> int:
         torch.cuda.empty_cache()
 
     t_par = time.perf_counter()
-    step = parallel.make_step(model, shape, runtime)
+    step = distributed.make_step(model, shape, runtime)
     step.set_session(None, None, y, kv=kv)
     ms_par, out_par = _time(step, call, args.warmup, args.iters, device)
     build_par = time.perf_counter() - t_par

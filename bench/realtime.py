@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, write_result  # noqa: E402
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig, get_preset  # noqa: E402
 from engine.controller import ControllerConfig  # noqa: E402
-from engine.renderer import EngineOptions, FlashPortraitEngine, FlashPortraitRenderer  # noqa: E402
+from engine.flashportrait import EngineOptions, FlashPortraitEngine  # noqa: E402
+from engine.renderer import FlashPortraitRenderer  # noqa: E402
 
 # name -> (window W, stride S, steps, ALPA K, controller on). From DESIGN.md's arithmetic for 1.3b on one H100
 # (512x512, 1024 tokens per latent frame; one pass over 3 / 6 latent frames 20 / 42 ms, the guidance pair batched
@@ -91,7 +92,7 @@ class CentredFace:
     name = "centred-face (no landmark model installed)"
 
     def __init__(self):
-        from engine.pdfgc.align import template
+        from engine.models.pdfgc.align import template
 
         self._pts = None
         self._template = template
@@ -111,7 +112,7 @@ def landmarks_factory():
     """None (PD-FGC's own choice: ONNX models or mediapipe) when a mediapipe face mesh can be built, else
     CentredFace (said once on stdout and in the JSON's `landmarks`)."""
     try:
-        from engine.pdfgc.landmarks import MediapipeLandmarks
+        from engine.models.pdfgc.landmarks import MediapipeLandmarks
 
         MediapipeLandmarks().close()
         return None

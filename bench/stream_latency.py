@@ -241,6 +241,7 @@ async def measure_pts(args, frames: list) -> dict:
     from avatar_probe import note_packet_arrivals, note_ticks, stamp, stamped_push
 
     import flashlive
+    from engine.build import idle_image, load_reference, renderer_factory
     from streaming.server import AvatarServer, serve
 
     cli = flashlive.build_parser().parse_args(
@@ -249,9 +250,9 @@ async def measure_pts(args, frames: list) -> dict:
     if cli.input_queue is None and cli.renderer == "preview":
         cli.input_queue = 1  # as flashlive serve does
     cfg = flashlive.stream_config(cli)
-    reference = flashlive.load_reference(cli.reference, cli.renderer)
-    make, device = flashlive.renderer_factory(cli, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
-    idle = flashlive.idle_image(cli, make, reference, cfg.width, cfg.height)
+    reference = load_reference(cli.reference, cli.renderer)
+    make, device = renderer_factory(cli, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
+    idle = idle_image(cli.renderer, make, reference, cfg.width, cfg.height)
     t0 = time.perf_counter()
     make().close()  # warm start, as flashlive serve: load, compile and capture before the peer connects
     warm_up_s = time.perf_counter() - t0

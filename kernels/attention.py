@@ -98,3 +98,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return _sdpa(q, k, v)
     with sdpa_kernel(_SDPA[name]):
         return _sdpa(q, k, v)
+
+
+def frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of each latent frame's query tokens on that frame's own keys (NFEB's per-frame grouping).
+
+    q (B, L, H, hd) in frame-major token order; k, v (B, F, T, H, hd), T tokens per frame. The first floor(L/F)*F
+    queries are grouped F ways; the rest (padding) get zeros. Returns (B, L, H*hd).
+    """
+    B, L, H, hd = q.shape
+    F, T = k.shape[1], k.shape[2]
+    per = L // F
+    L_eff = per * F
+    out = attention(q[:, :L_eff].reshape(B * F, per, H, hd), k.reshape(B * F, T, H, hd),
+                    v.reshape(B * F, T, H, hd)).reshape(B, L_eff, H * hd)
+    if L_eff < L:
+        out = torch.cat([out, out.new_zeros(B, L - L_eff, H * hd)], dim=1)
+    return out

@@ -222,7 +222,7 @@ def layer_norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torc
     return y.view(B, L, D)
 
 
-# --- public entry points (names used by engine/dit.py) ---------------------------------------------------------
+# --- public entry points (names used by engine/models/dit.py) ---------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (see rms_norm_ref); fused Triton kernel on CUDA."""
     if _use_triton(x):

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.config import RuntimeConfig
 from kernels import attention as attention_backend
 from kernels import fused
 
@@ -93,17 +92,17 @@ class CompiledStep:
 
     model: WanModel, used in place: with runtime.fused_kernels each block's FFN becomes a GeluFFN (same weights and
     keys, one GEMM + GELU epilogue on CUDA) and with runtime.fp8 the block linears become FP8 ones.
-    shape: StepShape. runtime: RuntimeConfig (compile, cuda_graphs, attention, fp8, fused_kernels).
+    shape: StepShape. runtime: engine.config.RuntimeConfig, or any object with its fields compile, cuda_graphs,
+    attention, fp8, fused_kernels (kernels never import the engine).
     compile_backend: None = inductor on CUDA and no compile on CPU; a name ("inductor", "aot_eager", ...) forces
     torch.compile with that backend on any device. compile_mode: a torch.compile mode (then inductor_options are not
     used). inductor_options: Inductor config for this compile (default INDUCTOR_OPTIONS; {} = Inductor's defaults).
     pool: a CUDA graph memory pool to share with other steps (`other.pool`), so several shapes can live in one arena.
     """
 
-    def __init__(self, model: nn.Module, shape: StepShape, runtime: RuntimeConfig | None = None, *,
+    def __init__(self, model: nn.Module, shape: StepShape, runtime, *,
                  scope: str = "block", compile_backend: str | None = None, compile_mode: str | None = None,
                  inductor_options: dict | None = None, record_layers: bool = False, pool=None):
-        runtime = runtime or RuntimeConfig()
         if scope not in ("block", "step"):
             raise ValueError(f"Unknown compile scope {scope!r}: use 'block' or 'step'.")
         self.model = model.eval()

@@ -8,7 +8,7 @@ import torch
 
 from engine.alpa import (ALPAOptions, CachedDiT, ChangeRate, DifferenceTable, cache_bytes, layer_sqrt_r)
 from engine.config import ALPAConfig, get_preset
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 from engine.sampler import Sampler, flow_schedule
 
 F64 = torch.float64

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.clip_vision import CLIP_FILE, CLIP_MEAN, CLIP_STD, ClipVision, load_clip_vision, required_files
+from engine.models.clip_vision import CLIP_FILE, CLIP_MEAN, CLIP_STD, ClipVision, load_clip_vision, required_files
 from engine.config import ClipVisionConfig, get_preset
 from engine.weights import WeightsError
 

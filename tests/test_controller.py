@@ -16,7 +16,8 @@ except ImportError:
 
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig
 from engine.controller import Budget, BudgetController, ControllerConfig
-from engine.renderer import EngineOptions, FlashPortraitRenderer
+from engine.flashportrait import EngineOptions
+from engine.renderer import FlashPortraitRenderer
 
 FPS = 25.0
 

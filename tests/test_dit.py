@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.dit import WanModel
-from engine.weights import NFEB_OPTIONAL, build_dit, diffusers_to_wan, load_into, wan_to_diffusers
+from engine.models.dit import WanModel
+from engine.models.dit_keys import diffusers_to_wan, wan_to_diffusers
+from engine.weights import NFEB_OPTIONAL, build_dit, load_into
 
 # diffusers hard-codes 512 text tokens when it splits [image | text] context, so the parity model uses 512.
 CFG = dataclasses.replace(get_preset("tiny").dit, text_len=512)
@@ -153,7 +154,7 @@ def test_unpatchify_inverts_token_layout():
 
 @pytest.mark.parametrize("t", [0.0, 500.0, 1000.0])
 def test_time_embedding_is_cos_then_sin_fp64(t):
-    from engine.dit import sinusoidal_embedding
+    from engine.models.dit import sinusoidal_embedding
 
     emb = sinusoidal_embedding(256, torch.tensor([t]))
     i = torch.arange(128, dtype=torch.float64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import RuntimeConfig, get_preset
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 from kernels.graphs import CompiledStep, StepShape
 
 CPU = RuntimeConfig(device="cpu", compile=False, cuda_graphs=False)

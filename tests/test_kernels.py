@@ -220,7 +220,7 @@ def test_fp8_linear_falls_back_where_cpu_scaled_mm_lacks_row_scales(monkeypatch)
 
 def test_quantize_linears_swaps_block_linears_only():
     from engine.config import get_preset
-    from engine.dit import WanModel
+    from engine.models.dit import WanModel
 
     torch.manual_seed(0)
     cfg = get_preset("tiny").dit
@@ -235,7 +235,7 @@ def test_quantize_linears_swaps_block_linears_only():
 
 def test_fuse_ffn_gelu_keeps_weights_keys_and_cpu_numbers():
     from engine.config import get_preset
-    from engine.dit import WanModel
+    from engine.models.dit import WanModel
 
     torch.manual_seed(0)
     model = WanModel(get_preset("tiny").dit).eval()

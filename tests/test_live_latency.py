@@ -24,7 +24,8 @@ except ImportError:  # pytest's rootdir-relative import of conftest
 from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig
 from engine.controller import Budget, BudgetController, ControllerConfig
 from engine.playout import PlayoutDelay, playout_delay
-from engine.renderer import LIVE_WINDOW, FlashPortraitEngine, FlashPortraitRenderer
+from engine.flashportrait import FlashPortraitEngine
+from engine.renderer import LIVE_WINDOW, FlashPortraitRenderer
 
 FPS = 25.0
 SIZE = 64

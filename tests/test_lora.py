@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import get_preset
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 from engine.lora import load_and_merge_lora, merge_lora
 from engine.weights import WeightsError
 

@@ -7,8 +7,8 @@ import math
 import torch
 
 from engine.config import get_preset
-from engine.dit import WanI2VCrossAttention
-from engine.nfeb import NORM_EPS, expression_attention, normalise_to
+from engine.models.dit import WanI2VCrossAttention
+from engine.models.nfeb import NORM_EPS, expression_attention, normalise_to
 
 CFG = get_preset("tiny").dit
 

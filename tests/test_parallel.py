@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine.config import get_preset
-from engine.dit import WanModel
-from engine.nfeb import expression_attention
-from kernels.parallel import (Driver, SequenceParallelDiT, TokenSplit, follow, make_groups, spawn,
-                              split_expression_attention)
+from engine.models.dit import WanModel
+from engine.models.nfeb import expression_attention
+from engine.distributed import Driver, follow, spawn
+from kernels.parallel import SequenceParallelDiT, TokenSplit, make_groups, split_expression_attention
 
 TOL = 1e-5
 CFG = get_preset("tiny").dit

@@ -1,4 +1,4 @@
-"""Several GPUs through the entry points (kernels/parallel.ParallelStep, `flashlive render --gpus N`), on CPU/gloo.
+"""Several GPUs through the entry points (engine/distributed.ParallelStep, `flashlive render --gpus N`), on CPU/gloo.
 
 ParallelStep on rank 0 must give the renderer what CompiledStep gives it (the guidance pair as CFG groups, as one
 batch over sequence ranks, or both), with the followers holding only what rank 0 sends them; and `flashlive render
@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from engine.config import RuntimeConfig, get_preset
-from engine.dit import WanModel
+from engine.models.dit import WanModel
 import flashlive
 from kernels.graphs import CompiledStep, StepShape
-from kernels.parallel import ParallelStep, follower, make_step, shutdown, spawn
+from engine.distributed import ParallelStep, follower, make_step, shutdown, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = get_preset("tiny").dit

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.pdfgc.align import template, template_matrix, transform_points, umeyama, warp_face
-from engine.pdfgc.landmarks import MediapipeLandmarks
+from engine.models.pdfgc.align import template, template_matrix, transform_points, umeyama, warp_face
+from engine.models.pdfgc.landmarks import MediapipeLandmarks
 from tests.conftest import data_file
 
 

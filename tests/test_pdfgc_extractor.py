@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.pdfgc.align import template_matrix, warp_face
-from engine.pdfgc.extractor import ExpressionExtractor
-from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
-from engine.pdfgc.landmarks import MediapipeLandmarks
+from engine.models.pdfgc.align import template_matrix, warp_face
+from engine.models.pdfgc.extractor import ExpressionExtractor
+from engine.models.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+from engine.models.pdfgc.landmarks import MediapipeLandmarks
 from engine.weights import WeightsError
 from tests.conftest import data_file
 

@@ -19,9 +19,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engine.pdfgc.align import ALIGN_INDEX
-from engine.pdfgc.detector import ANCHORS, IN_H, IN_W, MEAN_BGR, STD_BGR, STRIDES, FaceDetector, largest
-from engine.pdfgc.landmarks import LandmarkModel, OnnxLandmarks
+from engine.models.pdfgc.align import ALIGN_INDEX
+from engine.models.pdfgc.detector import ANCHORS, IN_H, IN_W, MEAN_BGR, STD_BGR, STRIDES, FaceDetector, largest
+from engine.models.pdfgc.landmarks import LandmarkModel, OnnxLandmarks
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -202,9 +202,9 @@ def test_published_onnx_path_is_the_default_when_files_exist(landmark_setup, det
 
     import torch
 
-    from engine.pdfgc.extractor import ExpressionExtractor, make_landmarks
-    from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
-    from engine.pdfgc.landmarks import MediapipeLandmarks
+    from engine.models.pdfgc.extractor import ExpressionExtractor, make_landmarks
+    from engine.models.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+    from engine.models.pdfgc.landmarks import MediapipeLandmarks
     from engine.weights import WeightsError
 
     _, lmk_path, _ = landmark_setup
@@ -230,7 +230,7 @@ def test_published_onnx_path_is_the_default_when_files_exist(landmark_setup, det
 
 
 def test_one_euro_smooths_jitter_and_follows_real_motion():
-    from engine.pdfgc.landmarks import OneEuroSmoother
+    from engine.models.pdfgc.landmarks import OneEuroSmoother
 
     rng = np.random.default_rng(0)
     base = rng.uniform(100, 300, size=(222, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.config import PortraitEncoderConfig, get_preset
-from engine.portrait_encoder import PortraitEncoder, Resampler, group_latent_tokens, latent_token_range
+from engine.models.portrait_encoder import PortraitEncoder, Resampler, group_latent_tokens, latent_token_range
 
 TINY = get_preset("tiny").portrait
 

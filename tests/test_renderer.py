@@ -142,7 +142,7 @@ def test_guidance_pair_batch_equals_two_passes(reference):
 def test_alpa_on_the_fixed_step_equals_cached_dit(reference):
     """Full passes through the engine's fixed-shape step feed ALPA's output cache exactly as CachedDiT's own
     passes do: the guided flows of a 4-step trajectory at K = 2 (2 full, 2 predicted) agree."""
-    from engine.renderer import _StepCachedDiT
+    from engine.flashportrait import _StepCachedDiT
 
     r = make(reference)
     eng = r.engine
@@ -180,15 +180,15 @@ def test_loads_every_model_from_a_weights_folder(tmp_path, reference, driving):
     """Not random: tiny checkpoints in the published file names and key layouts load, and the renderer streams."""
     from safetensors.torch import save_file
 
-    from engine.clip_vision import ClipVision
+    from engine.models.clip_vision import ClipVision
     from engine.config import get_preset
-    from engine.dit import WanModel
-    from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
-    from engine.portrait_encoder import PortraitEncoder
-    from engine.renderer import DEFAULT_PROMPT, EngineOptions
-    from engine.text import PromptEncoder
-    from engine.tiny_vae import TinyVAE
-    from engine.vae import WanVAE
+    from engine.models.dit import WanModel
+    from engine.models.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+    from engine.models.portrait_encoder import PortraitEncoder
+    from engine.flashportrait import DEFAULT_PROMPT, EngineOptions
+    from engine.models.text import PromptEncoder
+    from engine.models.tiny_vae import TinyVAE
+    from engine.models.vae import WanVAE
 
     p = get_preset("tiny")
     torch.manual_seed(7)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.config import T5Config, get_preset
-from engine.text import (T5_FILE, TOKENIZER_FILE, PromptEncoder, T5Encoder, UMT5Tokenizer, clean_prompt,
+from engine.models.text import (T5_FILE, TOKENIZER_FILE, PromptEncoder, T5Encoder, UMT5Tokenizer, clean_prompt,
                          find_tokenizer, load_t5_encoder, required_files)
 from engine.weights import WeightsError
 

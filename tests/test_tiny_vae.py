@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import TinyVAEConfig, get_preset
-from engine.tiny_vae import (MemBlock, StreamingTinyDecoder, TGrow, TinyVAE, load_tiny_vae, required_files)
+from engine.models.tiny_vae import (MemBlock, StreamingTinyDecoder, TGrow, TinyVAE, load_tiny_vae, required_files)
 from engine.weights import WeightsError
 
 CFG = get_preset("tiny").tiny_vae

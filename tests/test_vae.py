@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import VAEConfig, get_preset
-from engine.vae import (LATENT_MEAN, LATENT_STD, VAE_FILE, StreamingDecoder, WanVAE, load_vae, required_files)
+from engine.models.vae import (LATENT_MEAN, LATENT_STD, VAE_FILE, StreamingDecoder, WanVAE, load_vae, required_files)
 from engine.weights import WeightsError
 
 CFG = get_preset("tiny").vae

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from engine.config import get_preset
-from engine.dit import WanModel
-from engine.portrait_encoder import PortraitEncoder
+from engine.models.dit import WanModel
+from engine.models.portrait_encoder import PortraitEncoder
+from engine.models.dit_keys import wan_to_diffusers
 from engine.weights import (WAN_INDEX, WeightsError, load_dit, load_into, load_portrait_encoder, load_state_dict,
-                            scan_weights, wan_to_diffusers)
+                            scan_weights)
 
 PRESET = get_preset("tiny")
 CFG = PRESET.dit

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.attention import attention
+from kernels.attention import attention, frame_attention
 
 NORM_EPS = 1e-5
 
@@ -32,15 +32,10 @@ def expression_attention(q: torch.Tensor, emo: torch.Tensor, emo_k_proj: nn.Line
         v = emo_v_proj(emo).unflatten(-1, (H, hd))
         return attention(q, k, v).flatten(2)
     F = emo.shape[1] if num_frames is None else num_frames
-    per = L // F
-    L_eff = per * F
-    qf = q[:, :L_eff].reshape(B * F, per, H, hd)
-    k = emo_k_proj(emo).reshape(B * F, emo.shape[2], H, hd)
-    v = emo_v_proj(emo).reshape(B * F, emo.shape[2], H, hd)
-    out = attention(qf, k, v).reshape(B, L_eff, H * hd)
-    if L_eff < L:
-        out = torch.cat([out, out.new_zeros(B, L - L_eff, H * hd)], dim=1)
-    return out
+    T = emo.shape[2]
+    k = emo_k_proj(emo).reshape(B, F, T, H, hd)
+    v = emo_v_proj(emo).reshape(B, F, T, H, hd)
+    return frame_attention(q, k, v)
 
 
 def normalise_to(emo: torch.Tensor, base: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DiTConfig
-from engine.nfeb import expression_attention, normalise_to
+from engine.models.nfeb import NORM_EPS, expression_attention, normalise_to
 from kernels.attention import attention
 from kernels.fused import layer_norm_modulate, rms_norm, rms_norm_rope
 
@@ -117,6 +117,7 @@ class WanI2VCrossAttention(nn.Module):
         self.norm_k_img = WanRMSNorm(D, cfg.eps)
         self.emo_k_proj = nn.Linear(cfg.emo_dim, D, bias=False)
         self.emo_v_proj = nn.Linear(cfg.emo_dim, D, bias=False)
+        self.norm_eps = NORM_EPS  # NFEB's normalisation epsilon (read by the sequence-parallel wrapper too)
 
     def context_kv(self, ctx_img, ctx_txt):
         """K/V of the image and text context, (B, N, H, hd) each; constant over a session."""
@@ -141,7 +142,7 @@ class WanI2VCrossAttention(nn.Module):
         if emo is not None and (per_sample or ip_scale != 0):
             emo_out = expression_attention(q, emo, self.emo_k_proj, self.emo_v_proj)
             scale = ip_scale.to(base.dtype).view(-1, 1, 1) if per_sample else ip_scale
-            base = base + scale * normalise_to(emo_out, base)
+            base = base + scale * normalise_to(emo_out, base, self.norm_eps)
         return self.o(base)
 
 

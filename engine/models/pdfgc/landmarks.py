@@ -26,8 +26,8 @@ import os
 import cv2
 import numpy as np
 
-from engine.pdfgc.align import ALIGN_INDEX, invert_affine, transform_points
-from engine.pdfgc.detector import FaceDetector, largest
+from engine.models.pdfgc.align import ALIGN_INDEX, invert_affine, transform_points
+from engine.models.pdfgc.detector import FaceDetector, largest
 
 CROP = 128
 EXPAND = 0.15
@@ -81,7 +81,7 @@ class LandmarkModel:
     """`face_landmark.onnx`: crop (128, 128, 3) uint8 BGR -> points (222, 2) crop px, (pitch, yaw) rad, prob."""
 
     def __init__(self, path: str | os.PathLike, prefer_cuda: bool = True):
-        from engine.pdfgc.runtime import open_session
+        from engine.models.pdfgc.runtime import open_session
 
         self.session = open_session(path, "222-point face landmark model", prefer_cuda)
         self.input_name = self.session.get_inputs()[0].name

@@ -6,7 +6,7 @@
     fan_encoder.py  FanEncoder with pd_fpg.pth key names -> [headpose 6 | eye 6 | emo 30 | mouth 512]
     extractor.py    ExpressionExtractor: push / push_batch / extract, one row per frame, never shifted
 
-Names are imported on first use, so `engine.pdfgc.fan_encoder` (torch only) works where cv2 / onnxruntime /
+Names are imported on first use, so `engine.models.pdfgc.fan_encoder` (torch only) works where cv2 / onnxruntime /
 mediapipe are not installed (e.g. a GPU box that only times the encoder).
 """
 from __future__ import annotations
@@ -25,5 +25,5 @@ __all__ = sorted(_HOME)
 
 def __getattr__(name: str):
     if name in _HOME:
-        return getattr(importlib.import_module(f"engine.pdfgc.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'engine.pdfgc' has no attribute {name!r}")
+        return getattr(importlib.import_module(f"engine.models.pdfgc.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'engine.models.pdfgc' has no attribute {name!r}")

@@ -10,7 +10,6 @@ Parameter names equal the keys of `portrait_encoder.pt` (`proj_model.`, `mouth_p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import PortraitEncoderConfig

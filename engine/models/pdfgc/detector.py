@@ -82,7 +82,7 @@ class FaceDetector:
     """`face_det.onnx` through onnxruntime. `detect(frame_bgr)` -> (boxes (K, 4) image px, scores (K,))."""
 
     def __init__(self, path: str | os.PathLike, prefer_cuda: bool = True):
-        from engine.pdfgc.runtime import open_session
+        from engine.models.pdfgc.runtime import open_session
 
         self.session = open_session(path, "face detector", prefer_cuda)
         self.input_name = self.session.get_inputs()[0].name

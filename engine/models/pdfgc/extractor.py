@@ -22,9 +22,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from engine.pdfgc.align import CROP, template_matrix, warp_face
-from engine.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
-from engine.pdfgc.landmarks import MediapipeLandmarks, OnnxLandmarks
+from engine.models.pdfgc.align import CROP, template_matrix, warp_face
+from engine.models.pdfgc.fan_encoder import FanEncoder, FanEncoderConfig
+from engine.models.pdfgc.landmarks import MediapipeLandmarks, OnnxLandmarks
 from engine.weights import WeightsError, find_file
 
 log = logging.getLogger(__name__)

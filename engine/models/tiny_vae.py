@@ -14,7 +14,7 @@ stream, 4n otherwise. Decoding in any split equals decoding the whole sequence a
 last input frame between calls.
 
 Latents go in as the DiT produces them (Wan-normalised, no extra scale); frames come out in [-1, 1], NCTHW, like
-`engine.vae.StreamingDecoder`, so the two decoders are interchangeable.
+`engine.models.vae.StreamingDecoder`, so the two decoders are interchangeable.
 """
 from __future__ import annotations
 

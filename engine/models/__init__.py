@@ -1,0 +1,3 @@
+"""The nn.Modules that mirror published checkpoints, each named after what it loads: `dit` (Wan2.1 DiT) with
+`nfeb` (FlashPortrait's expression blocks), `portrait_encoder`, `pdfgc/` (PD-FGC expression encoder and its face
+models), `vae` (Wan2.1 VAE), `tiny_vae` (TAEHV), `clip_vision` (CLIP ViT-H/14), `text` (umT5)."""
