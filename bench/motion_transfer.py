@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, write_result  # noqa: E402
-from engine.preview import PreviewRenderer, _face_mesh, _landmarks, load_reference  # noqa: E402
+from engine.face_mesh import mp_face_mesh  # noqa: E402
+from engine.preview import PreviewRenderer, load_reference  # noqa: E402
 
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 FRONTAL = ["fp_case3.png", "fp_case4.png", "fp_case2.png", "lp_s7.jpg"]
@@ -78,7 +79,7 @@ def read_frames(path: Path, limit: int) -> tuple[list[np.ndarray], list[float]]:
 def landmarks3d(frames: list[np.ndarray]) -> list[np.ndarray | None]:
     """(478, 3) pixel-scaled landmarks (x, y, z) per frame from a fresh video-mode face mesh; None if no face."""
     out = []
-    with _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+    with mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
         for f in frames:
             res = mesh.process(f)
             if not res.multi_face_landmarks:

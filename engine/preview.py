@@ -25,37 +25,20 @@ A one-euro filter on the target landmarks removes the face mesh's frame-to-frame
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import cv2
-import mediapipe as mp
 import numpy as np
 
 from engine.base import ThreadedRenderer
+from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
+                              LEFT_EYE_UPPER, N_MESH, RIGHT_EYE_LOWER, RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, STABLE,
+                              OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
+                              fit_similarity, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
+                              strip_triangles, tesselation_triangles)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
-
-_face_mesh = mp.solutions.face_mesh
-
-# Landmark indices of mediapipe's canonical face mesh (478 points with refine_landmarks).
-RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
-# Points that move with the skull but barely with expression: eye corners, nose bridge and tip, forehead, temples.
-STABLE = np.array([33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 10, 151, 9, 234, 454])
-# Inner lip contour, upper chain and lower chain, each from the right mouth corner (78) to the left one (308).
-INNER_LIP_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
-INNER_LIP_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
-# Lip pairs across the mouth gap, for the mouth-opening measure.
-LIP_PAIRS = np.array([[82, 87], [13, 14], [312, 317]])
-# Lid pairs across each eye, for the eye-opening measure.
-EYE_PAIRS = np.array([[159, 145], [386, 374]])
-# Eye contours (upper chain, lower chain), corner to corner.
-RIGHT_EYE_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
-RIGHT_EYE_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]
-LEFT_EYE_UPPER = [362, 398, 384, 385, 386, 387, 388, 466, 263]
-LEFT_EYE_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
-N_MESH = 468  # the warp mesh leaves out the 10 iris points: they are not part of the tesselation
 
 MOUTH_COLOUR = np.array([28, 8, 11], np.float32)  # RGB of the inner mouth at the back of the throat
 MOUTH_FRONT = np.array([84, 28, 34], np.float32)  # ...and of its moist front, near the lips
@@ -93,117 +76,6 @@ def load_reference(path: str | None) -> np.ndarray:
     return rgb
 
 
-def detect_landmarks(rgb: np.ndarray, depth: bool = False) -> np.ndarray | None:
-    """Landmarks of the most prominent face in a still image: (478, 2) float64 pixel (x, y), or None.
-
-    depth=True gives (478, 3): x, y and mediapipe's relative depth z in pixels (larger = farther from the camera).
-    """
-    with _face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
-                             min_detection_confidence=0.5) as mesh:
-        return _landmarks(mesh.process(rgb), rgb.shape[1], rgb.shape[0], depth)
-
-
-def _landmarks(result, width: int, height: int, depth: bool = False) -> np.ndarray | None:
-    if not result.multi_face_landmarks:
-        return None
-    if depth:
-        return np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark], np.float64) * width \
-            / (1, width / height, 1)
-    pts = np.array([(p.x, p.y) for p in result.multi_face_landmarks[0].landmark], np.float64)
-    return pts * (width, height)
-
-
-# --- face-frame geometry (points as complex numbers: a similarity is z -> a*z + b) -----------------------------------
-def _complex(pts: np.ndarray) -> np.ndarray:
-    return pts[:, 0] + 1j * pts[:, 1]
-
-
-def _face_frame(z: np.ndarray) -> tuple[complex, complex]:
-    """(origin, axis) of a face's normalised frame: origin between the outer eye corners, axis = eye vector.
-
-    normalised = (z - origin) / axis: x runs along the eye line, one unit is the inter-ocular distance.
-    """
-    return (z[RIGHT_EYE_OUTER] + z[LEFT_EYE_OUTER]) / 2, z[LEFT_EYE_OUTER] - z[RIGHT_EYE_OUTER]
-
-
-def _fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[complex, complex]:
-    """Least-squares similarity dst ~ a*src + b for complex point sets (no reflection)."""
-    ms, md = src.mean(), dst.mean()
-    s, d = src - ms, dst - md
-    a = np.vdot(s, d) / max(np.vdot(s, s).real, 1e-12)
-    return a, md - a * ms
-
-
-def _eye_opening(q: np.ndarray) -> float:
-    """Mean lid gap of both eyes of normalised complex landmarks q (in inter-ocular distances)."""
-    return float(np.abs(q[EYE_PAIRS[:, 1]] - q[EYE_PAIRS[:, 0]]).mean())
-
-
-def _mouth_opening(q: np.ndarray) -> float:
-    """Mean lip gap of normalised complex landmarks q (in inter-ocular distances)."""
-    return float(np.abs(q[LIP_PAIRS[:, 1]] - q[LIP_PAIRS[:, 0]]).mean())
-
-
-_SLITS = [(np.array(u[1:-1]), np.array(l[1:-1])) for u, l in
-          ((INNER_LIP_UPPER, INNER_LIP_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
-
-
-def _no_crossing(q: np.ndarray) -> np.ndarray:
-    """Meet the lips (eyelids) in the middle where the target would push the lower one above the upper one.
-
-    That happens when the driver's neutral frame had its mouth open and it then closes further than the
-    reference's closed mouth; crossing would fold the mesh. q: (478,) complex, normalised (y = down the face).
-    """
-    for upper, lower in _SLITS:
-        crossed = q[lower].imag < q[upper].imag
-        if crossed.any():
-            q = q.copy()
-            mid = (q[upper[crossed]].imag + q[lower[crossed]].imag) / 2
-            q[upper[crossed]] = q[upper[crossed]].real + 1j * mid
-            q[lower[crossed]] = q[lower[crossed]].real + 1j * mid
-    return q
-
-
-# --- mesh construction ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _tesselation_triangles() -> np.ndarray:
-    """(K, 3) vertex triples of mediapipe's face tesselation (it ships as an edge set; faces are its 3-cliques)."""
-    nbrs: dict[int, set[int]] = {}
-    for a, b in _face_mesh.FACEMESH_TESSELATION:
-        nbrs.setdefault(a, set()).add(b)
-        nbrs.setdefault(b, set()).add(a)
-    tris = {tuple(sorted((a, b, c))) for a, b in _face_mesh.FACEMESH_TESSELATION for c in nbrs[a] & nbrs[b]}
-    return np.array(sorted(tris), np.int32)
-
-
-def _strip_triangles(upper: list[int], lower: list[int]) -> np.ndarray:
-    """Triangles spanning a slit (mouth, eye) between two corner-to-corner chains: they stretch as it opens."""
-    tris = []
-    for i in range(len(upper) - 1):
-        a, b, c, d = upper[i], upper[i + 1], lower[i], lower[i + 1]
-        if a != c:
-            tris.append((a, b, c))
-        if b != d:
-            tris.append((b, d, c))
-    return np.array(tris, np.int32)
-
-
-def _outline_loop() -> np.ndarray:
-    """The face outline (mediapipe's FACE_OVAL edge set) as one ordered loop of landmark indices."""
-    nxt = {}
-    for a, b in _face_mesh.FACEMESH_FACE_OVAL:
-        nxt.setdefault(a, []).append(b)
-        nxt.setdefault(b, []).append(a)
-    loop, prev = [10], None
-    while True:
-        here = loop[-1]
-        step = next(n for n in nxt[here] if n != prev)
-        if step == loop[0]:
-            return np.array(loop)
-        prev = here
-        loop.append(step)
-
-
 def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndarray | None) -> np.ndarray:
     """Resize the reference to cover (height, width), cropping the overflow around the face centre."""
     h, w = rgb.shape[:2]
@@ -214,36 +86,6 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     x0 = int(np.clip(round(cx - width / 2), 0, rw - width))
     y0 = int(np.clip(round(cy - height / 2), 0, rh - height))
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
-
-
-class OneEuroFilter:
-    """One-euro low-pass filter per landmark (Casiez et al. 2012): smooths the face mesh's jitter when a point is
-    still, follows at once when it moves fast, so it adds no lag to real motion.
-
-    Works on (N,) complex points in normalised face units (1 = inter-ocular distance); speed is per point.
-    """
-
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 40.0, d_cutoff: float = 4.0):
-        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
-        self.reset()
-
-    def reset(self) -> None:
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
-
-    @staticmethod
-    def _alpha(cutoff, dt: float):
-        return 1.0 / (1.0 + 1.0 / (2 * np.pi * cutoff * dt))
-
-    def __call__(self, x: np.ndarray, dt: float) -> np.ndarray:
-        if self._x is None:
-            self._x, self._dx = x.copy(), np.zeros_like(x)
-            return x
-        dx = (x - self._x) / dt
-        self._dx += self._alpha(self.d_cutoff, dt) * (dx - self._dx)
-        a = self._alpha(self.min_cutoff + self.beta * np.abs(self._dx), dt)
-        self._x = self._x + a * (x - self._x)
-        return self._x
 
 
 class PreviewRenderer(ThreadedRenderer):
@@ -271,18 +113,18 @@ class PreviewRenderer(ThreadedRenderer):
             raise ValueError("the face is cut off once the reference is cropped to the output size: pass a portrait "
                              "with the face nearer the centre.")
         ref_depth, ref_pts = ref_pts[:, 2], ref_pts[:, :2]
-        self._ref_z = _complex(ref_pts)
-        self._ref_origin, self._ref_axis = _face_frame(self._ref_z)
+        self._ref_z = complex_points(ref_pts)
+        self._ref_origin, self._ref_axis = face_frame(self._ref_z)
         self._ref_q = (self._ref_z - self._ref_origin) / self._ref_axis  # reference landmarks, normalised
 
         # Warp mesh: the 468 face vertices. The mouth and eye slits (holes in the tesselation) are strips drawn first,
         # then the tesselation far to near by the reference's depth: where a three-quarter face folds (the far
         # cheek's outline projects onto the visible cheek), the near surface is drawn last and wins.
         self._src = ref_pts[:N_MESH].astype(np.float64)  # (V, 2) source vertices
-        tess = _tesselation_triangles()
+        tess = tesselation_triangles()
         tess = tess[np.argsort(-ref_depth[tess].mean(1), kind="stable")]
-        strips = [_strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
-                  _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)]
+        strips = [strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
+                  strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)]
         self._tris = np.concatenate([*strips, tess])
         n_lip, n_eye = len(strips[0]), len(strips[1])
         # Each eye strip moves rigidly with its corners (rows of _tris, corners, lid pair).
@@ -291,7 +133,7 @@ class PreviewRenderer(ThreadedRenderer):
         self._lip_upper, self._lip_lower = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)
         self._eye_chains = [(np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
                             ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
-        self._oval = _outline_loop()
+        self._oval = outline_loop()
         # Lip closing: each point below the lips follows the nearest inner lower-lip point, fading with distance.
         lower = self._lip_lower[1:-1]
         q = self._ref_q
@@ -326,7 +168,7 @@ class PreviewRenderer(ThreadedRenderer):
                           np.minimum(gy[:, None], self.height - 1 - gy[:, None]))
         self._edge_fade = np.clip(edge / (0.08 * max(self.width, self.height)), 0, 1).ravel()
 
-        self._mesh = _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+        self._mesh = mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
                                          min_detection_confidence=0.5, min_tracking_confidence=0.5)
         self._neutral: tuple | None = None  # (neutral landmarks z, face-frame origin, axis)
         self._mouth_shut: np.ndarray | None = None  # inner-lip gaps of the driver's most closed mouth so far
@@ -376,17 +218,17 @@ class PreviewRenderer(ThreadedRenderer):
         if max(h, w) > 640:  # the mesh model sees 192x192 anyway; converting a full-HD frame costs more than it
             f = 640 / max(h, w)
             small = cv2.resize(frame_rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        landmarks = _landmarks(self._mesh.process(small), w, h)
+        landmarks = landmarks_from(self._mesh.process(small), w, h)
         self.face_found = landmarks is not None
         if landmarks is None:
             self.faces_missed += 1
             return None
-        z = _complex(landmarks)
+        z = complex_points(landmarks)
         self._update_neutral(z)
         z0, origin, axis = self._neutral
 
         # Rigid head motion neutral -> now, and the expression that is left once it is undone.
-        a, b = _fit_similarity(z0[STABLE], z[STABLE])
+        a, b = fit_similarity(z0[STABLE], z[STABLE])
         q_now = ((z - b) / a - origin) / axis  # current landmarks with the head motion removed, normalised
         q_neutral = (z0 - origin) / axis
         delta = self.expression_gain * (q_now - q_neutral)
@@ -397,7 +239,7 @@ class PreviewRenderer(ThreadedRenderer):
         self._last_pts = pts
         if self._filter is not None:
             q_target = self._filter(q_target, dt)
-        q_target = _no_crossing(q_target)
+        q_target = no_crossing(q_target)
         return self._ref_origin + self._ref_axis * q_target
 
     def _open_eyes(self, q: np.ndarray, q_now: np.ndarray) -> np.ndarray:
@@ -430,14 +272,14 @@ class PreviewRenderer(ThreadedRenderer):
         portrait's lips shut past closed. A more neutral face with the head turned elsewhere would carry that turn
         into the neutral (and drop it from the avatar): then only its lip and lid gaps become the references the
         mouth and the eyes are measured against."""
-        origin, axis = _face_frame(z)
+        origin, axis = face_frame(z)
         q = (z - origin) / axis
         lips, eyes = self._gaps(q)
         if self._neutral is None:
             self._set_neutral(z, lips, eyes)
             return
         z0, origin0, axis0 = self._neutral
-        opened = self._eyes_open.mean() < 0.5 * eyes.mean() and _eye_opening(q) > NEUTRAL_SLACK
+        opened = self._eyes_open.mean() < 0.5 * eyes.mean() and eye_opening(q) > NEUTRAL_SLACK
         if (lips.mean() < self._neutral_lips.mean() - NEUTRAL_SLACK or opened) and \
                 abs((z[4] - origin) / axis - (z0[4] - origin0) / axis0) < NEUTRAL_POSE:
             self._set_neutral(z, lips, eyes)
@@ -451,7 +293,7 @@ class PreviewRenderer(ThreadedRenderer):
             self._closure = self._lip_closure()
 
     def _set_neutral(self, z: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
-        self._neutral = (z, *_face_frame(z))
+        self._neutral = (z, *face_frame(z))
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
@@ -621,8 +463,8 @@ class PreviewRenderer(ThreadedRenderer):
         """Paint the opened part of the mouth, opaque in proportion to how much wider the lips open than in the
         reference: a mouth interior darker towards the throat, a tongue at the bottom, upper teeth under the upper
         lip (shaded, with gaps between them) and, once wide open, lower teeth above the lower lip."""
-        ref_open = _mouth_opening(self._ref_q)
-        open_now = _mouth_opening((target - self._ref_origin) / self._ref_axis)
+        ref_open = mouth_opening(self._ref_q)
+        open_now = mouth_opening((target - self._ref_origin) / self._ref_axis)
         wider = (open_now - ref_open) / MOUTH_FULL_OPEN
         strength = float(np.clip(wider, 0.0, 1.0))
         if strength <= 0.02:

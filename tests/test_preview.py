@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.preview import (DEFAULT_REFERENCE, OneEuroFilter, PreviewRenderer, _face_mesh, _landmarks,
-                            detect_landmarks, load_reference)
+from engine.face_mesh import OneEuroFilter, detect_landmarks, landmarks_from, mp_face_mesh
+from engine.preview import DEFAULT_REFERENCE, PreviewRenderer, load_reference
 from conftest import data_file
 
 LIP_PAIRS = [(13, 14), (82, 87), (312, 317)]
@@ -37,9 +37,9 @@ def mouth_opening(pts: np.ndarray) -> float:
 def measured_openings(frames: list[np.ndarray]) -> np.ndarray:
     """Mouth opening of each frame from a fresh video-mode face mesh (NaN where no face is found)."""
     out = []
-    with _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+    with mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
         for f in frames:
-            pts = _landmarks(mesh.process(f), f.shape[1], f.shape[0])
+            pts = landmarks_from(mesh.process(f), f.shape[1], f.shape[0])
             out.append(np.nan if pts is None else mouth_opening(pts))
     return np.array(out)
 
