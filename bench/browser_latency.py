@@ -16,8 +16,10 @@ run on the same machine, for comparison.
    frame reaches the page, a few ms for a real camera, nothing for the fake one.)
 4. After --seconds, the page's samples (every avatar frame shown, start-up included) are read over the DevTools
    protocol: p50/p95/max, and fps = distinct avatar frames displayed per second.
-5. bench/stream_latency.py (aiortc client, its default jump method) runs next, on its own server.
-Writes bench/results/<name>.json (renderer, p50_ms, p95_ms, fps, browser, aiortc_client: {...}) + <name>.png.
+5. bench/stream_latency.py (the aiortc client) runs next on the same renderer and video: --method pts (every frame
+   by its number, like this page) and its black-box jump method, each on its own server.
+Writes bench/results/<name>.json (renderer, p50_ms, p95_ms, fps, browser, aiortc_client: {pts: {...}, jump: {...}})
++ <name>.png.
 """
 from __future__ import annotations
 
@@ -152,15 +154,20 @@ async def browse(chromium: str, url: str, y4m: Path, seconds: float, profile: Pa
 
 
 def aiortc_client(args) -> dict:
-    """bench/stream_latency.py with its defaults (jump method, marker jitter buffer) on the same renderer."""
-    name = f"{args.name}_aiortc_client"
-    cmd = [sys.executable, str(ROOT / "bench" / "stream_latency.py"), "--renderer", args.renderer,
-           "--name", name, "--size", args.size]
-    print("running:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    data = json.loads((RESULTS / f"{name}.json").read_text())
-    return {k: data.get(k) for k in ("p50_ms", "p95_ms", "fps", "ttff_s", "trials_ok", "client_jitter_buffer")} | {
-        "result": f"bench/results/{name}.json", "method": "aiortc client, jump A/B (bench/stream_latency.py)"}
+    """bench/stream_latency.py on the same renderer and driving video, both of its methods: pts (every frame by its
+    stamped number, as this page measures; in-process server) and jump (black-box A/B switches)."""
+    out = {}
+    for method in ("pts", "jump"):
+        name = f"{args.name}_aiortc_{method}"
+        cmd = [sys.executable, str(ROOT / "bench" / "stream_latency.py"), "--renderer", args.renderer, "--method",
+               method, "--name", name, "--size", args.size, "--driving", args.driving, "--seconds",
+               str(args.seconds)]
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        out[method] = {k: data.get(k) for k in ("p50_ms", "p95_ms", "fps", "ttff_s", "client_jitter_buffer")} | {
+            "result": f"bench/results/{name}.json"}
+    return out
 
 
 def main() -> None:
@@ -223,9 +230,9 @@ def main() -> None:
     plot(RESULTS / f"{args.name}.png", lat, payload)
     print(f"\n{'client':<34}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}")
     print(f"{'Chromium camera page (measured)':<34}{payload['fps']!s:>7}{payload['p50_ms']!s:>9}{payload['p95_ms']!s:>9}")
-    if "aiortc_client" in payload:
-        a = payload["aiortc_client"]
-        print(f"{'aiortc client (stream_latency)':<34}{a['fps']!s:>7}{a['p50_ms']!s:>9}{a['p95_ms']!s:>9}")
+    for method, a in payload.get("aiortc_client", {}).items():
+        label = f"aiortc client ({method})"
+        print(f"{label:<34}{a['fps']!s:>7}{a['p50_ms']!s:>9}{a['p95_ms']!s:>9}")
     print(f"{page['browser']}; the page showed: {payload['page_shows']}")
     print("wrote", path, "and", path.with_suffix(".png"))
 
@@ -240,9 +247,9 @@ def plot(path: Path, lat: np.ndarray, payload: dict) -> None:
     ax1.plot(lat, ".", ms=2)
     for q, style in ((50, "--"), (95, ":")):
         ax1.axhline(np.percentile(lat, q), ls=style, c="grey", label=f"p{q} {np.percentile(lat, q):.0f} ms")
-    if "aiortc_client" in payload and payload["aiortc_client"].get("p50_ms") is not None:
-        ax1.axhline(payload["aiortc_client"]["p50_ms"], c="red", lw=0.8,
-                    label=f"aiortc client p50 {payload['aiortc_client']['p50_ms']:.0f} ms")
+    pts = payload.get("aiortc_client", {}).get("pts", {})
+    if pts.get("p50_ms") is not None:
+        ax1.axhline(pts["p50_ms"], c="red", lw=0.8, label=f"aiortc client (per frame) p50 {pts['p50_ms']:.0f} ms")
     ax1.set_xlabel("avatar frame shown")
     ax1.set_ylabel("glass-to-glass latency (ms)")
     ax1.legend(fontsize=8)
