@@ -31,7 +31,7 @@ const flashlive = (() => {
 
   function stampedCamera(track) {
     // Camera frames -> the same frames with their number in the corner; probe.sent notes when each one left.
-    const processor = new MediaStreamTrackProcessor({track});
+    const processor = new MediaStreamTrackProcessor({track, maxBufferSize: 2}); // a slow page drops, never queues
     const generator = new MediaStreamTrackGenerator({kind: "video"});
     let canvas = null, ctx = null, n = 0;
     const stamp = new TransformStream({
