@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--name", default="preview_three_quarter")
     ap.add_argument("--driving", default="lp_d3.mp4")
     ap.add_argument("--refs", default="fp_case1.png,lp_s1.jpg,lp_s3.jpg")
-    ap.add_argument("--tile", type=int, default=256)
+    ap.add_argument("--tile", type=int, default=224)
     args = ap.parse_args()
 
     cap = cv2.VideoCapture(str(DATA / "driving" / args.driving))

@@ -8,8 +8,9 @@ Per driving frame:
   1. face mesh (478 landmarks, video mode so it tracks) on the driving frame;
   2. a similarity fitted on stable points (eye corners, nose bridge, forehead) separates the head's rigid motion
      from the expression; the expression is the residual of every landmark relative to the driver's neutral frame
-     (the first frame with a face), in the driver's normalised face frame (origin between the eyes, x along the eye
-     line, unit = inter-ocular distance);
+     (the first frame with a face, replaced by a more neutral one seen with the head turned the same way), in the
+     driver's normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance);
+     the lids open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
   3. the same deltas and the same rigid motion, expressed in the reference's normalised face frame, move the
      reference landmarks to their target positions; a reference smiling with parted lips gets its lower lip moved
      up by the difference to the driver's neutral gap, so its lips close when the driver's do;
@@ -48,8 +49,8 @@ TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, f
 TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
 LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open
 NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
-SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
 NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocular units) is this close to the old
+SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the painted interior is opaque
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
