@@ -12,7 +12,9 @@ signals are compared per pair by Pearson correlation, driver vs output:
   gaze    horizontal iris position between the eye corners (0 = outer corner, 1 = inner), both eyes averaged
 
 Target: every correlation >= 0.85, gaze >= 0.7. A driver who barely moves a signal (its std below NOISE) gives a
-correlation of noise: such cells are reported with the driver's std and flagged `flat`, not hidden.
+correlation of noise: such cells are reported with the driver's std and flagged `flat`, not hidden. Gaze is
+scored over the frames where the driver's eyes are open (a closed eye has no gaze).
+`--rescore FILE` recomputes a result file's correlations from the curves it stores (the same rules).
 Writes bench/results/<name>.json (per pair: correlations, driver/output std, curves) + <name>.png.
 """
 from __future__ import annotations
@@ -141,14 +143,63 @@ def run_pair(frames, times, drv_sig, reference: str, size: int, keep_frames: lis
               "output_faces_missed": int(np.isnan(out_sig["mouth"]).sum()), "corr": {}, "driver_std": {},
               "output_std": {}, "flat": {}, "curves": {}}
     for m in METRICS:
-        c = pearson(drv_sig[m], out_sig[m])
-        result["corr"][m] = None if c is None else round(c, 3)
-        result["driver_std"][m] = round(float(np.nanstd(drv_sig[m])), 4)
-        result["output_std"][m] = round(float(np.nanstd(out_sig[m])), 4)
-        result["flat"][m] = bool(np.nanstd(drv_sig[m]) < NOISE[m])
         result["curves"][m] = [None if np.isnan(v) else round(float(v), 4) for v in out_sig[m]]
+    score(result, drv_sig, out_sig)
     result["frames"] = [outs[i] for i in keep_frames]  # for the contact sheet, dropped before writing JSON
     return result
+
+
+def score(result: dict, drv_sig: dict, out_sig: dict) -> None:
+    """Fill result's corr, driver_std, output_std and flat from the driver's and the output's signals.
+
+    Gaze counts only the frames where the driver's eyes are open (over half their median opening): a closed eye
+    has no gaze, and the face mesh's iris points under a closed lid are noise on both sides."""
+    open_eyes = drv_sig["eyes"] > 0.5 * np.nanmedian(drv_sig["eyes"])
+    result["gaze_frames"] = int(open_eyes.sum())
+    for m in METRICS:
+        keep = open_eyes if m == "gaze" else np.ones(len(drv_sig[m]), bool)
+        d, o = drv_sig[m][keep], out_sig[m][keep]
+        c = pearson(d, o)
+        result["corr"][m] = None if c is None else round(c, 3)
+        result["driver_std"][m] = round(float(np.nanstd(d)), 4)
+        result["output_std"][m] = round(float(np.nanstd(o)), 4)
+        result["flat"][m] = bool(np.nanstd(d) < NOISE[m])
+
+
+def summarise(results: list[dict]) -> dict:
+    def worst(m, only_moving):
+        vals = [r["corr"][m] for r in results if r["corr"][m] is not None and not (only_moving and r["flat"][m])]
+        return None if not vals else round(min(vals), 3)
+
+    return {m: {"min": worst(m, False), "min_moving": worst(m, True), "target": TARGET[m],
+                "pairs_below": sum(1 for r in results if r["corr"][m] is None or r["corr"][m] < TARGET[m]),
+                "pairs_below_moving": sum(1 for r in results if not r["flat"][m]
+                                          and (r["corr"][m] is None or r["corr"][m] < TARGET[m])),
+                "flat_pairs": sum(1 for r in results if r["flat"][m])} for m in METRICS}
+
+
+def rescore(path: Path) -> None:
+    """Recompute a result file's correlations and summary from the curves it stores (same rules as a run)."""
+    import json
+
+    data = json.loads(path.read_text())
+    for r in data["results"]:
+        arr = lambda curve: np.array([np.nan if v is None else v for v in curve], float)  # noqa: E731
+        score(r, {m: arr(r["driver_curves"][m]) for m in METRICS}, {m: arr(r["curves"][m]) for m in METRICS})
+    data["summary"] = summarise(data["results"])
+    data["rescored"] = "correlations recomputed from the stored curves by bench/motion_transfer.py --rescore"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    plot(path.with_suffix(".png"), data["results"])
+    print_summary(data["summary"])
+    print("rewrote", path, "and", path.with_suffix(".png"))
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{'metric':<8}{'min':>8}{'min moving':>12}{'target':>8}{'below':>7}{'below moving':>14}{'flat':>6}")
+    for m in METRICS:
+        s = summary[m]
+        print(f"{m:<8}{s['min']!s:>8}{s['min_moving']!s:>12}{s['target']:>8}{s['pairs_below']:>7}"
+              f"{s['pairs_below_moving']:>14}{s['flat_pairs']:>6}")
 
 
 def main() -> None:
@@ -157,7 +208,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--name", default="motion_transfer")
     ap.add_argument("--drivers", default="", help="comma-separated driving videos (default: all)")
+    ap.add_argument("--rescore", default=None, help="a result JSON: recompute its correlations from its curves")
     args = ap.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore))
+        return
 
     todo = pairs()
     if args.drivers:
@@ -185,24 +240,12 @@ def main() -> None:
                               f"{'*' if r['flat'][m] else ''}" for m in METRICS)
             print(f"{driver:<12}{reference:<14}{cells}   ({r['render_cpu_ms']} ms CPU/frame)", flush=True)
 
-    def worst(m, only_moving):
-        vals = [r["corr"][m] for r in results if r["corr"][m] is not None and not (only_moving and r["flat"][m])]
-        return None if not vals else round(min(vals), 3)
-
-    summary = {m: {"min": worst(m, False), "min_moving": worst(m, True), "target": TARGET[m],
-                   "pairs_below": sum(1 for r in results if r["corr"][m] is None or r["corr"][m] < TARGET[m]),
-                   "pairs_below_moving": sum(1 for r in results if not r["flat"][m]
-                                             and (r["corr"][m] is None or r["corr"][m] < TARGET[m])),
-                   "flat_pairs": sum(1 for r in results if r["flat"][m])} for m in METRICS}
+    summary = summarise(results)
     payload = {"renderer": "preview", "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
                "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE, "summary": summary,
                "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count(), "results": results}
     path = write_result(args.name, payload)
-    print(f"\n{'metric':<8}{'min':>8}{'min moving':>12}{'target':>8}{'below':>7}{'below moving':>14}{'flat':>6}")
-    for m in METRICS:
-        s = summary[m]
-        print(f"{m:<8}{s['min']!s:>8}{s['min_moving']!s:>12}{s['target']:>8}{s['pairs_below']:>7}"
-              f"{s['pairs_below_moving']:>14}{s['flat_pairs']:>6}")
+    print_summary(summary)
     print("wrote", path)
     plot(RESULTS / f"{args.name}.png", results)
     sheet = np.vstack([np.hstack(t) for _, t in sheet_rows[:12]])

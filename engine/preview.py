@@ -34,7 +34,8 @@ import numpy as np
 
 from engine.base import ThreadedRenderer
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
-                              LEFT_EYE_UPPER, N_MESH, RIGHT_EYE_LOWER, RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, STABLE,
+                              LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
+                              RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
                               OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
                               fit_similarity, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
                               strip_triangles, tesselation_triangles)
@@ -55,6 +56,7 @@ MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which 
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
+SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
 GAZE_GAIN = 1.0  # iris shift per unit of the driver's iris shift, both relative to their eye corners
 IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
@@ -121,7 +123,6 @@ class PreviewRenderer(ThreadedRenderer):
         # Warp mesh: the 468 face vertices. The mouth and eye slits (holes in the tesselation) are strips drawn first,
         # then the tesselation far to near by the reference's depth: where a three-quarter face folds (the far
         # cheek's outline projects onto the visible cheek), the near surface is drawn last and wins.
-        self._src = ref_pts[:N_MESH].astype(np.float64)  # (V, 2) source vertices
         tess = tesselation_triangles()
         tess = tess[np.argsort(-ref_depth[tess].mean(1), kind="stable")]
         strips = [strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
@@ -134,6 +135,24 @@ class PreviewRenderer(ThreadedRenderer):
         self._lip_upper, self._lip_lower = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)
         self._eye_chains = [(np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
                             ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
+        self._lid_rings = [np.array(RIGHT_LID_RING), np.array(LEFT_LID_RING)]
+        self._slits = [(np.array(u + lo[::-1][1:-1]), np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
+                       ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER),
+                        (INNER_LIP_UPPER, INNER_LIP_LOWER))]  # (outline, upper chain, lower chain) of eyes, mouth
+        # The face mesh puts the lid points a little inside the visible eye, so a strip of iris and white belongs to
+        # the upper lid's triangles and would ride down with a closing lid (an eye that never looks shut). The
+        # modelled upper lid sits higher, in the reference mesh and in every target alike: up to 35 % of the
+        # opening, at most half of the lash band above.
+        self._lid_margin = np.zeros(len(self._ref_q), complex)  # normalised offsets of the modelled lids
+        for (upper, lower), ring, under in zip(self._eye_chains, self._lid_rings,
+                                               (np.array(RIGHT_LOWER_RING), np.array(LEFT_LOWER_RING))):
+            gap = (self._ref_q[lower] - self._ref_q[upper]).imag
+            room = (self._ref_q[upper] - self._ref_q[ring]).imag
+            below = (self._ref_q[under] - self._ref_q[lower]).imag
+            self._lid_margin[upper] = -1j * np.clip(np.minimum(0.35 * gap, 0.5 * room), 0.0, None)
+            self._lid_margin[lower] = 1j * np.clip(np.minimum(0.12 * gap, 0.4 * below), 0.0, None)
+        self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
+        self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
         self._oval = outline_loop()
         # Lip closing: each point below the lips follows the nearest inner lower-lip point, fading with distance.
         lower = self._lip_lower[1:-1]
@@ -251,12 +270,19 @@ class PreviewRenderer(ThreadedRenderer):
         landmarks before the head motion, normalised (y down the face); a changed copy is returned.
         """
         q = q.copy()
-        for e, ((upper, lower), open_gap) in enumerate(zip(self._eye_chains, self._eyes_open)):
+        for e, ((upper, lower), open_gap, ring) in enumerate(zip(self._eye_chains, self._eyes_open,
+                                                                   self._lid_rings)):
             ratio = float(np.clip((q_now[lower] - q_now[upper]).imag.sum() / max(open_gap, 1e-3), 0.0, 2.0))
             self._eye_ratio[e] = ratio
-            gap = (self._ref_q[lower] - self._ref_q[upper]).imag * ratio
-            mid = (q[upper] + q[lower]) / 2
-            q[upper], q[lower] = mid - 0.5j * gap, mid + 0.5j * gap
+            top, bottom = q[upper] + self._lid_margin[upper], q[lower] + self._lid_margin[lower]  # modelled lids
+            modelled = self._ref_q + self._lid_margin
+            gap = (modelled[lower] - modelled[upper]).imag * ratio
+            mid = (top + bottom) / 2
+            moved = mid - 0.5j * gap
+            # The lash band above the lid moves with it (the skin above it stretches instead): a closed eye shows a
+            # thin lash line, not the band stretched into a dark smear.
+            q[ring] += 0.9 * (moved - top)
+            q[upper], q[lower] = moved, mid + 0.5j * gap
         return q
 
     def _gaps(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -336,7 +362,7 @@ class PreviewRenderer(ThreadedRenderer):
             at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
             et, es = bt - at, bs - as_
             k = max(1.0, (abs(target[il] - target[iu]) / abs(et)) /
-                    max(abs(self._ref_z[il] - self._ref_z[iu]) / abs(es), 1e-3))
+                    max(abs(self._src_z[il] - self._src_z[iu]) / abs(es), 1e-3))
             stretch.append(k)
             for dst, pt in ((t0, at), (t1, bt), (t2, at + 1j * et), (s0, as_), (s1, bs), (s2, as_ + 1j * es / k)):
                 dst[rows] = (pt.real, pt.imag)
@@ -380,6 +406,9 @@ class PreviewRenderer(ThreadedRenderer):
             cv2.resize(self._map_x, (self.width, self.height), dst=self._full_x, interpolation=cv2.INTER_LINEAR)
             cv2.resize(self._map_y, (self.width, self.height), dst=self._full_y, interpolation=cv2.INTER_LINEAR)
             map_x, map_y = self._full_x, self._full_y
+            for ring, upper, lower in self._slits:  # a closed slit folds the map: exact there, not interpolated
+                if np.abs(target[lower] - target[upper]).max() < SHUT_PX:
+                    self._exact_map(map_x, map_y, target[ring], tgt, coef)
         else:
             map_x, map_y = self._map_x, self._map_y
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
@@ -387,6 +416,31 @@ class PreviewRenderer(ThreadedRenderer):
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._fill_mouth(out, target)
         return out
+
+    def _exact_map(self, map_x: np.ndarray, map_y: np.ndarray, outline: np.ndarray, tgt: np.ndarray,
+                   coef: np.ndarray) -> None:
+        """Recompute the full-resolution map exactly (per pixel, not upsampled) around a slit: a closed eye or mouth
+        is a fold of the map (above the line it samples the upper lid, below it the lower one), and interpolating
+        across the fold samples what lies between in the reference, the eye's white: a grey line on a shut eye.
+        outline: the slit's target points (complex); tgt: (V, 2) target mesh; coef: (K+1, 6) per-triangle maps."""
+        pad = 0.6 * (outline.real.max() - outline.real.min()) + 3
+        x0, y0 = max(int(outline.real.min() - pad), 0), max(int(outline.imag.min() - pad), 0)
+        x1, y1 = min(int(outline.real.max() + pad) + 1, self.width), min(int(outline.imag.max() + pad) + 1, self.height)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        corners = tgt[self._tris]  # (K, 3, 2)
+        near = np.nonzero((corners[..., 0].max(1) >= x0) & (corners[..., 0].min(1) <= x1) &
+                          (corners[..., 1].max(1) >= y0) & (corners[..., 1].min(1) <= y1))[0]
+        ids = np.full((y1 - y0, x1 - x0), -1, np.int32)
+        poly = np.round((corners[near] - (x0, y0)) * 16).astype(np.int32)
+        for k, p in zip(near, poly):  # in drawing order: later triangles win, as in warp()
+            cv2.fillConvexPoly(ids, p, int(k), cv2.LINE_8, 4)
+        inside = ids >= 0
+        c = coef[ids[inside]]  # (P, 6)
+        yy, xx = np.nonzero(inside)
+        xx, yy = (xx + x0).astype(np.float32), (yy + y0).astype(np.float32)
+        map_x[y0:y1, x0:x1][inside] = c[:, 0] * xx + c[:, 1] * yy + c[:, 2]
+        map_y[y0:y1, x0:x1][inside] = c[:, 3] * xx + c[:, 4] * yy + c[:, 5]
 
     def _blend_background(self, target: np.ndarray, face: np.ndarray) -> None:
         """Outside the face, replace the identity map by a smooth displacement field: the face outline's own
@@ -442,7 +496,9 @@ class PreviewRenderer(ThreadedRenderer):
         radius = abs(self._ref_z[rim] - self._ref_z[c]) * abs(et) / abs(bs - as_)
         reach = 1.5 * radius + abs(dr * et)
         upper, lower = (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER) if ia == RIGHT_EYE_OUTER else (LEFT_EYE_UPPER, LEFT_EYE_LOWER)
-        outline = target[np.array(upper + lower[::-1][1:-1])]
+        ring = np.array(upper + lower[::-1][1:-1])
+        # the eye opening as the face mesh sees it, inside the modelled lids: the lashes do not move with the iris
+        outline = target[ring] - self._lid_margin[ring] * (target[LEFT_EYE_OUTER] - target[RIGHT_EYE_OUTER])
         x0 = max(int(np.floor(outline.real.min())) - 2, 0)
         y0 = max(int(np.floor(outline.imag.min())) - 2, 0)
         x1 = min(int(np.ceil(outline.real.max())) + 3, self.width)

@@ -320,7 +320,7 @@ def test_warp_moves_the_iris_only_inside_the_eye():
     renderer.close()
     ref = renderer.reference
     ref_pts = detect_landmarks(ref)
-    target = renderer._ref_z.copy()
+    target = renderer._src_z.copy()  # the warp mesh's own source points (lids as modelled)
     still = renderer.warp(target)
     assert np.abs(still.astype(np.float32) - ref).mean() < 0.5  # the reference's own landmarks: no change
     eye = (target[133] - target[33]) * 0.15  # 15 % of the eye width towards the inner corner, both eyes
