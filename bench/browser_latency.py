@@ -229,7 +229,8 @@ def main() -> None:
     path = write_result(args.name, payload)
     plot(RESULTS / f"{args.name}.png", lat, payload)
     print(f"\n{'client':<34}{'fps':>7}{'p50 ms':>9}{'p95 ms':>9}")
-    print(f"{'Chromium camera page (measured)':<34}{payload['fps']!s:>7}{payload['p50_ms']!s:>9}{payload['p95_ms']!s:>9}")
+    label = "Chromium camera page (measured)"
+    print(f"{label:<34}{payload['fps']!s:>7}{payload['p50_ms']!s:>9}{payload['p95_ms']!s:>9}")
     for method, a in payload.get("aiortc_client", {}).items():
         label = f"aiortc client ({method})"
         print(f"{label:<34}{a['fps']!s:>7}{a['p50_ms']!s:>9}{a['p95_ms']!s:>9}")

@@ -8,6 +8,9 @@ A peer whose offer sends video is a *camera* session: its own renderer (from `ma
 WebRTCCapture, answered with its AvatarTrack. A receive-only offer is a *viewer* session (an OBS Browser Source):
 it mirrors the programme, which is the `--driving` pipeline when there is one, else the newest camera session,
 else the reference portrait. The virtual camera and the recording follow the programme too.
+A camera offer with `"probe": true` (the camera page, where the browser can stamp its frames) gets avatar frames
+that carry the number stamped into the camera frame they render, so the page measures its glass-to-glass latency
+(streaming/probe.py); the programme stays unstamped.
 
 A camera offer that also sends a microphone gets its voice back delayed by the avatar's latency, and a viewer
 offer with an audio section gets the `--driving` file's audio the same way (streaming/audio.py). /stats carries

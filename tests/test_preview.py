@@ -310,7 +310,7 @@ def test_gaze_follows_the_drivers_irises(driving):
         renderer.close()
         results[dx] = (drv, _gaze(detect_landmarks(out)) - _gaze(detect_landmarks(renderer.reference)))
     for dx, (drv, got) in results.items():
-        assert np.sign(drv) == np.sign(dx) and abs(drv) > 0.03, f"the face mesh did not see the driver's iris move {drv}"
+        assert np.sign(drv) == np.sign(dx) and abs(drv) > 0.03, f"the face mesh did not see the iris move: {drv}"
         assert np.sign(got) == np.sign(drv) and abs(got) > 0.4 * abs(drv), (dx, drv, got)
 
 
