@@ -4,7 +4,12 @@ The shared engine (models, conditioning, compiled step) is `engine/flashportrait
 
 `FlashPortraitRenderer` is one session (one peer). Per driving frame j (on the renderer's thread):
   PD-FGC features (554) -> PortraitEncoder tokens (24) ; latent frame i is complete once frame 4i has arrived
-  (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)`.
+  (frame 0 for i = 0) and gets the 97 tokens of `portrait_encoder.latent_token_range(i)` (the global layout).
+Windows read them in FlashPortrait's per-window layout (its long-video pipeline and its training encode each
+window's own frames): a window over latents [g0, g0 + W) covers video frames 4 g0 .. 4(g0 + W - 1); its first
+latent frame carries the 24 tokens of frame 4 g0 (the last frame of latent g0) + 73 zero pads, never 97 real tokens,
+and its latents g0 + j, j >= 1, their global 97 tokens (equal to the window-relative slices, the encoder being per
+frame). Live: every rolling window (`_window_emo`); offline: every step-major window (`_render_offline`).
 Whenever enough latent frames of tokens exist, a rolling WSWS window (engine/wsws.RollingWSWS, W latent frames,
 stride S; on the session's window thread and, on CUDA, the engine's own stream, so the next frames' expression
 overlaps it) runs every sampler step: the two guidance branches (emotion, and ip_scale 0) as ONE batch of 2, ALPA via
@@ -30,13 +35,17 @@ Pacing. A window hands out 4S frames at once; the renderer keeps them in its out
 frame j at (push time of driving frame j) + playout delay, the delay being a robust high percentile of the recent
 windows' first-frame waits that forgets a backlog once it is gone (engine/playout.py), so the sinks receive a steady
 stream at the input rate; they add no buffer of their own on top.
-Start. The controller starts on the budget the engine's warm-up timings (one DiT call, one decode) predict to keep
-up within the latency target, so the first windows do not build a backlog.
+Start. The controller starts on the best-quality budget the engine's warm-up timings (one DiT call, one decode)
+predict to keep up within the latency target, so the first windows do not build a backlog.
 Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
-meet the target. The controller
-(engine/controller.py) adapts ALPA interval, steps and stride within `latency_target_ms`; its decision is in
-`stats()["controller"]`. Budget changes apply at a window boundary; a new stride or step count starts a new rolling
-window at the first unreleased latent frame (one unblended seam), a new ALPA interval needs nothing.
+meet the target. The controller (engine/controller.py) chooses ALPA interval, steps and stride by quality (most full
+passes of the expression branch first) among the budgets predicted to keep up within `latency_target_ms`, learning
+the DiT and decode costs from every window, with hysteresis (down at once, up slowly, never straight back to a
+budget that fell behind); its decision is in `stats()["controller"]`, and `stats()` names what a bench needs:
+`full_passes_per_window`, `budget` (interval, steps, stride, lookahead in latent frames), `budget_changes` and
+`budget_change_times_s` (seconds from the first driving frame). Budget changes apply at a window boundary; a new
+stride or step count starts a new rolling window at the first unreleased latent frame (one unblended seam), a new
+ALPA interval needs nothing.
 
 Bounded. The input queue drops its oldest frame when full (ThreadedRenderer; under a latency target it holds what
 the target lasts, so an extractor that cannot keep up drops frames rather than adding latency); tokens waiting for
@@ -66,7 +75,8 @@ from engine.config import ALPAConfig, ModelPreset, RuntimeConfig, SamplerConfig,
 from engine.controller import Budget, BudgetController, ControllerConfig
 from engine.flashportrait import (TIME_STRIDE, EngineOptions, FlashPortraitEngine, frames_uint8,
                                   make_schedule_for)
-from engine.models.portrait_encoder import latent_token_range
+from engine.models.portrait_encoder import (group_latent_tokens, latent_token_range, window_first_frame_tokens,
+                                            window_latent_tokens)
 from engine.playout import PlayoutDelay
 from engine.sampler import Sampler
 from engine.wsws import RollingWSWS, plan_windows, wsws_sample
@@ -146,8 +156,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
             ctl = replace(ctl, lookahead=lookahead)  # the controller predicts latency with the same lookahead
         self.lookahead = lookahead
         initial = Budget(interval=1 if ctl.enabled or alpa.mode == "off" else k_max, steps=steps0, stride=stride0)
-        seed = eng.window_ms_per_unit(initial) if ctl.enabled and not offline else None
-        self.controller = BudgetController(initial, self.W, self.fps, ctl, ms_per_unit=seed)
+        costs = None
+        if ctl.enabled and not offline:  # the warm-up's timings: one guided DiT call, one latent frame's decode
+            t = eng.measured_costs()
+            costs = (1e3 * t["pass_s"], 1e3 * t["decode_latent_s"])
+        self.controller = BudgetController(initial, self.W, self.fps, ctl, costs=costs)
         self._budget = self.controller.budget  # predicted from the warm-up timings to keep up from the start
         self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
         # stream state
@@ -173,6 +186,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.closed = False
         self.max_lag_latents = 4 * self.W  # beyond this backlog of tokens the stream skips ahead (bounded lag)
         self.skipped_behind = 0
+        self._t_first: float | None = None           # push time of the first driving frame
         self._window_failed = False
         self._window_thread: threading.Thread | None = None
         self._window_cv = threading.Condition()
@@ -212,11 +226,22 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self._have >= start + self._budget.stride + self._lookahead()
 
     def _window_emo(self, win) -> torch.Tensor:
-        """(1, W, 97, C) tokens of the window's global latent frames; frames without tokens yet hold the newest."""
+        """(1, W, 97, C) tokens of the window [g0, g0 + W) (global latent frames) in FlashPortrait's per-window
+        layout: latent g0 carries the 24 tokens of the window's first video frame 4 g0 + 73 zero pads, latents
+        g0 + j (j >= 1) their 97 tokens (equal to a re-encoding of the window's own frames, see
+        engine/models/portrait_encoder.py); frames without tokens yet hold the newest. Built once per window into
+        one buffer (the previous window's passes have finished when the next one starts)."""
         if win.index != self._emo_window:
             g0 = self._base + win.start
             newest = self._have - 1
-            self._emo = torch.stack([self._tokens[min(g, newest)] for g in range(g0, g0 + self.W)])[None]
+            first = self._tokens[min(g0, newest)]
+            if self._emo is None or self._emo.shape[1:] != (self.W, *first.shape):
+                self._emo = first.new_empty((1, self.W, *first.shape))
+            emo, per = self._emo[0], self.engine.preset.portrait.tokens_per_frame
+            emo[0, :per].copy_(window_first_frame_tokens(first, min(g0, newest), per))
+            emo[0, per:].zero_()
+            for j in range(1, self.W):
+                emo[j].copy_(self._tokens[min(g0 + j, newest)])
             self._emo_window = win.index
         return self._emo
 
@@ -289,7 +314,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
-            new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() + len(out))
+            new = self.controller.observe(t2 - t0, len(out), self.backlog_frames() + len(out), decode_s=t2 - t1)
             if new is not None:
                 self._apply_budget(new)
         return out
@@ -308,6 +333,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
         (not started), the windows run here and their frames are returned."""
         pts, stamp = pts if isinstance(pts, tuple) else (pts, time.monotonic())
+        if self._t_first is None:
+            self._t_first = stamp  # budget change times count from the session's first driving frame
         if self._window_failed:
             return []  # nothing would render it: keep no state
         t0 = time.perf_counter()
@@ -419,10 +446,12 @@ class FlashPortraitRenderer(ThreadedRenderer):
         n = len(self._all_feats)
         T = math.ceil((n - 1) / TIME_STRIDE) + 1                  # latent frames covering n driving frames
         padded = self._all_feats + [self._all_feats[-1]] * (TIME_STRIDE * (T - 1) + 1 - n)
-        from engine.models.portrait_encoder import group_latent_tokens
-
         feats = torch.from_numpy(np.stack(padded)).to(eng.device, eng.dtype)[None]
         emo = group_latent_tokens(eng.portrait(feats))[0]                                # (T, 97, C)
+        # each window's tokens in FlashPortrait's per-window layout (its first latent: its first frame's 24 tokens +
+        # 73 zero pads), written into one buffer: the windows run one after the other on the engine's stream
+        win_emo = emo.new_empty((1, min(self.W, T), *emo.shape[1:]))
+        per = eng.preset.portrait.tokens_per_frame
         steps = eng.live_steps
         schedule = make_schedule_for(eng.sampler_cfg, steps)
         sampler = Sampler(schedule, generator=self._gen)
@@ -441,7 +470,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         noise = torch.randn((1, 16, T, h, w), generator=self._gen, device=eng.device)
 
         def denoise(x, i, win, cond):
-            return eng.guided_flow(cached, x, i, cond[None], key=win.index)
+            window_latent_tokens(cond, win.start, per, out=win_emo[0])
+            return eng.guided_flow(cached, x, i, win_emo, key=win.index)
 
         t0 = time.perf_counter()
         with eng.lock:
@@ -504,5 +534,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind,
             "playout_delay_ms": round(1e3 * self.playout.delay, 1), "playout_settled": self.playout.settled,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
+            # for benches (bench/stream_latency.py): the controller's budget and how often it changed
+            "full_passes_per_window": b.full_passes(), "budget_changes": self.controller.changes,
+            "budget_change_times_s": [round(c["t"] - (self._t_first or c["t"]), 3)
+                                      for c in self.controller.change_log],
+            "budget": {"interval": b.interval, "steps": b.steps, "stride": b.stride,
+                       "lookahead": self._lookahead()},
             "controller": self.controller.stats(), **self.engine.stats()})
         return out

@@ -13,10 +13,16 @@
     (the upstream code divides by zero for L = 1; we use w = 0.5 there). RoPE positions are local to the window:
     the callback sees a window-sized latent and runs the DiT on it exactly as on a short video.
     Conditioning is also per window upstream: every window's first latent frame carries the reference-image
-    flag of the (window-sized) y, and its expression tokens are those of a window starting there: the 24 tokens
-    of its first video frame plus 73 zero pads, where the global layout has 97 tokens ending with those 24. So
-    a caller passing per-frame 97-token blocks as `cond` rebuilds frame 0 of each window as
-    cat(cond[0][-24:], zeros(73)).
+    flag of the (window-sized) y, and its expression tokens are those of a clip starting there. FlashPortrait's
+    long-video pipeline encodes window [s, e) of latent frames from its own video frames 4s .. 4(e-1) and groups
+    them into 97 tokens per latent frame exactly as training groups a clip: latent 0 of the window gets the 24
+    tokens of its first frame 4s plus 73 zero pads, latent j >= 1 the tokens of frames 4(s+j)-4 (its last token
+    only) .. 4(s+j). In the global accounting (latent 0 = frame 0, latent i >= 1 = frames 4i-3..4i) the window's
+    first frame 4s is the LAST frame of latent s, so, the encoder being per frame, latents j >= 1 keep their
+    global 97 tokens and only latent s changes: cat(cond[s][-24:], zeros(73)) for s >= 1, and latent 0 as it is
+    for s = 0. It never gets 97 real tokens. `wsws_sample` passes the global slice as `cond`; the caller builds
+    the window's layout (engine/models/portrait_encoder.window_latent_tokens), as FlashPortraitRenderer does in
+    both paths: offline per window here, live per rolling window in (b) (every window's first latent frame).
 
 (b) Rolling, window-major (`RollingWSWS`)
     A fixed window of `size` frames advances by stride S = size - overlap: window k covers [kS, kS + size). It

@@ -4,6 +4,14 @@ into the 97 tokens each latent frame's NFEB attends to.
     feats (B, T, 554) = [headpose 6 | eye 6 | emo 30 | mouth 512] per frame
     tokens = PortraitEncoder(feats)              (B, 24*T, out_dim)  per frame [proj 4 | mouth 16 | emo 4]
     emo    = group_latent_tokens(tokens)         (B, n, 97, out_dim) with T = 4(n-1)+1
+    win    = window_latent_tokens(emo[:, s:e], s)  the same window as FlashPortrait conditions it (see below)
+
+The 97-token layout is per clip, and upstream a clip is a window: FlashPortrait's long-video pipeline encodes each
+context window [s, e) of latent frames from its own video frames 4s .. 4(e-1) (4(e-s-1)+1 frames, the same count as
+a training clip) and groups them as above. Since the encoder is a per-frame map, a window's latent j >= 1 then gets
+exactly the global slice of latent s + j, and its latent 0 gets the 24 tokens of its own first frame 4s followed
+by 73 zeros: for s >= 1 the LAST 24 tokens of global latent s (whose frames are 4s-3..4s), never its 97 tokens.
+`window_latent_tokens` turns globally grouped tokens into that per-window layout.
 
 Parameter names equal the keys of `portrait_encoder.pt` (`proj_model.`, `mouth_proj_model.`, `emo_proj_model.`).
 """
@@ -148,4 +156,29 @@ def group_latent_tokens(tokens: torch.Tensor, tokens_per_frame: int = 24, tempor
         start = tokens_per_frame - 1
         body = tokens[:, start:].unfold(1, per, per - 1)  # (B, n-1, C, per)
         out[:, 1:] = body[:, :n - 1].transpose(-1, -2)
+    return out
+
+
+def window_first_frame_tokens(latent: torch.Tensor, start: int, tokens_per_frame: int = 24) -> torch.Tensor:
+    """The tokens (..., 24, C) of video frame 4s, the first frame of a window starting at latent s = `start`, from
+    the globally grouped tokens (..., 97, C) of latent s: its last 24 for s >= 1 (latent s is frames 4s-3..4s),
+    its first 24 for s = 0 (frame 0, then the zero pads). A view, no copy."""
+    if start < 0:
+        raise ValueError(f"a window starts at a latent frame >= 0 (got {start}).")
+    return latent[..., :tokens_per_frame, :] if start == 0 else latent[..., -tokens_per_frame:, :]
+
+
+def window_latent_tokens(grouped: torch.Tensor, start: int, tokens_per_frame: int = 24,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-window tokens (..., n, 97, C) of a window of n latent frames starting at global latent `start`, from
+    the globally grouped tokens of those frames `grouped` (..., n, 97, C) (as `group_latent_tokens` gives them):
+    latent 0 becomes its first frame's 24 tokens + 73 zero pads, latents 1.. are unchanged (see the module
+    docstring). Written into `out` (same shape; must not overlap `grouped`) when given, else into a new tensor."""
+    if out is None:
+        out = torch.empty_like(grouped)
+    if out.shape != grouped.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, the window's tokens {tuple(grouped.shape)}.")
+    out[..., 1:, :, :].copy_(grouped[..., 1:, :, :])
+    out[..., 0, :tokens_per_frame, :].copy_(window_first_frame_tokens(grouped[..., 0, :, :], start, tokens_per_frame))
+    out[..., 0, tokens_per_frame:, :].zero_()
     return out
