@@ -83,8 +83,6 @@ class PacedTrack(MediaStreamTrack):
         self.fps_out = RateMeter()
         self._start: float | None = None
         self._index = 0
-        self._origin: float | None = None  # when the first frame left: RTP timestamp 0
-        self._pts = -1  # the last RTP timestamp sent (video clock)
 
     async def _tick(self) -> None:
         now = time.monotonic()
@@ -115,13 +113,7 @@ class PacedTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame:
         image = await self.next_image()
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        # The RTP timestamp is when the frame really leaves, not its slot on the ideal clock: a browser sizes its
-        # jitter buffer by how far arrivals stray from the timestamps, so a late tick (a busy event loop, a
-        # restarted clock after a stall) must not look like network jitter to it.
-        now = time.monotonic()
-        if self._origin is None:
-            self._origin = now
-        self._pts = frame.pts = max(round((now - self._origin) * VIDEO_CLOCK), self._pts + 1)
+        frame.pts = int(self._index * VIDEO_CLOCK / self.fps)
         frame.time_base = VIDEO_TIME_BASE
         return frame
 
