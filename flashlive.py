@@ -46,7 +46,8 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_size, default=(512, 512), help="output WIDTHxHEIGHT (default 512x512)")
     g.add_argument("--fps", type=float, default=None, help="output fps (serve: default 25; render: the driving fps)")
     g.add_argument("--weights", default="weights", help="folder with the FlashPortrait / Wan2.1 checkpoints")
-    g.add_argument("--preset", default="14b", help="model preset: tiny, 1.3b or 14b (flashportrait)")
+    g.add_argument("--preset", default="14b",
+                   help="model preset: tiny, mini (trained here: CPU, 128x128), 1.3b or 14b (flashportrait)")
     g.add_argument("--device", default=None, help="torch device for flashportrait (default cuda)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (flashportrait; default bf16)")
     g.add_argument("--steps", type=int, default=None, help="sampler steps (flashportrait)")
@@ -64,6 +65,19 @@ def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
                         "within this server-side latency (default for serve: 350; the network adds its own)")
     g.add_argument("--decoder", choices=("tiny", "wan"), default=None,
                    help="flashportrait latent decoder: tiny (TAEHV, real time) or wan (full Wan VAE)")
+    g.add_argument("--fp8", choices=("auto", "on", "off"), default="auto",
+                   help="flashportrait: e4m3 weights for the DiT block linears inside the compiled step (auto: on "
+                        "for --preset 14b on a GPU with FP8 matmuls, compute capability 8.9+)")
+    g.add_argument("--fp8-scaling", choices=("rowwise", "tensorwise"), default=None,
+                   help="flashportrait FP8: a scale per token and per weight row (rowwise, default: accurate) or one "
+                        "per tensor (tensorwise: faster GEMMs, coarser)")
+    g.add_argument("--low-vram", action="store_true",
+                   help="flashportrait: the 24 GB mode (RTX 4090/5090): the DiT built or loaded block by block "
+                        "straight into FP8, CLIP and the Wan VAE encoder freed once the conditioning exists")
+    g.add_argument("--emo-refresh", type=int, default=None,
+                   help="flashportrait: compute the no-expression guidance branch at one expression full pass in N "
+                        "and estimate it from the last guidance difference in between (1: every pass; default: "
+                        "4 for --preset 14b, else 1)")
     g.add_argument("--gpus", type=int, default=1,
                    help="flashportrait: spread the DiT over N GPUs of this host (guidance pair and sequence split; "
                         "rank 0 runs the command); or launch N processes with torchrun --nproc_per_node N")
@@ -102,8 +116,11 @@ def cmd_serve(args) -> int:
         warm = time.perf_counter() - t0
         from engine.distributed import world_size
 
+        from engine.build import engine_configs
+
+        runtime = engine_configs(args)["runtime"]
         info = {"preset": args.preset, "random_weights": bool(args.random_weights), "warm_up_s": round(warm, 2),
-                "gpus": world_size()}
+                "gpus": world_size(), "fp8": runtime.fp8, "low_vram": runtime.low_vram}
         print(f"FlashLive flashportrait engine is warm after {warm:.1f} s (load, compile, "
               f"CUDA graph capture){', random weights' if args.random_weights else ''}", flush=True)
     if args.loopback_ice:

@@ -46,3 +46,13 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({**payload, "env": env_info()}, indent=2) + "\n")
     return path
+
+
+def gpu_tag(device_name: str | None) -> str:
+    """'h200' for 'NVIDIA H200', 'rtx4090' for 'NVIDIA GeForce RTX 4090', 'cpu' without a GPU."""
+    import re
+
+    if not device_name or device_name.startswith("cpu"):
+        return "cpu"
+    m = re.search(r"\b([A-Z]+\d+)", device_name.replace("GeForce ", "").replace("RTX ", "RTX"))
+    return m.group(1).lower() if m else "gpu"

@@ -5,6 +5,8 @@
     python bench/dit_step.py --quick               # the same grid with fewer iterations and fewer 14b configs
     python bench/dit_step.py --presets 1.3b --frames 6 --modes eager,graphs
     python bench/dit_step.py --presets tiny --size 128 --frames 3   # CPU smoke test
+    python bench/dit_step.py --live14              # the live 14b step as the engine runs it: bf16 / FP8 pair, FP8
+                                                   #   expression branch alone, guidance economy (~4 min on an H200)
 
 Self-checking on CUDA before timing anything:
   1. fused Triton kernels vs the torch reference (bf16, several shapes) and their speed against it,
@@ -425,6 +427,226 @@ def run_preset(preset: str, frames_list: list[int], modes: list[str], args, devi
     free_memory(cuda)
 
 
+# --- the live step (--live14) ----------------------------------------------------------------------------------
+def fp8_matmul_peak(device: torch.device, n: int = 8192) -> dict:
+    """TFLOP/s of one n^3 e4m3 scaled matmul (bf16 out), per-tensor and rowwise scales (what Fp8Linear runs)."""
+    from kernels.fp8 import E4M3
+
+    a = torch.randn(n, n, device=device).to(E4M3)
+    b = torch.randn(n, n, device=device).to(E4M3).t()  # column-major, as _scaled_mm wants its second operand
+    out = {"n": n}
+    for name, sa, sb in (("tensorwise", torch.ones((), device=device), torch.ones((), device=device)),
+                         ("rowwise", torch.ones(n, 1, device=device), torch.ones(1, n, device=device))):
+        try:
+            ms = bench_ms(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16), 5, 30,
+                          True)
+            out[name] = {"ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+        except (RuntimeError, NotImplementedError) as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    out["tflops"] = max((v["tflops"] for v in out.values() if isinstance(v, dict) and "tflops" in v), default=None)
+    return out
+
+
+@torch.no_grad()
+def gemm_shapes(cfg: DiTConfig, tokens: int, device: torch.device) -> list[dict]:
+    """The block's GEMMs at the live token count (batch 1 and 2): bf16 vs FP8 rowwise vs FP8 tensorwise scaled
+    matmul, kernel only (no activation quantization), TFLOP/s each: where the FP8 step's time can come from."""
+    from kernels.fp8 import E4M3
+
+    D, Fh = cfg.dim, cfg.ffn_dim
+    rows = []
+    for name, K, N in (("qkvo", D, D), ("ffn_up", D, Fh), ("ffn_down", Fh, D), ("emo_kv", cfg.emo_dim, D)):
+        for M in (tokens, 2 * tokens):
+            a = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            w = torch.randn(N, K, device=device, dtype=torch.bfloat16)
+            a8, w8 = a.to(E4M3), w.to(E4M3)
+            flops = 2 * M * K * N
+            row = {"gemm": name, "M": M, "K": K, "N": N,
+                   "bf16_tflops": flops / bench_ms(lambda: a @ w.t(), 3, 20, True) / 1e9}
+            for mode, sa, sb in (("rowwise", torch.ones(M, 1, device=device), torch.ones(1, N, device=device)),
+                                 ("tensorwise", torch.ones((), device=device), torch.ones((), device=device))):
+                try:
+                    ms = bench_ms(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,
+                                                           out_dtype=torch.bfloat16), 3, 20, True)
+                    row[f"fp8_{mode}_tflops"] = flops / ms / 1e9
+                except (RuntimeError, NotImplementedError) as e:
+                    row[f"fp8_{mode}_error"] = f"{type(e).__name__}: {e}"[:160]
+            rows.append(row)
+            print("  gemm " + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items()), flush=True)
+    return rows
+
+
+def call_checks(step, x, t, emo, ip_scale) -> dict:
+    """Allocations and host syncs of one graph replay of a live step."""
+    torch.cuda.synchronize()
+    before = alloc_count(step.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(x, t, emo, ip_scale)
+        sync_free = True
+    except RuntimeError:
+        sync_free = False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return {"allocations_per_call": alloc_count(step.device) - before, "host_sync_free": sync_free}
+
+
+def run_live14(args) -> int:
+    """The live step of --preset 14b as the engine runs it (engine/flashportrait.FlashPortraitEngine, random
+    weights, 512x512, the live window of 3 latent frames): the guidance pair in bf16 (batch 2), in FP8 (batch 2),
+    the expression branch alone in FP8 (batch 1), and the guidance economy's average per step; ms, TFLOP/s, fraction
+    of the bf16 and FP8 matmul peaks measured here, relative error against bf16, and the economy's error against
+    the pair at every pass (engine.guidance_error). Writes bench/results/dit_step_<preset>_live_<gpu>.json."""
+    import numpy as np
+
+    from bench.common import gpu_tag
+    from engine.config import SamplerConfig, WindowConfig
+    from engine.flashportrait import FlashPortraitEngine
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    preset = args.presets.split(",")[0] if args.presets != "1.3b,14b" else "14b"
+    cfg = get_preset(preset).dit
+    frames = 3
+    shape2 = StepShape.from_video(args.size, args.size, frames, batch=2)
+    shape1 = StepShape.from_video(args.size, args.size, frames, batch=1)
+    flops2, flops1 = sum(step_flops(cfg, shape2).values()), sum(step_flops(cfg, shape1).values())
+    name = args.out or f"dit_step_{preset}_live_{gpu_tag(env_info()['device'])}"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak(device, cuda)
+    peak8 = fp8_matmul_peak(device) if cuda and torch.cuda.get_device_capability() >= (8, 9) else {"tflops": None}
+    print(f"{preset} live step, {args.size}x{args.size}, {frames} latent frames ({shape1.tokens(cfg.patch_size)} "
+          f"tokens): bf16 peak {peak['tflops']:.0f} TFLOP/s, FP8 peak {peak8.get('tflops')} TFLOP/s", flush=True)
+    gemms = gemm_shapes(cfg, shape1.tokens(cfg.patch_size), device) if peak8.get("tflops") else []
+    ref_img = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
+    from engine.guidance import auto_refresh
+
+    refresh = args.emo_refresh or max(2, auto_refresh(preset, 4.0))
+    payload = {"preset": preset, "frames": frames, "size": args.size, "tokens": shape1.tokens(cfg.patch_size),
+               "matmul_peak": peak, "fp8_matmul_peak": peak8, "flops_pair": flops2, "flops_single": flops1,
+               "emo_refresh": refresh, "gemms": gemms, "rows": [], "economy": [], "checks": {}, "warm_up_s": {},
+               "memory_gib": {},
+               "config": vars(args)}
+    rows = payload["rows"]
+
+    def save():
+        return write_result(name, payload)
+
+    def row(mode, ms, flops, fp8, extra=None):
+        tf = flops / ms / 1e9
+        r = {"mode": mode, "ms": ms, "tflops": tf, "fraction_of_bf16_peak": tf / peak["tflops"],
+             "fraction_of_fp8_peak": tf / peak8["tflops"] if fp8 and peak8.get("tflops") else None, **(extra or {})}
+        rows.append(r)
+        print(f"  {mode:<28} {ms:8.2f} ms {tf:7.0f} TFLOP/s  {100 * r['fraction_of_bf16_peak']:5.1f}% of bf16 peak"
+              + (f", {100 * r['fraction_of_fp8_peak']:5.1f}% of FP8 peak" if r["fraction_of_fp8_peak"] else "")
+              + (f"  {extra}" if extra else ""), flush=True)
+        save()
+
+    g = torch.Generator(device=device).manual_seed(7)
+    x = torch.randn(shape2.batch, 16, frames, shape2.height, shape2.width, generator=g, device=device)
+    emo = torch.randn(1, frames, cfg.emo_tokens_per_frame, cfg.emo_dim, generator=g, device=device)
+    t = 750.0
+    window = WindowConfig(frames, frames - 1)
+    sampler = SamplerConfig(fast=True)
+
+    def engine(fp8: bool, emo_refresh: int, scaling: str = "rowwise"):
+        rt = RuntimeConfig(device=str(device), fp8=fp8, emo_refresh=emo_refresh, fp8_scaling=scaling)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        eng = FlashPortraitEngine(ref_img, None, args.size, args.size, preset=preset, runtime=rt, sampler=sampler,
+                                  window=window, random_weights=True)
+        eng.warm_up()
+        key = f"{'fp8' if fp8 else 'bf16'}{'_tensorwise' if fp8 and scaling == 'tensorwise' else ''}" \
+              f"_refresh{emo_refresh}"
+        payload["warm_up_s"][key] = round(time.perf_counter() - t0, 1)
+        if cuda:
+            payload["memory_gib"][key] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"  engine {key}: warm (random init, conditioning, compile, capture) in "
+              f"{payload['warm_up_s'][key]} s, peak {payload['memory_gib'].get(key)} GiB", flush=True)
+        return eng
+
+    status = 0
+    ref_pair = None
+    if "bf16" in args.live_modes:
+        eng = engine(False, 1)
+        e2 = emo.expand(2, -1, -1, -1).to(eng.dtype)
+        ref_pair = eng.step(x, t, e2, eng.ip_scale_step).clone()
+        row("bf16_pair_b2", bench_ms(lambda: eng.step(x, t, e2, eng.ip_scale_step), args.warmup, args.iters, cuda),
+            flops2, False)
+        if cuda:
+            payload["checks"]["bf16_pair"] = call_checks(eng.step, x, t, e2, eng.ip_scale_step)
+        del eng, e2
+        FlashPortraitEngine.release_all()
+        free_memory(cuda)
+    eng = engine(True, refresh)
+    e2, e1 = emo.expand(2, -1, -1, -1).to(eng.dtype), emo.to(eng.dtype)
+    pair = eng.step(x, t, e2, eng.ip_scale_step).clone()
+    single = eng.step1(x[:1], t, e1, 1.0).clone() if eng.step1 is not None else None
+    err = {}
+    if ref_pair is not None:
+        err = {"rel_err_vs_bf16": relative_error(pair, ref_pair),
+               "rel_err_vs_bf16_emo_branch": relative_error(pair[:1], ref_pair[:1]),
+               "rel_err_vs_bf16_no_emo_branch": relative_error(pair[1:], ref_pair[1:])}
+    row("fp8_pair_b2", bench_ms(lambda: eng.step(x, t, e2, eng.ip_scale_step), args.warmup, args.iters, cuda),
+        flops2, True, err)
+    if cuda:
+        payload["checks"]["fp8_pair"] = call_checks(eng.step, x, t, e2, eng.ip_scale_step)
+    if single is not None:
+        extra = {"rel_err_vs_bf16": relative_error(single, ref_pair[:1])} if ref_pair is not None else {}
+        extra["rel_err_vs_fp8_pair_emo_half"] = relative_error(single, pair[:1])
+        single_ms = bench_ms(lambda: eng.step1(x[:1], t, e1, 1.0), args.warmup, args.iters, cuda)
+        row("fp8_single_b1", single_ms, flops1, True, extra)
+        if cuda:
+            payload["checks"]["fp8_single"] = call_checks(eng.step1, x[:1], t, e1, 1.0)
+        pair_ms = rows[-2]["ms"]
+        for n in sorted({1, 2, 3, 4, refresh}):  # the economy's average per expression full pass, from the rows
+            ms = (pair_ms + (n - 1) * single_ms) / n
+            row(f"fp8_economy_refresh{n}_computed", ms, (flops2 + (n - 1) * flops1) / n, True,
+                {"passes_per_pair": n})
+        for interval in (1, 2):
+            try:
+                res = eng.guidance_error(refresh=refresh, windows=args.live_windows, interval=interval)
+            except Exception as e:  # noqa: BLE001 (keep the timings measured so far)
+                traceback.print_exc()
+                res = {"error": f"{type(e).__name__}: {e}"[:300], "alpa_interval": interval}
+                status = 1
+            payload["economy"].append(res)
+            print(f"  economy refresh {refresh}, ALPA K={interval}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+            save()
+        # the other estimate, independent tokens every latent frame (the worst case), another refresh
+        other = 2 if refresh != 2 else 4
+        for reuse, corr, n in (("flow", 0.9, refresh), ("delta", 0.0, refresh), ("delta", 0.9, other)):
+            res = eng.guidance_error(refresh=n, windows=args.live_windows, interval=1, reuse=reuse, token_corr=corr)
+            payload["economy"].append(res)
+            print(f"  economy refresh {n}, reuse {reuse}, token correlation {corr}: guided rel L2 "
+                  f"{res['guided_rel_l2_mean']:.4g}, latent rel L2 {res['latent_rel_l2_mean']:.4g}", flush=True)
+            save()
+    from engine.low_vram import dit_bytes
+
+    payload["memory_gib"]["fp8_dit_weights"] = round(dit_bytes(eng.dit) / 2**30, 2)
+    if "fp8_tensorwise" in args.live_modes:  # one scale per tensor: faster GEMMs, coarser numbers
+        del eng, e1
+        FlashPortraitEngine.release_all()
+        free_memory(cuda)
+        eng = engine(True, 1, "tensorwise")
+        pair = eng.step(x, t, e2, eng.ip_scale_step).clone()
+        err = {"rel_err_vs_bf16": relative_error(pair, ref_pair)} if ref_pair is not None else {}
+        row("fp8_tensorwise_pair_b2", bench_ms(lambda: eng.step(x, t, e2, eng.ip_scale_step), args.warmup,
+                                               args.iters, cuda), flops2, True, err)
+    bad = [k for k, c in payload["checks"].items() if c["allocations_per_call"] or not c["host_sync_free"]]
+    if bad:
+        print(f"live step checks FAILED: {bad}")
+        status = 1
+    path = save()
+    print(f"wrote {path}")
+    return status
+
+
 def breakdown(cfg: DiTConfig, shape: StepShape) -> dict[str, float]:
     """Share of the step's FLOPs by component (where the time must go if every part ran at the same rate)."""
     parts = step_flops(cfg, shape)
@@ -508,9 +730,23 @@ def run(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="fits ~8 min on one H100: 8 timed calls, 6 frames first, 14b only at 6 frames, fp8 only for "
                         "14b at 6 frames")
+    p.add_argument("--live14", action="store_true",
+                   help="only the live step of --preset 14b (the first of --presets when given) as the engine runs "
+                        "it: bf16 pair, FP8 pair, FP8 expression branch alone, the guidance economy (~4 min on an "
+                        "H200); writes dit_step_<preset>_live_<gpu>.json")
+    p.add_argument("--live-modes", default="bf16,fp8",
+                   help="--live14: bf16 (the bf16 pair engine), fp8 (pair + expression branch + economy); "
+                        "fp8_tensorwise adds the pair with per-tensor FP8 scales (one more 14b compile)")
+    p.add_argument("--emo-refresh", type=int, default=None,
+                   help="--live14: the economy's refresh interval (default: the engine's auto choice for the preset)")
+    p.add_argument("--live-windows", type=int, default=6, help="--live14: rolling windows per economy error run")
     p.add_argument("--out", default=None,
                    help="result name under bench/results/ (default dit_step, or dit_step_quick with --quick)")
     args = p.parse_args(argv)
+    if args.live14:
+        args.warmup = 3 if args.warmup is None else args.warmup
+        args.iters = 15 if args.iters is None else args.iters
+        return run_live14(args)
 
     args.out = args.out or ("dit_step_quick" if args.quick else "dit_step")
     cuda = torch.cuda.is_available()

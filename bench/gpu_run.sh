@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run GPU benches in one go on a CUDA machine: bash bench/gpu_run.sh STAGE [STAGE ...]
 # Stages: env install tests gpu_tests decode expression expression_bf16 dit_step dit_step_full alpa realtime stream
-# stream_long stream_aiortc_client stream_aiortc_both stream_baseline parallel load_memory.
+# stream_long stream_aiortc_client stream_aiortc_both stream_baseline parallel load_memory
+# tests14 dit14 stream14 stream14_24g stream14_baseline (issue 14: the published 14B model live on one GPU).
 # Wheels in .whl0/ and .whl/ (aiortc, av, mediapipe, numpy<2, ...: more than one call's 64 MiB, so they may come in
 # two calls to the same warm machine) are installed into /tmp/site.whl0 and /tmp/site.whl; the driving video
 # is read from $FLASHLIVE_VIDEO (default .devdata/lp_d3.mp4 or ../shared/data/driving/lp_d3.mp4).
@@ -9,6 +10,20 @@
 # exported to .baseline/ (git archive), with aiortc's stock client jitter buffer as that checkout's bench had, on the
 # same machine: a before/after measured in one run; `stream_aiortc_client` runs today's server with that client,
 # `stream_aiortc_both` also with aiortc's stock buffer on the server side (an A/B of streaming/jitter.py).
+# Issue 14 stages (one H200; random weights, 512x512, lp_d3 at 25 fps, guidance at its default 4):
+#   tests14             the issue's CPU tests plus their CUDA cases (one graph pool for the pair and single steps)
+#   dit14               bench/dit_step.py --live14: bf16 pair, FP8 pair, FP8 expression branch alone, the guidance
+#                       economy (cost and error): dit_step_14b_live_<gpu>.json. ~4-5 min: three 14b engines' worth of
+#                       compiles (bf16 pair; FP8 pair + FP8 single), each ~60-90 s cold.
+#   stream14            the live 14b stream (FP8 auto-on, guidance economy auto refresh 4): stream_latency_fp_14b_<gpu>
+#   stream14_24g        the same with --low-vram (the 24 GB mode): ..._14b_<gpu>_24g.json, peak_gpu_gib <= 24
+#   stream14_baseline   the same bench against the checkout exported to .baseline/ (git archive of main before issue
+#                       14; it has no --fp8 / --low-vram / --emo-refresh): ..._14b_<gpu>_baseline.json. Set
+#                       FLASHLIVE_BASELINE_COMMIT to its commit (the result's env.git_commit).
+#   A 14b server's warm-up: random init of the 14B DiT on the GPU (~5-10 s) + CLIP / VAE / encoders (~5 s) + one
+#   compiled block per step shape (FP8 pair and FP8 single: ~60-90 s each cold, a few seconds from this machine's
+#   Inductor cache once an earlier stage compiled the same graph) + CUDA graph capture (~5 s): ~2.5-3.5 min cold,
+#   ~1 min warm; then 23 s of stream and ~10 s to close. The stage prints the measured warm-up ("warm after").
 # Results go to bench/results/ and, where $OUT is set, a tarball of them to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -71,7 +86,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     stream_aiortc_both) stage stream_aiortc_both 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --server-jitter-buffer aiortc --name stream_latency_fp_1.3b_${GPU}_aiortc_both ;;
-    stream_baseline) cp bench/stream_latency.py .baseline/bench/stream_latency.py  # today's metrics, old server
+    stream_baseline) cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
       stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \
         --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_${GPU}_baseline \
@@ -79,6 +94,23 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     gpu_tests) stage gpu_tests 300 python3 -m pytest -q -rs tests/test_pdfgc_extractor.py tests/test_graphs.py -k cuda ;;
     expression_bf16) stage expression_bf16 240 python3 bench/expression.py --device cuda --dtype bf16 --video "$VIDEO" \
         --name expression_cuda_bf16_$GPU ;;
+    tests14) stage tests14 300 python3 -m pytest -q -rs tests/test_guidance_economy.py tests/test_fp8_live.py \
+        tests/test_low_vram.py tests/test_graphs.py ;;
+    dit14) echo "dit14: expect ~4-5 min (3 cold 14b compiles)"
+      stage dit14 540 python3 bench/dit_step.py --live14 ;;
+    stream14) echo "stream14: expect warm-up ~2.5-3.5 min cold (~1 min with a warm Inductor cache) + 23 s stream"
+      stage stream14 400 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
+        --server-args "--preset 14b --random-weights" --seconds 23 --name stream_latency_fp_14b_$GPU ;;
+    stream14_24g) echo "stream14_24g: expect warm-up ~1 min after stream14 (same graphs, cached), ~3 min cold"
+      stage stream14_24g 400 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
+        --server-args "--preset 14b --random-weights --low-vram" --seconds 23 --name stream_latency_fp_14b_${GPU}_24g ;;
+    stream14_baseline) echo "stream14_baseline: the old server (bf16 pair, fp32 init of 14B): expect ~2-3 min warm-up"
+      cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
+      stage stream14_baseline 400 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
+        FLASHLIVE_COMMIT=${FLASHLIVE_BASELINE_COMMIT:-baseline} python3 bench/stream_latency.py \
+        --renderer flashportrait --driving $(realpath "$VIDEO") --server-args '--preset 14b --random-weights' --seconds 23 \
+        --name stream_latency_fp_14b_${GPU}_baseline && cp bench/results/stream_latency_fp_14b_${GPU}_baseline.* \
+        ../bench/results/" ;;
     parallel) stage parallel 400 torchrun --standalone --nproc_per_node "$(nvidia-smi -L | wc -l)" bench/dit_parallel.py --preset 14b ;;
     load_memory) stage load_memory 400 python3 bench/load_memory.py --preset 1.3b --device cuda ;;
     *) echo "unknown stage $s" ;;

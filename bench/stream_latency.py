@@ -11,7 +11,11 @@ B-avatar; then the other way round, `--trials` times. Everything (encode, networ
 encode, network, decode) is inside the measurement, as a person in front of a camera would see it.
 The client's video receiver completes frames on the RTP marker bit, as a browser does (streaming/jitter.py);
 `--client-jitter-buffer aiortc` keeps aiortc's stock buffer, which hands each frame out one frame interval later.
-Writes bench/results/stream_latency_<renderer>.json (renderer, device, fps, p50_ms, p95_ms, ttff_s, ...) + PNG.
+Writes bench/results/stream_latency_<renderer>.json (renderer, device, fps, p50_ms, p95_ms, ttff_s, ...) + PNG;
+for flashportrait (--method pts) stream_latency_fp_<preset>_<gpu>.json (`_24g` with --low-vram) with preset, emo_cfg,
+fps (new avatar frames/s), p50_ms, p95_ms, ttff_s, repeats, frames_out, budget_changes (the controller's changes in
+the --changes-window seconds after --warmup), final_budget, full_passes_per_window (expression branch, final
+budget), peak_gpu_gib (torch.cuda.max_memory_allocated of this process, which runs the server), fp8, emo_refresh.
 
 A generated avatar (FlashPortrait, above all with --random-weights) does not settle on a held frame, so the jump
 cannot be timed. `--method pts` (the default for flashportrait) times every frame instead: the server runs in this
@@ -44,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import RESULTS, env_info, write_result  # noqa: E402
+from bench.common import RESULTS, env_info, gpu_tag, write_result  # noqa: E402
 
 
 def pick_frames(path: str, size: int = 480) -> tuple[np.ndarray, np.ndarray]:
@@ -241,8 +245,14 @@ async def measure_pts(args, frames: list) -> dict:
     from avatar_probe import note_packet_arrivals, note_ticks, stamp, stamped_push
 
     import flashlive
-    from engine.build import idle_image, load_reference, renderer_factory
     from streaming.server import AvatarServer, serve
+
+    try:
+        from engine.build import idle_image, load_reference, renderer_factory
+        new_layout = True
+    except ImportError:  # a checkout from before engine/build.py (bench/gpu_run.sh's baseline stages)
+        from flashlive import idle_image, load_reference, renderer_factory
+        new_layout = False
 
     cli = flashlive.build_parser().parse_args(
         ["serve", "--renderer", args.renderer, "--size", args.size, "--fps", str(args.fps), "--port", "0",
@@ -252,7 +262,7 @@ async def measure_pts(args, frames: list) -> dict:
     cfg = flashlive.stream_config(cli)
     reference = load_reference(cli.reference, cli.renderer)
     make, device = renderer_factory(cli, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
-    idle = idle_image(cli.renderer, make, reference, cfg.width, cfg.height)
+    idle = idle_image(cli.renderer if new_layout else cli, make, reference, cfg.width, cfg.height)
     t0 = time.perf_counter()
     make().close()  # warm start, as flashlive serve: load, compile and capture before the peer connects
     warm_up_s = time.perf_counter() - t0
@@ -312,10 +322,13 @@ async def measure_pts(args, frames: list) -> dict:
 
     tick_times: list[float] = []
     shown: list[tuple[float, int]] = []  # (client decoded time, driving frame n) at each frame's first appearance
+    budgets: list[tuple[float, int | None, dict | None]] = []  # (time, controller changes, budget) at every frame
+    session = server.sessions[answer["session"]]
     last_n, received, end = None, 0, time.monotonic() + args.seconds
     while time.monotonic() < end:
         frame = await asyncio.wait_for(track.recv(), 30)
         decoded, received = time.monotonic(), received + 1
+        budgets.append((decoded, *controller_state(session.renderer)))
         arrived = arrivals["video"].get(frame.pts)
         tick_times.extend(t for t, _ in ticks[len(tick_times):])
         i = -1 if arrived is None else int(np.searchsorted(tick_times, arrived)) - 1
@@ -346,7 +359,61 @@ async def measure_pts(args, frames: list) -> dict:
             "ttff_s": shown[0][0] - connect, "first_frame_s": None, "trace": [(t - connect, lat) for (t, _), lat in
                                                                            zip(shown, latencies)],
             "stats": stats, "session": mine, "received": received, "frames_shown": len(shown),
-            "warm_up_s": warm_up_s, "uplink_ms": uplink}
+            "warm_up_s": warm_up_s, "uplink_ms": uplink, "budgets": budgets,
+            "first_frame_at": shown[0][0], "peak_gpu_gib": peak_gpu_gib()}
+
+
+def controller_state(renderer) -> tuple[int | None, dict | None]:
+    """(budget changes so far, budget) of a flashportrait session's controller, read from the in-process renderer
+    (None, None for a renderer without one)."""
+    ctl = getattr(renderer, "controller", None)
+    if ctl is None:
+        return None, None
+    import dataclasses
+
+    budget = getattr(ctl, "budget", None)
+    return getattr(ctl, "changes", None), dataclasses.asdict(budget) if dataclasses.is_dataclass(budget) else None
+
+
+def budget_changes(budgets: list, start: float, seconds: float) -> int | None:
+    """Budget changes between `start` and `start + seconds` from the sampled controller state: the controller's own
+    change counter where it has one (a change and its reversal between two samples both count), else the sampled
+    budget's changes."""
+    inside = [(c, b) for t, c, b in budgets if start <= t <= start + seconds]
+    before = [(c, b) for t, c, b in budgets if t < start]
+    samples = before[-1:] + inside
+    if len(samples) < 2:
+        return None
+    if all(c is not None for c, _ in samples):
+        return samples[-1][0] - samples[0][0]
+    return sum(1 for (_, b1), (_, b2) in zip(samples, samples[1:]) if b1 != b2)
+
+
+def full_passes(budget: dict | None) -> int | None:
+    """Full DiT passes of the expression branch per window for a controller budget (steps 0, K, 2K, ...)."""
+    if not budget:
+        return None
+    k, steps = budget.get("interval", 1), budget.get("steps", 0)
+    return sum(1 for i in range(steps) if k == 1 or i % k == 0)
+
+
+def peak_gpu_gib() -> float | None:
+    """torch.cuda.max_memory_allocated of this process (the server runs in it), GiB; None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 2)
+
+
+def default_name(args, preset: str | None, device: str | None) -> str:
+    """stream_latency_fp_<preset>_<gpu>[_24g] for flashportrait, stream_latency_<renderer> otherwise."""
+    if args.renderer != "flashportrait":
+        return f"stream_latency_{args.renderer}"
+    low = "--low-vram" in shlex.split(args.server_args)
+    return f"stream_latency_fp_{preset or 'model'}_{gpu_tag(device)}" + ("_24g" if low else "")
 
 
 def run_pts(args) -> None:
@@ -358,8 +425,15 @@ def run_pts(args) -> None:
     steady = np.array(result["steady_latencies_ms"])
     stats, session = result["stats"], result["session"]
     rstats = session.get("renderer_stats") or {}
+    controller = session.get("controller") or rstats.get("controller") or {}
+    final_budget = controller.get("budget") or next((b for _, _, b in reversed(result["budgets"]) if b), None)
+    changes = budget_changes(result["budgets"], result["first_frame_at"] + args.warmup, args.changes_window)
+    frames_out = session.get("frames_out")
     payload = {
-        "renderer": stats["renderer"], "device": stats["device"], "fps": round(result["fps"], 2),
+        "renderer": stats["renderer"], "device": stats["device"], "preset": stats.get("preset"),
+        "emo_cfg": rstats.get("emo_cfg", emo_cfg_of(args.server_args)),
+        # new avatar frames per second after --warmup: driving frames shown for the first time (repeats excluded)
+        "fps": round(result["fps"], 2),
         # every avatar frame from the first one on (the start-up included)
         "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
         "p95_ms": round(float(np.percentile(lat, 95)), 1) if lat.size else None,
@@ -376,10 +450,23 @@ def run_pts(args) -> None:
         "uplink_p50_ms": round(float(np.median(result["uplink_ms"])), 1) if result["uplink_ms"] else None,
         "frames_measured": int(lat.size), "frames_received": result["received"],
         "dropped_in": rstats.get("dropped_in"), "skipped_behind": rstats.get("skipped_behind"),
-        "warm_up_s": round(result["warm_up_s"], 2), "preset": stats.get("preset"),
+        "warm_up_s": round(result["warm_up_s"], 2),
         "random_weights": stats.get("random_weights"), "target_fps": args.fps, "size": args.size,
         "server_latency_ms": session.get("latency_ms"), "repeats": session.get("repeats"),
-        "skipped": session.get("skipped"), "frames_out": session.get("frames_out"),
+        "repeats_fraction": round(session["repeats"] / frames_out, 4) if frames_out and session.get("repeats")
+        is not None else None,
+        "skipped": session.get("skipped"), "frames_out": frames_out,
+        # budget changes in the --changes-window seconds after the first --warmup seconds of the stream (from the
+        # controller state sampled at every received frame); the renderer's own count where it reports one
+        "budget_changes": changes, "budget_changes_window_s": args.changes_window,
+        "renderer_budget_changes": rstats.get("budget_changes"),
+        "final_budget": final_budget,
+        "full_passes_per_window": rstats["full_passes_per_window"] if rstats.get("full_passes_per_window")
+        is not None else full_passes(final_budget),
+        "last_window_full_passes": rstats.get("passes"),
+        "peak_gpu_gib": result["peak_gpu_gib"],
+        "fp8": rstats.get("fp8"), "low_vram": rstats.get("low_vram"), "emo_refresh": rstats.get("emo_refresh"),
+        "guidance": rstats.get("guidance"),
         # the renderer's playout delay and the controller's target/lookahead (serve defaults to a 350 ms target)
         "playout_delay_ms": rstats.get("playout_delay_ms"),
         "latency_target_ms": (session.get("controller") or {}).get("latency_target_ms"),
@@ -389,7 +476,7 @@ def run_pts(args) -> None:
         "latencies_ms": [round(x, 1) for x in lat.tolist()],
         "config": {k: v for k, v in vars(args).items() if k != "url"},
     }
-    name = args.name or f"stream_latency_{args.renderer}"
+    name = args.name or default_name(args, payload["preset"], env_info()["device"])
     path = write_result(name, payload)
     plot_pts(RESULTS / f"{name}.png", result, f"{payload['renderer']} {payload['preset'] or ''} on "
              f"{payload['device']}: p50 {payload['p50_ms']} ms, p95 {payload['p95_ms']} ms, {payload['fps']} fps, "
@@ -398,7 +485,22 @@ def run_pts(args) -> None:
           f"{'p95 after warm-up':>19}")
     print(f"{payload['renderer']:<14}{str(payload['device'])[:27]:<28}{payload['fps']:>7}{payload['p50_ms']!s:>9}"
           f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}{payload['p95_after_warmup_ms']!s:>19}")
+    print(f"preset {payload['preset']}, emo_cfg {payload['emo_cfg']}, repeats {payload['repeats']} of "
+          f"{payload['frames_out']} sent, budget changes {payload['budget_changes']}, final budget "
+          f"{payload['final_budget']}, full passes per window {payload['full_passes_per_window']}, peak GPU "
+          f"{payload['peak_gpu_gib']} GiB, fp8 {payload['fp8']}, emo_refresh {payload['emo_refresh']}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def emo_cfg_of(server_args: str) -> float:
+    """--emo-cfg from the server flags, else the default (4.0): for a server whose stats do not report it."""
+    flags = shlex.split(server_args)
+    for i, flag in enumerate(flags):
+        if flag == "--emo-cfg" and i + 1 < len(flags):
+            return float(flags[i + 1])
+        if flag.startswith("--emo-cfg="):
+            return float(flag.split("=", 1)[1])
+    return 4.0
 
 
 def plot_pts(path: Path, result: dict, title: str) -> None:
@@ -475,11 +577,14 @@ def main() -> None:
                    help="grey levels the A and B avatars must differ by for latency to be measurable")
     p.add_argument("--server-args", default="", help="extra flags for flashlive serve (flashportrait settings)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for the server (compile)")
-    p.add_argument("--name", default=None, help="result name (default stream_latency_<renderer>)")
+    p.add_argument("--name", default=None, help="result name (default stream_latency_<renderer>; flashportrait: "
+                        "stream_latency_fp_<preset>_<gpu>[_24g])")
     p.add_argument("--method", choices=("auto", "jump", "pts"), default="auto",
                    help="jump: black-box A/B switches; pts: per-frame timestamps with an in-process server "
                         "(auto: pts for flashportrait without --url, else jump)")
     p.add_argument("--seconds", type=float, default=20.0, help="pts: how long to stream")
+    p.add_argument("--changes-window", type=float, default=20.0,
+                   help="pts: count the controller's budget changes over this many seconds after --warmup")
     p.add_argument("--camera-size", type=int, default=512, help="pts: side of the square driving frames sent")
     p.add_argument("--client-jitter-buffer", choices=("marker", "aiortc"), default="marker",
                    help="the client's video jitter buffer: marker completes a frame on its last packet, as a browser "

@@ -21,12 +21,32 @@ BUNDLED_PORTRAIT = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
 LIVE_LATENCY_TARGET_MS = 350.0
 
 
+def resolve_fp8(choice: str | None, preset: str, device: str) -> bool:
+    """--fp8 auto|on|off -> RuntimeConfig.fp8. auto: on for the 14b preset on a CUDA GPU with FP8 matmuls
+    (compute capability 8.9+: Ada, Hopper, Blackwell), off otherwise. on: FP8 anywhere (CPU and older GPUs run
+    the same numbers through a dequantized matmul: for checking accuracy, not speed)."""
+    choice = choice or "auto"
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--fp8 takes auto, on or off (got {choice!r}).")
+    if choice != "auto":
+        return choice == "on"
+    if preset != "14b" or not device.startswith("cuda"):
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability(torch.device(device)) >= (8, 9)
+
+
 def engine_configs(args) -> dict:
     """The flashportrait configs from flags (unset flags keep the dataclass defaults)."""
     from engine.config import ALPAConfig, RuntimeConfig, SamplerConfig, WindowConfig, get_preset, replace
 
     runtime = replace(RuntimeConfig(), device=args.device, dtype=args.dtype, compile=args.compile,
                       cuda_graphs=args.compile)
+    low_vram = bool(getattr(args, "low_vram", False))
+    fp8 = low_vram or resolve_fp8(getattr(args, "fp8", None), args.preset, runtime.device)
+    runtime = replace(runtime, fp8=fp8, low_vram=low_vram, emo_refresh=getattr(args, "emo_refresh", None),
+                      fp8_scaling=getattr(args, "fp8_scaling", None))
     return {"preset": get_preset(args.preset), "runtime": runtime,
             "sampler": replace(SamplerConfig(), steps=args.steps, fast=args.fast, emo_cfg=args.emo_cfg),
             "window": replace(WindowConfig(), context_size=args.context_size, context_overlap=args.context_overlap),

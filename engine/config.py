@@ -1,6 +1,6 @@
 """Configuration as data: one dataclass per concern, presets as instances.
 
-Model presets (`tiny`, `1.3b`, `14b`) bundle the shapes of every network the FlashPortrait renderer runs; the
+Model presets (`tiny`, `mini`, `1.3b`, `14b`) bundle the shapes of every network the FlashPortrait renderer runs; the
 runtime, sampler, window, ALPA and streaming dataclasses are built from CLI flags. Nothing here reads the
 environment.
 """
@@ -136,8 +136,27 @@ class TinyVAEConfig:
 
 
 @dataclass(frozen=True)
+class MiniVAEConfig:
+    """The mini preset's video autoencoder (engine/models/mini_vae.py): Wan's 1+4k -> 1+k frames, 16 ch, 8x."""
+
+    channels: tuple[int, int, int] = (24, 64, 128)  # widths at 1/2, 1/4, 1/8 resolution
+    z_dim: int = 16
+    temporal_stride: int = 4
+    spatial_stride: int = 8
+
+
+@dataclass(frozen=True)
+class LandmarkExpressionConfig:
+    """The mini preset's expression encoder (engine/models/mini_expression.py): face-mesh landmarks -> the
+    PD-FGC-shaped vector, standing in for the FanEncoder whose weights do not exist here."""
+
+    hidden: int = 256
+
+
+@dataclass(frozen=True)
 class ModelPreset:
-    """Every network shape one renderer needs."""
+    """Every network shape one renderer needs. `autoencoder` / `landmark_expression` are set for `mini` only: it
+    decodes with its own small autoencoder and reads expression from face-mesh landmarks (see engine/models/)."""
 
     name: str
     dit: DiTConfig
@@ -146,6 +165,8 @@ class ModelPreset:
     clip: ClipVisionConfig = field(default_factory=ClipVisionConfig)
     t5: T5Config = field(default_factory=T5Config)
     tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
+    autoencoder: MiniVAEConfig | None = None
+    landmark_expression: LandmarkExpressionConfig | None = None
 
 
 _TINY = ModelPreset(
@@ -159,6 +180,20 @@ _TINY = ModelPreset(
     tiny_vae=TinyVAEConfig(channels=(32, 16, 8), encoder_channels=8),
 )
 
+# Trained here (train/train_mini.py) on the driving videos at 128x128: the project's own DiT + NFEB + PortraitEncoder
+# at a small width, a small autoencoder with Wan's frame accounting, a landmark expression encoder. The text context
+# is one learned tensor (the prompt is fixed), the CLIP tower a small ViT trained jointly.
+_MINI = ModelPreset(
+    name="mini",
+    dit=DiTConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=32, text_len=8, freq_dim=64,
+                  clip_dim=64, clip_tokens=17, emo_dim=64),
+    portrait=PortraitEncoderConfig(out_dim=64, resampler_dim=64, depth=1, heads=2, dim_head=32, ff_mult=2,
+                                   mouth_dim=64),
+    clip=ClipVisionConfig(image_size=32, patch_size=8, width=64, layers=3, heads=2),
+    autoencoder=MiniVAEConfig(),
+    landmark_expression=LandmarkExpressionConfig(),
+)
+
 _1_3B = ModelPreset(
     name="1.3b",
     # Wan2.1-Fun-1.3B-InP shapes; FlashPortrait's NFEB (emo_k/v_proj) and CLIP image branch added on top.
@@ -167,7 +202,7 @@ _1_3B = ModelPreset(
 
 _14B = ModelPreset(name="14b", dit=DiTConfig())
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (_TINY, _1_3B, _14B)}
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (_TINY, _MINI, _1_3B, _14B)}
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -197,8 +232,16 @@ class RuntimeConfig:
     compile: bool = True  # torch.compile the fixed-shape DiT step
     cuda_graphs: bool = True  # capture the compiled step into a CUDA graph
     attention: str = "auto"  # auto | sdpa | flash | cudnn | fa3 | math
-    fp8: bool = False  # e4m3 weights for the DiT linears (large presets)
+    fp8: bool = False  # e4m3 weights for the DiT block linears, inside the compiled step (large presets)
+    fp8_scaling: str = "rowwise"  # rowwise (per token / per output row) | tensorwise (one scale each: faster GEMMs)
     fused_kernels: bool = True  # Triton RMSNorm+RoPE and LayerNorm+modulation on CUDA
+    # The 24 GB mode (--low-vram): the DiT is built or loaded block by block straight into FP8 (the bf16 model never
+    # sits on the device whole), and CLIP / umT5 / the Wan VAE encoder are freed once the conditioning exists.
+    low_vram: bool = False
+    # Live guidance economy (engine/guidance.py): the no-expression branch is computed at one expression full pass
+    # in `emo_refresh` (the pair as one batch of 2) and estimated from the last guidance difference at the others
+    # (the expression branch alone, batch 1). 1 = the pair at every pass; None = auto (engine.guidance.auto_refresh).
+    emo_refresh: int | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -304,7 +304,7 @@ def prepare_model(model: WanModel, runtime: RuntimeConfig) -> WanModel:
     if runtime.fp8:
         from kernels.fp8 import quantize_linears
 
-        quantize_linears(model)
+        quantize_linears(model, rowwise=runtime.fp8_scaling != "tensorwise")
     return model
 
 

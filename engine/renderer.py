@@ -149,7 +149,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         k_max = 1 if alpa.mode == "off" else max(1, alpa.interval)
         stride0 = eng.window_cfg.stride
         ctl = controller or ControllerConfig(latency_target_ms=latency_target_ms, max_interval=k_max,
-                                             lookahead=lookahead)
+                                             lookahead=lookahead, quality=eng.quality)
         if controller is None and offline:
             ctl.enabled = False
         if ctl.lookahead is None and lookahead is not None:
@@ -173,6 +173,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._all_pts: list[float] = []              # offline: every frame's pts
         self._all_feats: list[np.ndarray] = []       # offline: every frame's features
         self._released = 0                           # latent frames released (global)
+        self.guide = eng.make_guidance()             # guidance economy state of this stream (None: pair every pass)
         self._new_roller(0)
         self.faces_missed = 0
         self.face_found: bool | None = None
@@ -246,7 +247,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self._emo
 
     def _denoise(self, x, i, win, cond):
-        return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window")
+        return self.engine.guided_flow(self.cached, x, i, self._window_emo(win), key="window",
+                                       frame=self._base + win.start, guide=self.guide)
 
     def lag_cap(self) -> int:
         """Latent frames of tokens that may wait for windows before the stream skips ahead: `max_lag_latents`, and
@@ -540,5 +542,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
                                       for c in self.controller.change_log],
             "budget": {"interval": b.interval, "steps": b.steps, "stride": b.stride,
                        "lookahead": self._lookahead()},
-            "controller": self.controller.stats(), **self.engine.stats()})
+            "controller": self.controller.stats(), **self.engine.stats(),
+            "guidance": None if self.guide is None else self.guide.stats()})
         return out

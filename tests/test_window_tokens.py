@@ -84,10 +84,10 @@ def spy(r: FlashPortraitRenderer, monkeypatch, plan=None):
         feats.append(np.asarray(result.features, dtype=np.float32))
         return result
 
-    def recording_flow(cached, x, i, emo, key):
+    def recording_flow(cached, x, i, emo, key, **kw):  # kw: the live window's frame and guidance economy state
         start = plan[key].start if plan is not None else r._base + r.roller.window_start
         windows.setdefault(start, []).append(emo[0].clone())
-        return flow(cached, x, i, emo, key)
+        return flow(cached, x, i, emo, key, **kw)
 
     monkeypatch.setattr(r.extractor, "push", recording_push)
     monkeypatch.setattr(r.engine, "guided_flow", recording_flow)

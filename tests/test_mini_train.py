@@ -1,0 +1,117 @@
+"""The mini preset's training path on CPU: one step lowers the loss, the autoencoder keeps Wan's frame accounting,
+tokens follow the per-clip layout, and training resumes from its checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import get_preset
+from engine.models.portrait_encoder import window_latent_tokens
+from engine.models.mini_expression import landmark_features
+from engine.models.mini_vae import MiniVAE, StreamingMiniDecoder
+from tests.conftest import data_file, video_frames
+
+PRESET = get_preset("mini")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """9 frames of lp_d0 and a reference frame, cropped to 128x128 as train/data.py does, with landmarks."""
+    from train.data import crop_frames, face_square, track_landmarks
+
+    frames = video_frames("lp_d0.mp4", 30)
+    square = face_square(frames)
+    crops = crop_frames(frames, square, 128)
+    lm, found = track_landmarks(crops[:9])
+    assert found.all()
+    ref_lm, _ = track_landmarks(crops[29:30])
+    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    return {"video": to_t(crops[:9]).transpose(0, 1)[None], "landmarks": torch.from_numpy(lm)[None],
+            "ref": to_t(crops[29:30]), "ref_landmarks": torch.from_numpy(ref_lm)}
+
+
+def test_mini_vae_frame_accounting():
+    torch.manual_seed(0)
+    vae = MiniVAE(PRESET.autoencoder).eval()
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    z = vae.encode(video)
+    assert z.shape == (1, 16, 3, 8, 8)                       # 1 + 4k frames -> 1 + k latents, 16 ch, 8x
+    whole = vae.decode(z)
+    assert whole.shape == (1, 3, 9, 64, 64)
+    stream = StreamingMiniDecoder(vae)
+    parts = [stream.decode(z[:, :, i:i + 1]) for i in range(3)]
+    assert [p.shape[2] for p in parts] == [1, 4, 4]         # a stream's first latent is 1 frame, later ones 4
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole)
+    # causal: frames of latent 1 do not change when later frames do
+    video2 = video.clone()
+    video2[:, :, 5:] = 0
+    torch.testing.assert_close(vae.encode(video2)[:, :, :2], z[:, :, :2])
+
+
+def test_mini_tokens_follow_the_per_clip_layout(clip):
+    from train.train_mini import MiniPortrait
+
+    torch.manual_seed(0)
+    model = MiniPortrait(PRESET).eval()
+    with torch.no_grad():
+        emo = model.tokens(clip["landmarks"])                               # (1, 3, 97, C)
+        per_frame = model.portrait(model.expression(landmark_features(clip["landmarks"])))
+    assert emo.shape == (1, 3, 97, PRESET.dit.emo_dim)
+    torch.testing.assert_close(emo[0, 0, :24], per_frame[0, :24])          # latent 0: its own first frame's 24
+    assert emo[0, 0, 24:].abs().max() == 0                                 # + 73 zero pads
+    for i in (1, 2):                                                        # latent i: tokens [96i-73, 96i+23]
+        torch.testing.assert_close(emo[0, i], per_frame[0, 96 * i - 73:96 * i + 24])
+    # a window starting at latent 1 rebuilds its first latent as frame 4's 24 tokens + 73 zeros
+    win = window_latent_tokens(emo[0, 1:], 1, 24)
+    torch.testing.assert_close(win[0, :24], per_frame[0, 96:120])
+    assert win[0, 24:].abs().max() == 0
+    torch.testing.assert_close(win[1], emo[0, 2])
+
+
+def test_mini_one_training_step_lowers_the_loss(clip):
+    from train.train_mini import MiniPortrait, flow_loss
+
+    torch.manual_seed(0)
+    vae = MiniVAE(PRESET.autoencoder).eval()
+    model = MiniPortrait(PRESET)
+    B = 2
+    with torch.no_grad():
+        x0 = vae.encode(clip["video"]).expand(B, -1, -1, -1, -1).contiguous()          # (2, 16, 3, 16, 16)
+        ref = vae.encode_reference(clip["ref"], 3)
+    mask = torch.zeros_like(ref[:, :4])
+    mask[:, :, 0] = 1
+    y = torch.cat([mask, ref], 1).expand(B, -1, -1, -1, -1)
+    refs = clip["ref"].expand(B, -1, -1, -1)
+    lms = clip["landmarks"].expand(B, -1, -1, -1)
+    weight = torch.ones(B, 1, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    fixed = {"u": torch.tensor([0.3, 0.7]), "noise": torch.randn(x0.shape, generator=g),
+             "keep": torch.tensor([1.0, 0.0])}                                       # one sample drops the NFEB
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = flow_loss(model, x0, y, refs, lms, weight, g, **fixed)
+    opt.zero_grad()
+    before.backward()
+    assert model.dit.blocks[0].cross_attn.emo_k_proj.weight.grad.abs().sum() > 0     # the expression path learns
+    assert model.expression.net[0].weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        after = flow_loss(model, x0, y, refs, lms, weight, g, **fixed)
+    assert after < 0.95 * before, (float(before), float(after))
+
+
+def test_mini_training_resumes(tmp_path):
+    from train.data import build_cache
+    from train.train_mini import main
+
+    cache = build_cache([data_file("driving", "lp_d0.mp4")], tmp_path / "cache", size=128)
+    args = ["--stage", "vae", "--run", str(tmp_path / "run"), "--cache", str(cache), "--vae-batch", "1",
+            "--vae-crop", "32", "--threads", "1"]
+    main(args + ["--steps", "2"])
+    first = torch.load(tmp_path / "run" / "vae.ckpt", weights_only=False)
+    assert first["step"] == 2 and len(first["log"]) == 2
+    main(args + ["--steps", "3"])
+    second = torch.load(tmp_path / "run" / "vae.ckpt", weights_only=False)
+    assert second["step"] == 3 and [s for s, _, _ in second["log"]] == [1, 2, 3]   # continued, not restarted
+    assert second["opt"]["state"][0]["step"] == 3                                    # optimizer state carried
+    assert not np.allclose(second["model"]["latent_std"].numpy(), 1.0)              # latent statistics measured

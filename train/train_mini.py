@@ -1,0 +1,423 @@
+"""Train the mini FlashPortrait (preset `mini`) on the driving videos: the autoencoder first, then the DiT path.
+
+    python -m train.data                                    # cache 128x128 crops + face-mesh landmarks (once)
+    python -m train.train_mini --stage vae --minutes 6      # autoencoder, then its latent statistics
+    python -m train.train_mini --stage dit --minutes 22     # DiT + NFEB + PortraitEncoder + expression encoder
+    python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone (latent space frozen)
+    python -m train.train_mini --export weights/mini        # the published file layout, loadable by --weights
+
+Resumable: every stage keeps `<run>/<stage>.ckpt` (model, optimizer, step, RNG states), written every
+`--save-every` steps and at the end; starting again continues from it. `--minutes` bounds the wall time of this
+invocation, `--steps` the total step count.
+
+The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for the recipe):
+  flow matching as Wan: x_t = (1 - s) x0 + s noise, target noise - x0, s = shift(u) with u uniform and shift 5
+  (uniform draws on the shifted grid, as `--uniform_sampling` does), timestep 1000 s;
+  y = [mask 4 | latent of (reference, zeros...)]: the mask flags latent 0 as the given image, as Wan I2V builds it;
+  the reference is a frame of the same video (self-reenactment): the clip's own first frame for half the samples
+  (as Wan / FlashPortrait's I2V clips: latent 0 is the given image, which teaches the copy path from y), another
+  frame of the video for the other half (what later windows and a real reference image look like);
+  expression tokens per clip: latent 0 gets its own first frame's 24 tokens + 73 zeros, latent i >= 1 the 97 tokens
+  [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens);
+  the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
+  run with ip_scale 0, which is exactly the renderer's no-emotion guidance branch (zero tokens through the NFEB
+  normalisation would add mean(base) instead of nothing);
+  loss: MSE weighted by (1 + face mask + lip mask) in latent space (FlashPortrait also draws face-only and lip-only
+  weightings; one fixed weighting keeps the small run's loss comparable across steps), plus its motion sub-loss
+  (frame differences of prediction vs target, ratio 0.25).
+The text context is one learned (text_len, text_dim) tensor (the prompt is fixed); the CLIP tower is a small ViT
+trained jointly. Latents of every frame position are precomputed once with the trained autoencoder, so a DiT step
+touches no pixels.
+
+Threads: on a shared 2-core machine (load average 7-12 from other work) one DiT step took 1.3-1.7 s with one torch
+thread and 20-47 s with two (OpenMP workers waiting on each other at every op), so the default is one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models.clip_vision import ClipVision
+from engine.config import ModelPreset, get_preset
+from engine.models.dit import WanModel
+from engine.models.mini_expression import LandmarkExpressionEncoder, landmark_features
+from engine.models.mini_vae import MiniVAE
+from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
+from engine.sampler import shift_sigmas
+from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache, split_range
+
+SHIFT = 5.0
+EMO_DROP = 0.1
+MOTION_SUB_LOSS = 0.25
+# face-mesh index sets for the loss masks: the face oval and the outer lip contour
+LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+
+
+class MiniPortrait(nn.Module):
+    """Everything the DiT stage trains: DiT + NFEB, PortraitEncoder, landmark expression encoder, CLIP tower, and the
+    learned text context."""
+
+    def __init__(self, preset: ModelPreset):
+        super().__init__()
+        self.preset = preset
+        self.dit = WanModel(preset.dit)
+        self.portrait = PortraitEncoder(preset.portrait)
+        self.expression = LandmarkExpressionEncoder(preset.landmark_expression, preset.portrait)
+        self.clip = ClipVision(preset.clip)
+        self.context = nn.Parameter(torch.randn(1, preset.dit.text_len, preset.dit.text_dim) * 0.5)
+        with torch.no_grad():  # the published model starts its NFEB at zero; the mini does too
+            for block in self.dit.blocks:
+                block.cross_attn.emo_k_proj.weight.normal_(0, 0.02)
+                block.cross_attn.emo_v_proj.weight.normal_(0, 0.02)
+
+    def tokens(self, landmarks: torch.Tensor) -> torch.Tensor:
+        """(B, 1+4k, 478, 3) landmarks -> (B, 1+k, 97, emo_dim) expression tokens in the per-clip layout."""
+        vec = self.expression(landmark_features(landmarks))                 # (B, T, feature_dim)
+        return group_latent_tokens(self.portrait(vec))
+
+    def forward(self, x, t, y, ref, landmarks, ip_scale):
+        clip_fea = self.clip(self.clip.preprocess(ref))
+        context = self.context.expand(x.shape[0], -1, -1)
+        return self.dit(x, t, context, clip_fea, y, self.tokens(landmarks), ip_scale=ip_scale)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# autoencoder stage
+# ------------------------------------------------------------------------------------------------------------------
+def vae_loss(vae: MiniVAE, video: torch.Tensor) -> torch.Tensor:
+    raw = vae.encode_raw(video)
+    out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw))  # a little latent noise: a decoder robust to the DiT
+    return F.l1_loss(out, video) + F.mse_loss(out, video) + 1e-4 * raw.pow(2).mean()
+
+
+@torch.no_grad()
+def latent_statistics(vae: MiniVAE, data: ClipDataset, gen: np.random.Generator, clips: int = 64) -> None:
+    raws = [vae.encode_raw(data.sample(8, 9, gen)["video"]) for _ in range(clips // 8)]
+    raw = torch.cat(raws).transpose(0, 1).flatten(1)                   # (z, N)
+    vae.latent_mean.copy_(raw.mean(1))
+    vae.latent_std.copy_(raw.std(1).clamp_min(1e-3))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# DiT stage
+# ------------------------------------------------------------------------------------------------------------------
+class LatentBank:
+    """Normalised latents of every frame position of every video, so a clip's latents are a gather:
+    first[v][j] = latent of frame j alone, group[v][j] = latent of frames j..j+3, zero_group = latent of 4 zero
+    frames (Wan's y after the reference)."""
+
+    @torch.no_grad()
+    def __init__(self, vae: MiniVAE, videos: list[Video], chunk: int = 64):
+        s = vae.cfg.temporal_stride
+        self.first, self.group = [], []
+        for v in videos:
+            feats = torch.cat([vae.encoder(v.frames[i:i + chunk]) for i in range(0, len(v.frames), chunk)])
+            first = vae.first_in(feats)
+            windows = torch.stack([feats[j:j + s] for j in range(len(feats) - s + 1)])   # (T-3, 4, C, h, w)
+            group = vae.group_in(windows.flatten(1, 2))
+            self.first.append(vae.normalise(first[:, :, None])[:, :, 0])
+            self.group.append(vae.normalise(group[:, :, None])[:, :, 0])
+        zeros = vae.encoder(torch.zeros(s, 3, *videos[0].frames.shape[-2:]))
+        self.zero_group = vae.normalise(vae.group_in(zeros.flatten(0, 1)[None])[:, :, None])[0, :, 0]
+
+    def clip(self, v: int, start: int, k: int) -> torch.Tensor:
+        """(16, 1+k, h, w) latents of frames start .. start+4k."""
+        parts = [self.first[v][start]] + [self.group[v][start + 1 + 4 * i] for i in range(k)]
+        return torch.stack(parts, dim=1)
+
+
+def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Tensor:
+    """(B, n, 478, 3) landmarks in [0, 1] -> (B, n, grid, grid) 0/1 box of the points `idx` (padded by `pad`)."""
+    pts = landmarks[..., list(idx), :2] if idx is not None else landmarks[..., :2]
+    lo, hi = pts.amin(-2) - pad, pts.amax(-2) + pad                     # (B, n, 2)
+    c = (torch.arange(grid) + 0.5) / grid
+    inx = (c >= lo[..., 0:1]) & (c <= hi[..., 0:1])                      # (B, n, grid) over x
+    iny = (c >= lo[..., 1:2]) & (c <= hi[..., 1:2])
+    return (iny[..., :, None] & inx[..., None, :]).float()
+
+
+def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator,
+              ref_first: float = 0.0):
+    """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
+    (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
+    clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
+    the same video and split."""
+    frames = 1 + 4 * k
+    x0, y, refs, lms = [], [], [], []
+    for _ in range(batch):
+        v = int(gen.choice(len(data.videos), p=data.weights))
+        a, b = data.ranges[v]
+        s = int(gen.integers(a, b - frames + 1))
+        r = s if gen.random() < ref_first else int(gen.integers(a, b))
+        x0.append(bank.clip(v, s, k))
+        ref = torch.stack([bank.first[v][r]] + [bank.zero_group] * k, dim=1)
+        mask = torch.zeros(4, *ref.shape[1:])
+        mask[:, 0] = 1.0
+        y.append(torch.cat([mask, ref]))
+        refs.append(data.videos[v].frames[r])
+        lms.append(data.videos[v].landmarks[s:s + frames])
+    x0, y, refs, lms = torch.stack(x0), torch.stack(y), torch.stack(refs), torch.stack(lms)
+    per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
+    grid = x0.shape[-1]
+    weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
+    return x0, y, refs, lms, weight[:, None]
+
+
+def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generator, drop: float = EMO_DROP,
+              u: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+    """FlashPortrait's training loss on one batch (see the module docstring); u / noise / keep fix the draws."""
+    B = x0.shape[0]
+    u = torch.rand(B, generator=gen) if u is None else u
+    sigma = shift_sigmas(u.clamp(1e-3, 1.0), SHIFT)
+    noise = torch.randn(x0.shape, generator=gen) if noise is None else noise
+    s = sigma.view(B, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    target = noise - x0
+    keep = (torch.rand(B, generator=gen) >= drop).float() if keep is None else keep
+    pred = model(xt, sigma * 1000, y, refs, lms, ip_scale=keep)
+    loss = ((pred - target) ** 2 * weight).mean()
+    if pred.shape[2] > 2:
+        sub = F.mse_loss(pred[:, :, 1:] - pred[:, :, :-1], target[:, :, 1:] - target[:, :, :-1])
+        loss = loss * (1 - MOTION_SUB_LOSS) + sub * MOTION_SUB_LOSS
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
+                "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log}, tmp)
+    tmp.rename(path)
+
+
+def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen):
+    if not path.exists():
+        return 0, []
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    module.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    np_gen.bit_generator.state = st["np_gen"]
+    torch_gen.set_state(st["torch_gen"])
+    return st["step"], st.get("log", [])
+
+
+def lr_at(step: int, base: float, warmup: int = 100) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
+    vae = MiniVAE(preset.autoencoder)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
+    gen, tgen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    ckpt = run / "vae.ckpt"
+    step, log = load_state(ckpt, vae, opt, gen, tgen)
+    t0 = time.time()
+    while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        batch = data.sample(args.vae_batch, 5, gen)["video"]
+        if args.vae_crop < batch.shape[-1]:  # the autoencoder is convolutional: random crops train it faster
+            c = args.vae_crop
+            i, j = (int(v) for v in gen.integers(0, batch.shape[-1] - c + 1, size=2) // 8 * 8)
+            batch = batch[..., i:i + c, j:j + c]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr_vae, 50)
+        loss = vae_loss(vae, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        log.append((step, loss.item(), time.time() - t0))
+        if step % 25 == 0:
+            print(f"vae step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
+                  flush=True)
+        if step % args.save_every == 0:
+            save_state(ckpt, vae, opt, step, gen, tgen, log)
+    vae.eval()
+    latent_statistics(vae, data, np.random.default_rng(0))
+    save_state(ckpt, vae, opt, step, gen, tgen, log)
+    print(f"vae done at step {step}; latent std {vae.latent_std.mean():.3f}", flush=True)
+
+
+def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
+    """Stage "decoder": more training of the autoencoder's decoder alone, the encoder (and so the latent space the
+    DiT was trained on, with its statistics) frozen. Reads vae.ckpt, writes decoder.ckpt (export prefers it)."""
+    vae = load_trained_vae(run, preset)
+    params = [p for n, p in vae.named_parameters() if not n.startswith(("encoder.", "first_in.", "group_in."))]
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=args.lr_vae / 2, weight_decay=0.0)
+    gen, tgen = np.random.default_rng(args.seed + 2), torch.Generator().manual_seed(args.seed + 2)
+    ckpt = run / "decoder.ckpt"
+    step, log = load_state(ckpt, vae, opt, gen, tgen)
+    t0 = time.time()
+    while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        video = data.sample(args.vae_batch, 5, gen)["video"]
+        if args.vae_crop < video.shape[-1]:
+            c = args.vae_crop
+            i, j = (int(v) for v in gen.integers(0, video.shape[-1] - c + 1, size=2) // 8 * 8)
+            video = video[..., i:i + c, j:j + c]
+        with torch.no_grad():
+            raw = vae.encode_raw(video)
+        out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw))
+        loss = F.l1_loss(out, video) + F.mse_loss(out, video)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        log.append((step, loss.item(), time.time() - t0))
+        if step % 25 == 0:
+            print(f"decoder step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
+                  flush=True)
+        if step % args.save_every == 0:
+            save_state(ckpt, vae, opt, step, gen, tgen, log)
+    save_state(ckpt, vae, opt, step, gen, tgen, log)
+    print(f"decoder done at step {step}", flush=True)
+
+
+def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> MiniVAE:
+    """The trained autoencoder; `decoder` True takes the decoder-stage weights when that stage ran."""
+    vae = MiniVAE(preset.autoencoder)
+    path = run / "decoder.ckpt" if decoder and (run / "decoder.ckpt").exists() else run / "vae.ckpt"
+    st = torch.load(path, map_location="cpu", weights_only=False)
+    vae.load_state_dict(st["model"])
+    return vae.eval().requires_grad_(False)
+
+
+def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
+    vae = load_trained_vae(run, preset)
+    t_bank = time.time()
+    bank = LatentBank(vae, data.videos)
+    print(f"latent bank built in {time.time() - t_bank:.0f}s", flush=True)
+    torch.manual_seed(args.seed)
+    model = MiniPortrait(preset)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    gen, tgen = np.random.default_rng(args.seed + 1), torch.Generator().manual_seed(args.seed + 1)
+    ckpt = run / "dit.ckpt"
+    step, log = load_state(ckpt, model, opt, gen, tgen)
+    t0 = time.time()
+    while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        k = int(gen.choice(args.latents)) - 1
+        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr)
+        loss = flow_loss(model, x0, y, refs, lms, weight, tgen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        log.append((step, loss.item(), time.time() - t0))
+        if step % 25 == 0:
+            print(f"dit step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
+                  flush=True)
+        if step % args.save_every == 0:
+            save_state(ckpt, model, opt, step, gen, tgen, log)
+    save_state(ckpt, model, opt, step, gen, tgen, log)
+    print(f"dit done at step {step}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------------------------
+def export(run: Path, out: Path, preset: ModelPreset) -> None:
+    """Write the published layout: transformer.pt (Wan keys + emo_k/v_proj), portrait_encoder.pt (proj_model.,
+    mouth_proj_model., emo_proj_model.), and the mini's own mini_vae.pt, mini_expression.pt, mini_clip.pt,
+    mini_context.pt."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = MiniPortrait(preset)
+    model.load_state_dict(torch.load(run / "dit.ckpt", map_location="cpu", weights_only=False)["model"])
+    vae = load_trained_vae(run, preset, decoder=True)
+
+    def dump(module_or_sd, name):
+        sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
+        torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, out / name)
+
+    dump(model.dit, "transformer.pt")
+    dump(model.portrait, "portrait_encoder.pt")
+    dump(model.expression, "mini_expression.pt")
+    dump(model.clip, "mini_clip.pt")
+    dump({"context": model.context.detach()}, "mini_context.pt")
+    dump(vae, "mini_vae.pt")
+    print(f"exported to {out}: " + ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB"
+                                                for p in sorted(out.iterdir())))
+
+
+def training_curves(run: Path, out: Path) -> None:
+    """The loss curves of every stage run so far (from the checkpoints' logs) -> out.json and out.png."""
+    import json
+
+    curves = {}
+    for stage in ("vae", "dit", "decoder"):
+        path = run / f"{stage}.ckpt"
+        if path.exists():
+            log = torch.load(path, map_location="cpu", weights_only=False)["log"]
+            steps, losses = np.array([s for s, _, _ in log]), np.array([l for _, l, _ in log])
+            k = 25
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) >= k else losses
+            curves[stage] = {"steps": steps[len(steps) - len(smooth):].tolist()[::5],
+                             "loss_mean25": [round(float(x), 4) for x in smooth[::5]], "final_step": int(steps[-1])}
+    out.with_suffix(".json").write_text(json.dumps(curves) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4))
+    for ax, (stage, c) in zip(np.atleast_1d(axes), curves.items()):
+        ax.plot(c["steps"], c["loss_mean25"])
+        ax.set_title(f"{stage} loss (mean of 25 steps)")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", choices=["vae", "dit", "decoder"],
+                    help="train this stage (resumes from <run>/<stage>.ckpt)")
+    ap.add_argument("--export", metavar="DIR", help="write the trained checkpoint in the published layout to DIR")
+    ap.add_argument("--run", default="runs/mini", help="training state folder")
+    ap.add_argument("--curves", metavar="PATH", help="write the loss curves (PATH.json, PATH.png)")
+    ap.add_argument("--cache", default=str(DEFAULT_CACHE))
+    ap.add_argument("--minutes", type=float, default=20.0, help="wall-time budget of this invocation")
+    ap.add_argument("--steps", type=int, default=10**9, help="total steps of the stage")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--latents", type=int, nargs="+", default=[3, 4], help="latent frames per clip (drawn)")
+    ap.add_argument("--ref-first", type=float, default=0.5,
+                    help="probability that a clip's reference is its own first frame (else another frame)")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--vae-batch", type=int, default=4)
+    ap.add_argument("--vae-crop", type=int, default=64)
+    ap.add_argument("--lr-vae", type=float, default=1e-3)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = get_preset("mini")
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        data = ClipDataset(load_cache(args.cache), "train")
+        {"vae": train_vae, "dit": train_dit, "decoder": train_decoder}[args.stage](args, preset, data, run)
+    if args.export:
+        export(run, Path(args.export), preset)
+    if args.curves:
+        training_curves(run, Path(args.curves))
+
+
+if __name__ == "__main__":
+    main()
