@@ -8,55 +8,57 @@ Per driving frame:
   1. face mesh (478 landmarks, video mode so it tracks) on the driving frame;
   2. a similarity fitted on stable points (eye corners, nose bridge, forehead) separates the head's rigid motion
      from the expression; the expression is the residual of every landmark relative to the driver's neutral frame
-     (the first frame with a face), in the driver's normalised face frame (origin between the eyes, x along the eye
-     line, unit = inter-ocular distance);
+     (the first frame with a face, replaced by a more neutral one seen with the head turned the same way), in the
+     driver's normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance);
+     the lids open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
   3. the same deltas and the same rigid motion, expressed in the reference's normalised face frame, move the
-     reference landmarks to their target positions; border points stay fixed so the background stays put;
-  4. the reference is warped piecewise-affine from its own mesh onto the target mesh with one cv2.remap: the
-     backward map is built per frame from per-triangle affine transforms, rasterised (triangle ids) at half
-     resolution and upsampled; the opened part of the mouth is painted as a dark interior with upper teeth.
+     reference landmarks to their target positions; a reference smiling with parted lips gets its lower lip moved
+     up by the difference to the driver's neutral gap, so its lips close when the driver's do;
+  4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
+     upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
+     to near by the reference's depth, so the folds of a three-quarter face keep its visible side on top); the eye
+     slits move rigidly with their corners, so closing lids cover the eye instead of squashing it into a grey
+     line; outside the face, a smooth displacement field interpolated from the face outline that fades to zero
+     away from it (the background never tears); the two maps are blended over a feathered band inside the
+     outline. The irises move inside the eye openings by the driver's gaze (iris landmarks 468-477 relative to the
+     eye corners). The opened part of the mouth is painted: a shaded interior, tongue, upper and lower teeth.
 A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import cv2
-import mediapipe as mp
 import numpy as np
 
 from engine.base import ThreadedRenderer
+from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
+                              LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
+                              RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
+                              OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
+                              fit_similarity, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
+                              strip_triangles, tesselation_triangles)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
 
-_face_mesh = mp.solutions.face_mesh
-
-# Landmark indices of mediapipe's canonical face mesh (478 points with refine_landmarks).
-RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
-# Points that move with the skull but barely with expression: eye corners, nose bridge and tip, forehead, temples.
-STABLE = np.array([33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 10, 151, 9, 234, 454])
-# Inner lip contour, upper chain and lower chain, each from the right mouth corner (78) to the left one (308).
-INNER_LIP_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
-INNER_LIP_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]
-# Lip pairs across the mouth gap, for the mouth-opening measure.
-LIP_PAIRS = np.array([[82, 87], [13, 14], [312, 317]])
-# Lid pairs across each eye, for the eye-opening measure.
-EYE_PAIRS = np.array([[159, 145], [386, 374]])
-# Eye contours (upper chain, lower chain), corner to corner.
-RIGHT_EYE_UPPER = [33, 246, 161, 160, 159, 158, 157, 173, 133]
-RIGHT_EYE_LOWER = [33, 7, 163, 144, 145, 153, 154, 155, 133]
-LEFT_EYE_UPPER = [362, 398, 384, 385, 386, 387, 388, 466, 263]
-LEFT_EYE_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
-N_MESH = 468  # the warp mesh leaves out the 10 iris points: they are not part of the tesselation
-
-MOUTH_COLOUR = np.array([52, 18, 22], np.float32)  # RGB of the dark inner mouth
-TEETH_COLOUR = np.array([200, 190, 176], np.float32)  # RGB of the upper-teeth band
-TEETH_DEPTH = 0.3  # the teeth band covers this fraction of the lip gap, from the upper lip down...
+MOUTH_COLOUR = np.array([28, 8, 11], np.float32)  # RGB of the inner mouth at the back of the throat
+MOUTH_FRONT = np.array([84, 28, 34], np.float32)  # ...and of its moist front, near the lips
+TONGUE_COLOUR = np.array([142, 60, 66], np.float32)
+TEETH_COLOUR = np.array([206, 196, 180], np.float32)
+TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, from the upper lip down...
 TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
+LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open
 NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
-MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the dark fill is fully opaque
+NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocular units) is this close to the old
+SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
+MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the painted interior is opaque
+LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
+BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
+FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
+SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
+GAZE_GAIN = 1.0  # iris shift per unit of the driver's iris shift, both relative to their eye corners
+IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
 
 def load_reference(path: str | None) -> np.ndarray:
@@ -77,141 +79,6 @@ def load_reference(path: str | None) -> np.ndarray:
     return rgb
 
 
-def detect_landmarks(rgb: np.ndarray) -> np.ndarray | None:
-    """Landmarks of the most prominent face in a still image: (478, 2) float64 pixel (x, y), or None."""
-    with _face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
-                             min_detection_confidence=0.5) as mesh:
-        return _landmarks(mesh.process(rgb), rgb.shape[1], rgb.shape[0])
-
-
-def _landmarks(result, width: int, height: int) -> np.ndarray | None:
-    if not result.multi_face_landmarks:
-        return None
-    pts = np.array([(p.x, p.y) for p in result.multi_face_landmarks[0].landmark], np.float64)
-    return pts * (width, height)
-
-
-# --- face-frame geometry (points as complex numbers: a similarity is z -> a*z + b) -----------------------------------
-def _complex(pts: np.ndarray) -> np.ndarray:
-    return pts[:, 0] + 1j * pts[:, 1]
-
-
-def _face_frame(z: np.ndarray) -> tuple[complex, complex]:
-    """(origin, axis) of a face's normalised frame: origin between the outer eye corners, axis = eye vector.
-
-    normalised = (z - origin) / axis: x runs along the eye line, one unit is the inter-ocular distance.
-    """
-    return (z[RIGHT_EYE_OUTER] + z[LEFT_EYE_OUTER]) / 2, z[LEFT_EYE_OUTER] - z[RIGHT_EYE_OUTER]
-
-
-def _fit_similarity(src: np.ndarray, dst: np.ndarray) -> tuple[complex, complex]:
-    """Least-squares similarity dst ~ a*src + b for complex point sets (no reflection)."""
-    ms, md = src.mean(), dst.mean()
-    s, d = src - ms, dst - md
-    a = np.vdot(s, d) / max(np.vdot(s, s).real, 1e-12)
-    return a, md - a * ms
-
-
-def _eye_opening(q: np.ndarray) -> float:
-    """Mean lid gap of both eyes of normalised complex landmarks q (in inter-ocular distances)."""
-    return float(np.abs(q[EYE_PAIRS[:, 1]] - q[EYE_PAIRS[:, 0]]).mean())
-
-
-def _mouth_opening(q: np.ndarray) -> float:
-    """Mean lip gap of normalised complex landmarks q (in inter-ocular distances)."""
-    return float(np.abs(q[LIP_PAIRS[:, 1]] - q[LIP_PAIRS[:, 0]]).mean())
-
-
-_SLITS = [(np.array(u[1:-1]), np.array(l[1:-1])) for u, l in
-          ((INNER_LIP_UPPER, INNER_LIP_LOWER), (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
-
-
-def _no_crossing(q: np.ndarray) -> np.ndarray:
-    """Meet the lips (eyelids) in the middle where the target would push the lower one above the upper one.
-
-    That happens when the driver's neutral frame had its mouth open and it then closes further than the
-    reference's closed mouth; crossing would fold the mesh. q: (478,) complex, normalised (y = down the face).
-    """
-    for upper, lower in _SLITS:
-        crossed = q[lower].imag < q[upper].imag
-        if crossed.any():
-            q = q.copy()
-            mid = (q[upper[crossed]].imag + q[lower[crossed]].imag) / 2
-            q[upper[crossed]] = q[upper[crossed]].real + 1j * mid
-            q[lower[crossed]] = q[lower[crossed]].real + 1j * mid
-    return q
-
-
-# --- mesh construction ------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _tesselation_triangles() -> np.ndarray:
-    """(K, 3) vertex triples of mediapipe's face tesselation (it ships as an edge set; faces are its 3-cliques)."""
-    nbrs: dict[int, set[int]] = {}
-    for a, b in _face_mesh.FACEMESH_TESSELATION:
-        nbrs.setdefault(a, set()).add(b)
-        nbrs.setdefault(b, set()).add(a)
-    tris = {tuple(sorted((a, b, c))) for a, b in _face_mesh.FACEMESH_TESSELATION for c in nbrs[a] & nbrs[b]}
-    return np.array(sorted(tris), np.int32)
-
-
-def _strip_triangles(upper: list[int], lower: list[int]) -> np.ndarray:
-    """Triangles spanning a slit (mouth, eye) between two corner-to-corner chains: they stretch as it opens."""
-    tris = []
-    for i in range(len(upper) - 1):
-        a, b, c, d = upper[i], upper[i + 1], lower[i], lower[i + 1]
-        if a != c:
-            tris.append((a, b, c))
-        if b != d:
-            tris.append((b, d, c))
-    return np.array(tris, np.int32)
-
-
-def _delaunay(pts: np.ndarray) -> np.ndarray:
-    """(K, 3) Delaunay triangles (vertex indices) of 2-D points, via cv2.Subdiv2D."""
-    lo, hi = np.floor(pts.min(0)) - 2, np.ceil(pts.max(0)) + 2
-    subdiv = cv2.Subdiv2D((int(lo[0]), int(lo[1]), int(hi[0] - lo[0]), int(hi[1] - lo[1])))
-    index = {}
-    for i, (x, y) in enumerate(pts.astype(np.float32)):
-        subdiv.insert((float(x), float(y)))
-        index.setdefault((float(x), float(y)), i)
-    tris = []
-    for t in subdiv.getTriangleList().astype(np.float32).reshape(-1, 3, 2):
-        ids = [index.get((float(x), float(y))) for x, y in t]
-        if None not in ids:  # triangles touching Subdiv2D's virtual outer vertices are not ours
-            tris.append(ids)
-    return np.array(tris, np.int32)
-
-
-def _outside(cover: np.ndarray, face: np.ndarray, pts: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The triangles of `cover` that reach outside the face layer (the rest are hidden under it: not drawn)."""
-    covered = np.zeros((height, width), np.uint8)
-    for tri in face:
-        cv2.fillConvexPoly(covered, np.round(pts[tri] * 16).astype(np.int32), 1, cv2.LINE_8, shift=4)
-    covered = cv2.erode(covered, np.ones((5, 5), np.uint8))  # keep a margin: the face outline moves per frame
-    keep = []
-    for k, tri in enumerate(cover):
-        corners = pts[tri]
-        x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
-        x1, y1 = np.ceil(corners.max(0)).astype(int) + 1
-        own = np.zeros((max(y1 - y0, 1), max(x1 - x0, 1)), np.uint8)
-        cv2.fillConvexPoly(own, np.round((corners - (x0, y0)) * 16).astype(np.int32), 1, cv2.LINE_8, shift=4)
-        under = covered[y0:y1, x0:x1]
-        if under.shape != own.shape or (own > under).any() or not own.any():
-            keep.append(k)
-    return cover[keep]
-
-
-def _border_points(width: int, height: int, per_side: int = 6) -> np.ndarray:
-    """Fixed points along the frame edge (corners included) that pin the background."""
-    t = np.linspace(0.0, 1.0, per_side + 1)[:-1]
-    w, h = width - 1.0, height - 1.0
-    top = np.stack([t * w, np.zeros_like(t)], 1)
-    right = np.stack([np.full_like(t, w), t * h], 1)
-    bottom = np.stack([w - t * w, np.full_like(t, h)], 1)
-    left = np.stack([np.zeros_like(t), h - t * h], 1)
-    return np.concatenate([top, right, bottom, left])
-
-
 def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndarray | None) -> np.ndarray:
     """Resize the reference to cover (height, width), cropping the overflow around the face centre."""
     h, w = rgb.shape[:2]
@@ -222,36 +89,6 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     x0 = int(np.clip(round(cx - width / 2), 0, rw - width))
     y0 = int(np.clip(round(cy - height / 2), 0, rh - height))
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
-
-
-class OneEuroFilter:
-    """One-euro low-pass filter per landmark (Casiez et al. 2012): smooths the face mesh's jitter when a point is
-    still, follows at once when it moves fast, so it adds no lag to real motion.
-
-    Works on (N,) complex points in normalised face units (1 = inter-ocular distance); speed is per point.
-    """
-
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 40.0, d_cutoff: float = 4.0):
-        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
-        self.reset()
-
-    def reset(self) -> None:
-        self._x: np.ndarray | None = None
-        self._dx: np.ndarray | None = None
-
-    @staticmethod
-    def _alpha(cutoff, dt: float):
-        return 1.0 / (1.0 + 1.0 / (2 * np.pi * cutoff * dt))
-
-    def __call__(self, x: np.ndarray, dt: float) -> np.ndarray:
-        if self._x is None:
-            self._x, self._dx = x.copy(), np.zeros_like(x)
-            return x
-        dx = (x - self._x) / dt
-        self._dx += self._alpha(self.d_cutoff, dt) * (dx - self._dx)
-        a = self._alpha(self.min_cutoff + self.beta * np.abs(self._dx), dt)
-        self._x = self._x + a * (x - self._x)
-        return self._x
 
 
 class PreviewRenderer(ThreadedRenderer):
@@ -274,28 +111,61 @@ class PreviewRenderer(ThreadedRenderer):
             raise ValueError("no face found in the reference image: pass a portrait with one clearly visible, "
                              "roughly frontal face.")
         self.reference = fit_reference(reference_rgb, self.width, self.height, first[:N_MESH].mean(0))
-        ref_pts = detect_landmarks(self.reference)
+        ref_pts = detect_landmarks(self.reference, depth=True)
         if ref_pts is None:
             raise ValueError("the face is cut off once the reference is cropped to the output size: pass a portrait "
                              "with the face nearer the centre.")
-        self._ref_z = _complex(ref_pts)
-        self._ref_origin, self._ref_axis = _face_frame(self._ref_z)
+        ref_depth, ref_pts = ref_pts[:, 2], ref_pts[:, :2]
+        self._ref_z = complex_points(ref_pts)
+        self._ref_origin, self._ref_axis = face_frame(self._ref_z)
         self._ref_q = (self._ref_z - self._ref_origin) / self._ref_axis  # reference landmarks, normalised
 
-        # Warp mesh: 468 face vertices + fixed border points. Two layers, drawn in order so the face wins: a Delaunay
-        # cover of the whole frame (background, hair, neck; only its triangles not hidden under the face are kept),
-        # then the mouth and eye slits (holes in the tesselation) as strips that stretch when they open, and the
-        # face tesselation.
-        border = _border_points(self.width, self.height)
-        self._src = np.concatenate([ref_pts[:N_MESH], border]).astype(np.float64)  # (V, 2) source vertices
-        self._n_border = len(border)
-        face = np.concatenate([  # slits first: where a closed slit is a hairline, the lips and lids drawn over it win
-            _strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), _strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
-            _strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER), _tesselation_triangles()])
-        self._tris = np.concatenate([_outside(_delaunay(self._src), face, self._src, self.width, self.height), face])
+        # Warp mesh: the 468 face vertices. The mouth and eye slits (holes in the tesselation) are strips drawn first,
+        # then the tesselation far to near by the reference's depth: where a three-quarter face folds (the far
+        # cheek's outline projects onto the visible cheek), the near surface is drawn last and wins.
+        tess = tesselation_triangles()
+        tess = tess[np.argsort(-ref_depth[tess].mean(1), kind="stable")]
+        strips = [strip_triangles(INNER_LIP_UPPER, INNER_LIP_LOWER), strip_triangles(RIGHT_EYE_UPPER, RIGHT_EYE_LOWER),
+                  strip_triangles(LEFT_EYE_UPPER, LEFT_EYE_LOWER)]
+        self._tris = np.concatenate([*strips, tess])
+        n_lip, n_eye = len(strips[0]), len(strips[1])
+        # Each eye strip moves rigidly with its corners (rows of _tris, corners, lid pair).
+        self._eyes = [(slice(n_lip, n_lip + n_eye), 33, 133, EYE_PAIRS[0]),
+                      (slice(n_lip + n_eye, n_lip + 2 * n_eye), 362, 263, EYE_PAIRS[1])]
         self._lip_upper, self._lip_lower = np.array(INNER_LIP_UPPER), np.array(INNER_LIP_LOWER)
+        self._eye_chains = [(np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
+                            ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
+        self._lid_rings = [np.array(RIGHT_LID_RING), np.array(LEFT_LID_RING)]
+        self._slits = [(np.array(u + lo[::-1][1:-1]), np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
+                       ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER),
+                        (INNER_LIP_UPPER, INNER_LIP_LOWER))]  # (outline, upper chain, lower chain) of eyes, mouth
+        # The face mesh puts the lid points a little inside the visible eye, so a strip of iris and white belongs to
+        # the upper lid's triangles and would ride down with a closing lid (an eye that never looks shut). The
+        # modelled upper lid sits higher, in the reference mesh and in every target alike: up to 35 % of the
+        # opening, at most half of the lash band above.
+        self._lid_margin = np.zeros(len(self._ref_q), complex)  # normalised offsets of the modelled lids
+        for (upper, lower), ring, under in zip(self._eye_chains, self._lid_rings,
+                                               (np.array(RIGHT_LOWER_RING), np.array(LEFT_LOWER_RING))):
+            gap = (self._ref_q[lower] - self._ref_q[upper]).imag
+            room = (self._ref_q[upper] - self._ref_q[ring]).imag
+            below = (self._ref_q[under] - self._ref_q[lower]).imag
+            self._lid_margin[upper] = -1j * np.clip(np.minimum(0.35 * gap, 0.5 * room), 0.0, None)
+            self._lid_margin[lower] = 1j * np.clip(np.minimum(0.12 * gap, 0.4 * below), 0.0, None)
+        self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
+        self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
+        self._oval = outline_loop()
+        # Lip closing: each point below the lips follows the nearest inner lower-lip point, fading with distance.
+        lower = self._lip_lower[1:-1]
+        q = self._ref_q
+        dist = np.abs(q[:, None] - q[lower][None, :])  # (478, 9)
+        self._close_idx = np.argmin(dist, 1)
+        below = q.imag >= q[lower][self._close_idx].imag - 0.005
+        self._close_w = np.where(below, np.exp(-(dist.min(1) / 0.2) ** 2), 0.0)
+        self._close_w[self._lip_upper] = 0.0
+        self._closure = np.zeros(len(q))  # upward shift (normalised units) of each point; set per neutral face
+        self._eye_ratio = np.ones(2)  # the driver's eye opening relative to its open eyes, per eye
 
-        # Backward map grid at map_scale resolution, in output pixel units.
+        # Backward map grid at map_scale resolution, in output pixel units; a coarser one for the background field.
         self.map_scale = float(map_scale)
         mw, mh = max(8, round(self.width * map_scale)), max(8, round(self.height * map_scale))
         self._map_size = (mw, mh)
@@ -307,10 +177,22 @@ class PreviewRenderer(ThreadedRenderer):
         self._full_x = np.empty((self.height, self.width), np.float32)
         self._full_y = np.empty((self.height, self.width), np.float32)
         self._coef = np.empty((mh, mw, 6), np.float32)
+        self._identity = np.array([[1, 0, 0, 0, 1, 0]], np.float32)  # the coefficients of "not the face"
+        lw, lh = max(8, mw // 4), max(8, mh // 4)
+        self._field_size = (lw, lh)
+        gx = (np.arange(lw) + 0.5) * (self.width / lw) - 0.5
+        gy = (np.arange(lh) + 0.5) * (self.height / lh) - 0.5
+        self._field_grid = (gx[None, :] + 1j * gy[:, None]).ravel()  # (lh*lw,) complex output positions
+        # The field is zero at the frame's edges: nothing is pulled in from beyond them (no smeared border).
+        edge = np.minimum(np.minimum(gx[None, :], self.width - 1 - gx[None, :]),
+                          np.minimum(gy[:, None], self.height - 1 - gy[:, None]))
+        self._edge_fade = np.clip(edge / (0.08 * max(self.width, self.height)), 0, 1).ravel()
 
-        self._mesh = _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
+        self._mesh = mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
                                          min_detection_confidence=0.5, min_tracking_confidence=0.5)
         self._neutral: tuple | None = None  # (neutral landmarks z, face-frame origin, axis)
+        self._mouth_shut: np.ndarray | None = None  # inner-lip gaps of the driver's most closed mouth so far
+        self._eyes_open: np.ndarray | None = None  # lid gaps (per eye) of the driver's open eyes
         self._filter = OneEuroFilter() if smoothing else None
         self._last_pts: float | None = None
         self._last = self.reference.copy()
@@ -341,6 +223,7 @@ class PreviewRenderer(ThreadedRenderer):
     def reset_neutral(self) -> None:
         """Take the next driving frame with a face as the new neutral (zero-expression) pose."""
         self._neutral = None
+        self._closure = np.zeros(len(self._ref_q))
         if self._filter is not None:
             self._filter.reset()
 
@@ -355,58 +238,142 @@ class PreviewRenderer(ThreadedRenderer):
         if max(h, w) > 640:  # the mesh model sees 192x192 anyway; converting a full-HD frame costs more than it
             f = 640 / max(h, w)
             small = cv2.resize(frame_rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        landmarks = _landmarks(self._mesh.process(small), w, h)
+        landmarks = landmarks_from(self._mesh.process(small), w, h)
         self.face_found = landmarks is not None
         if landmarks is None:
             self.faces_missed += 1
             return None
-        z = _complex(landmarks)
-        if self._neutral is None or self._better_neutral(z):
-            self._neutral = (z, *_face_frame(z))
-            if self._filter is not None:
-                self._filter.reset()
+        z = complex_points(landmarks)
+        self._update_neutral(z)
         z0, origin, axis = self._neutral
 
         # Rigid head motion neutral -> now, and the expression that is left once it is undone.
-        a, b = _fit_similarity(z0[STABLE], z[STABLE])
+        a, b = fit_similarity(z0[STABLE], z[STABLE])
         q_now = ((z - b) / a - origin) / axis  # current landmarks with the head motion removed, normalised
         q_neutral = (z0 - origin) / axis
         delta = self.expression_gain * (q_now - q_neutral)
         # The same rigid motion in normalised coordinates: q -> a*q + g.
         g = (a * origin + b - origin) / axis
-        q_target = a * (self._ref_q + delta) + g
+        q_target = a * self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now) + g
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts
         if self._filter is not None:
             q_target = self._filter(q_target, dt)
-        q_target = _no_crossing(q_target)
+        q_target = no_crossing(q_target)
         return self._ref_origin + self._ref_axis * q_target
 
-    def _better_neutral(self, z: np.ndarray) -> bool:
-        """Whether this face is more neutral than the neutral frame: its mouth more closed, or its eyes open where
-        the neutral frame caught a blink. The first face seen is often mid-word or mid-blink; measured against it,
-        a closed mouth would squeeze the portrait's lips shut past closed."""
+    def _open_eyes(self, q: np.ndarray, q_now: np.ndarray) -> np.ndarray:
+        """Set each eye's lid gap to the reference's gap times the driver's opening relative to its open eyes.
+
+        Adding the driver's lid motion as it is would close a narrower reference eye past shut before the driver's
+        blink is over (and stop there) and open it too little: the ratio gives a blink for a blink. q: the target
+        landmarks before the head motion, normalised (y down the face); a changed copy is returned.
+        """
+        q = q.copy()
+        for e, ((upper, lower), open_gap, ring) in enumerate(zip(self._eye_chains, self._eyes_open,
+                                                                   self._lid_rings)):
+            ratio = float(np.clip((q_now[lower] - q_now[upper]).imag.sum() / max(open_gap, 1e-3), 0.0, 2.0))
+            self._eye_ratio[e] = ratio
+            top, bottom = q[upper] + self._lid_margin[upper], q[lower] + self._lid_margin[lower]  # modelled lids
+            modelled = self._ref_q + self._lid_margin
+            gap = (modelled[lower] - modelled[upper]).imag * ratio
+            mid = (top + bottom) / 2
+            moved = mid - 0.5j * gap
+            # The lash band above the lid moves with it (the skin above it stretches instead): a closed eye shows a
+            # thin lash line, not the band stretched into a dark smear.
+            q[ring] += 0.9 * (moved - top)
+            q[upper], q[lower] = moved, mid + 0.5j * gap
+        return q
+
+    def _gaps(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inner-lip gaps (9,), lid gaps per eye (2,)) of normalised landmarks q, along the face's y axis."""
+        upper, lower = self._lip_upper[1:-1], self._lip_lower[1:-1]
+        lips = (q[lower] - q[upper]).imag
+        eyes = np.array([(q[lo] - q[up]).imag.sum() for up, lo in self._eye_chains])
+        return lips, eyes
+
+    def _update_neutral(self, z: np.ndarray) -> None:
+        """Keep the driver's neutral face: the first face seen, replaced by a more neutral one (mouth more closed,
+        or eyes open where the neutral frame caught a blink) as long as the head is still turned about the same
+        way. The first face is often mid-word or mid-blink; measured against it, a closed mouth would squeeze the
+        portrait's lips shut past closed. A more neutral face with the head turned elsewhere would carry that turn
+        into the neutral (and drop it from the avatar): then only its lip and lid gaps become the references the
+        mouth and the eyes are measured against."""
+        origin, axis = face_frame(z)
+        q = (z - origin) / axis
+        lips, eyes = self._gaps(q)
+        if self._neutral is None:
+            self._set_neutral(z, lips, eyes)
+            return
         z0, origin0, axis0 = self._neutral
-        origin, axis = _face_frame(z)
-        q0, q = (z0 - origin0) / axis0, (z - origin) / axis  # each in its own face frame
-        mouth0, mouth = _mouth_opening(q0), _mouth_opening(q)
-        eyes0, eyes = _eye_opening(q0), _eye_opening(q)
-        return mouth < mouth0 - NEUTRAL_SLACK or (eyes0 < 0.5 * eyes and eyes > NEUTRAL_SLACK)
+        opened = self._eyes_open.mean() < 0.5 * eyes.mean() and eye_opening(q) > NEUTRAL_SLACK
+        if (lips.mean() < self._neutral_lips.mean() - NEUTRAL_SLACK or opened) and \
+                abs((z[4] - origin) / axis - (z0[4] - origin0) / axis0) < NEUTRAL_POSE:
+            self._set_neutral(z, lips, eyes)
+            return
+        shut = lips.mean() < self._mouth_shut.mean() - 0.25 * NEUTRAL_SLACK
+        if shut:
+            self._mouth_shut = lips
+        if opened:
+            self._eyes_open = eyes
+        if shut or opened:
+            self._closure = self._lip_closure()
+
+    def _set_neutral(self, z: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
+        self._neutral = (z, *face_frame(z))
+        self._neutral_lips = lips
+        # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
+        # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
+        self._mouth_shut, self._eyes_open = np.minimum(lips, SHUT_GAP), eyes
+        self._closure = self._lip_closure()
+        if self._filter is not None:
+            self._filter.reset()
+
+    def _lip_closure(self) -> np.ndarray:
+        """(478,) upward shift of the points below the lips that makes the portrait's mouth as closed as the
+        driver's is at its most closed (`_mouth_shut`), while the expression is measured against the neutral face.
+
+        Two cases meet here: a reference smiling with parted lips would otherwise keep them parted while the
+        driver's are shut (the expression moves the reference by the driver's change from its neutral face, never
+        to an absolute gap), and a neutral face caught mid-word would otherwise close the lips past shut.
+        """
+        upper, lower = self._lip_upper[1:-1], self._lip_lower[1:-1]
+        ref_gap = (self._ref_q[lower] - self._ref_q[upper]).imag
+        shut = np.maximum(self._mouth_shut, 0.0)
+        close = np.clip(ref_gap - shut, 0.0, None)
+        if close.max() < LIP_CLOSE_MIN:
+            close = np.zeros_like(close)
+        close = close + self._mouth_shut - self._neutral_lips  # <= 0: the neutral face's lips were parted wider
+        if np.abs(close).max() < 1e-6:
+            return np.zeros(len(self._ref_q))
+        return close[self._close_idx] * self._close_w
 
     def warp(self, target: np.ndarray) -> np.ndarray:
         """Warp the reference so its landmarks land on `target` (478,) complex; (height, width, 3) uint8 RGB."""
-        tgt = np.concatenate([np.stack([target[:N_MESH].real, target[:N_MESH].imag], 1), self._src[-self._n_border:]])
+        tgt = np.stack([target[:N_MESH].real, target[:N_MESH].imag], 1)
         src = self._src
         tris = self._tris
-
-        # Per-triangle affine target -> source: p -> S0 + F E^-1 (p - T0).
         t0, t1, t2 = tgt[tris[:, 0]], tgt[tris[:, 1]], tgt[tris[:, 2]]
         s0, s1, s2 = src[tris[:, 0]], src[tris[:, 1]], src[tris[:, 2]]
+        # The eye slits move rigidly with their corners (the lids cover the eye as they close), stretching only
+        # across the eye when it opens wider than the reference's.
+        stretch = []
+        for rows, ia, ib, (iu, il) in self._eyes:
+            at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
+            et, es = bt - at, bs - as_
+            k = max(1.0, (abs(target[il] - target[iu]) / abs(et)) /
+                    max(abs(self._src_z[il] - self._src_z[iu]) / abs(es), 1e-3))
+            stretch.append(k)
+            for dst, pt in ((t0, at), (t1, bt), (t2, at + 1j * et), (s0, as_), (s1, bs), (s2, as_ + 1j * es / k)):
+                dst[rows] = (pt.real, pt.imag)
+
+        # Per-triangle affine target -> source: p -> S0 + F E^-1 (p - T0).
         e1, e2, f1, f2 = t1 - t0, t2 - t0, s1 - s0, s2 - s0
         det = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
         src_det = f1[:, 0] * f2[:, 1] - f1[:, 1] * f2[:, 0]
         # A triangle squeezed to a sliver would magnify its source enormously, and the pixels rasterised along its
-        # edges (just outside it) would sample far away: such a triangle takes its source centroid's colour.
+        # edges (just outside it) would sample far away: such a triangle takes one colour, that of its first vertex
+        # (for a closing mouth strip, the upper lip's inner edge: the lips meet on their own colour).
         ok = np.abs(det) > np.maximum(np.abs(src_det) / 16, 1e-6)
         inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
         # E^-1 = [[e2y, -e2x], [-e1y, e1x]] / det ; A = [f1 f2] E^-1 (columns f1, f2)
@@ -414,17 +381,16 @@ class PreviewRenderer(ThreadedRenderer):
         a01 = (-f1[:, 0] * e2[:, 0] + f2[:, 0] * e1[:, 0]) * inv
         a10 = (f1[:, 1] * e2[:, 1] - f2[:, 1] * e1[:, 1]) * inv
         a11 = (-f1[:, 1] * e2[:, 0] + f2[:, 1] * e1[:, 0]) * inv
-        b0 = s0[:, 0] - a00 * t0[:, 0] - a01 * t0[:, 1]
-        b1 = s0[:, 1] - a10 * t0[:, 0] - a11 * t0[:, 1]
-        b0 = np.where(ok, b0, (s0[:, 0] + s1[:, 0] + s2[:, 0]) / 3)
-        b1 = np.where(ok, b1, (s0[:, 1] + s1[:, 1] + s2[:, 1]) / 3)
-        coef = np.stack([a00, a01, b0, a10, a11, b1], 1).astype(np.float32)  # (K, 6)
+        b0 = np.where(ok, s0[:, 0] - a00 * t0[:, 0] - a01 * t0[:, 1], s0[:, 0])
+        b1 = np.where(ok, s0[:, 1] - a10 * t0[:, 0] - a11 * t0[:, 1], s0[:, 1])
+        coef = np.concatenate([np.stack([a00, a01, b0, a10, a11, b1], 1).astype(np.float32), self._identity])
 
-        # Rasterise triangle ids of the target mesh at map resolution (later triangles win: face over background).
+        # Rasterise triangle ids of the target mesh at map resolution (later triangles win); the rest is background.
         mw, mh = self._map_size
-        corners = tgt[tris]  # (K, 3, 2)
-        poly = np.round((corners + 0.5) * (mw / self.width * 16, mh / self.height * 16) - 8).astype(np.int32)
+        n = len(tris)
+        poly = np.round((tgt[tris] + 0.5) * (mw / self.width * 16, mh / self.height * 16) - 8).astype(np.int32)
         ids = self._ids
+        ids.fill(n)
         for k, p in enumerate(poly):
             cv2.fillConvexPoly(ids, p, k, cv2.LINE_8, 4)
 
@@ -435,46 +401,177 @@ class PreviewRenderer(ThreadedRenderer):
         np.multiply(c[..., 3], self._grid_x, out=self._map_y)
         self._map_y += c[..., 4] * self._grid_y
         self._map_y += c[..., 5]
+        self._blend_background(target, ids != n)
         if (mw, mh) != (self.width, self.height):
             cv2.resize(self._map_x, (self.width, self.height), dst=self._full_x, interpolation=cv2.INTER_LINEAR)
             cv2.resize(self._map_y, (self.width, self.height), dst=self._full_y, interpolation=cv2.INTER_LINEAR)
             map_x, map_y = self._full_x, self._full_y
+            for ring, upper, lower in self._slits:  # a closed slit folds the map: exact there, not interpolated
+                if np.abs(target[lower] - target[upper]).max() < SHUT_PX:
+                    self._exact_map(map_x, map_y, target[ring], tgt, coef)
         else:
             map_x, map_y = self._map_x, self._map_y
+        for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
+            self._move_iris(map_x, map_y, target, iris, k, ratio)
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         self._fill_mouth(out, target)
         return out
 
+    def _exact_map(self, map_x: np.ndarray, map_y: np.ndarray, outline: np.ndarray, tgt: np.ndarray,
+                   coef: np.ndarray) -> None:
+        """Recompute the full-resolution map exactly (per pixel, not upsampled) around a slit: a closed eye or mouth
+        is a fold of the map (above the line it samples the upper lid, below it the lower one), and interpolating
+        across the fold samples what lies between in the reference, the eye's white: a grey line on a shut eye.
+        outline: the slit's target points (complex); tgt: (V, 2) target mesh; coef: (K+1, 6) per-triangle maps."""
+        pad = 0.6 * (outline.real.max() - outline.real.min()) + 3
+        x0, y0 = max(int(outline.real.min() - pad), 0), max(int(outline.imag.min() - pad), 0)
+        x1, y1 = min(int(outline.real.max() + pad) + 1, self.width), min(int(outline.imag.max() + pad) + 1, self.height)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            return
+        corners = tgt[self._tris]  # (K, 3, 2)
+        near = np.nonzero((corners[..., 0].max(1) >= x0) & (corners[..., 0].min(1) <= x1) &
+                          (corners[..., 1].max(1) >= y0) & (corners[..., 1].min(1) <= y1))[0]
+        ids = np.full((y1 - y0, x1 - x0), -1, np.int32)
+        poly = np.round((corners[near] - (x0, y0)) * 16).astype(np.int32)
+        for k, p in zip(near, poly):  # in drawing order: later triangles win, as in warp()
+            cv2.fillConvexPoly(ids, p, int(k), cv2.LINE_8, 4)
+        inside = ids >= 0
+        c = coef[ids[inside]]  # (P, 6)
+        yy, xx = np.nonzero(inside)
+        xx, yy = (xx + x0).astype(np.float32), (yy + y0).astype(np.float32)
+        map_x[y0:y1, x0:x1][inside] = c[:, 0] * xx + c[:, 1] * yy + c[:, 2]
+        map_y[y0:y1, x0:x1][inside] = c[:, 3] * xx + c[:, 4] * yy + c[:, 5]
+
+    def _blend_background(self, target: np.ndarray, face: np.ndarray) -> None:
+        """Outside the face, replace the identity map by a smooth displacement field: the face outline's own
+        displacement, interpolated (inverse-distance weights) and fading to zero over BACKGROUND_REACH
+        inter-ocular distances, so hair and neck follow the head and the frame's edge stays put. Inside the
+        outline the face map is blended into that field over a feathered band: no seam, no tear."""
+        mw, mh = self._map_size
+        lw, lh = self._field_size
+        oval_t = target[self._oval]
+        move = oval_t - self._ref_z[self._oval]  # (36,) forward displacement of the outline
+        iod = abs(target[LEFT_EYE_OUTER] - target[RIGHT_EYE_OUTER])
+        d2 = np.abs(self._field_grid[:, None] - oval_t[None, :]) ** 2 + 1.0
+        w = d2 ** -1.5
+        field = (w @ move) / w.sum(1)  # (lh*lw,) complex
+        small = cv2.resize(face.astype(np.uint8), (lw, lh), interpolation=cv2.INTER_NEAREST)
+        outside = cv2.distanceTransform(1 - small, cv2.DIST_L2, 3).ravel() * (self.width / lw)
+        field *= np.exp(-(outside / (BACKGROUND_REACH * iod)) ** 2) * self._edge_fade
+        fx = cv2.resize(field.real.reshape(lh, lw).astype(np.float32), (mw, mh), interpolation=cv2.INTER_LINEAR)
+        fy = cv2.resize(field.imag.reshape(lh, lw).astype(np.float32), (mw, mh), interpolation=cv2.INTER_LINEAR)
+        fx -= self._grid_x  # the background map: p - displacement
+        fy -= self._grid_y
+        fx *= -1
+        fy *= -1
+        sigma = max(FEATHER * iod * mw / self.width / 2, 0.5)
+        alpha = cv2.GaussianBlur(face.astype(np.float32), (0, 0), sigma)
+        np.clip(alpha * 2 - 1, 0, 1, out=alpha)
+        self._map_x -= fx
+        self._map_x *= alpha
+        self._map_x += fx
+        self._map_y -= fy
+        self._map_y *= alpha
+        self._map_y += fy
+
+    def _move_iris(self, map_x: np.ndarray, map_y: np.ndarray, target: np.ndarray, iris: tuple, stretch: float,
+                   opening: float):
+        """Move the reference's iris inside the eye opening by the gaze in `target` (its iris landmarks relative to
+        the eye corners, against the reference's): the backward map around the iris samples the reference iris at
+        its own place, the map's shift fading out towards the lids; map_x/map_y are full-resolution, edited in
+        place. The shift fades out as the driver's eye closes (`opening`: its gap relative to the open eye): the face
+        mesh's iris points wander while the lids hide the iris."""
+        c, ia, ib, rim = iris
+        at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
+        r_ref = (self._ref_z[c] - as_) / (bs - as_)
+        r_now = (target[c] - at) / (bt - at)
+        dr = GAZE_GAIN * complex((r_now - r_ref).real, 0.5 * (r_now - r_ref).imag)
+        dr *= float(np.clip((opening - 0.35) / 0.35, 0.0, 1.0))
+        if abs(dr) < 0.004:
+            return
+        et = bt - at
+        home = at + et * complex(r_ref.real, r_ref.imag * stretch)  # where the eye's rigid move puts the iris
+        shift_src = dr * (bs - as_)  # the same shift in the reference's pixels
+        centre = home + dr * et
+        radius = abs(self._ref_z[rim] - self._ref_z[c]) * abs(et) / abs(bs - as_)
+        reach = 1.5 * radius + abs(dr * et)
+        upper, lower = (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER) if ia == RIGHT_EYE_OUTER else (LEFT_EYE_UPPER, LEFT_EYE_LOWER)
+        ring = np.array(upper + lower[::-1][1:-1])
+        # the eye opening as the face mesh sees it, inside the modelled lids: the lashes do not move with the iris
+        outline = target[ring] - self._lid_margin[ring] * (target[LEFT_EYE_OUTER] - target[RIGHT_EYE_OUTER])
+        x0 = max(int(np.floor(outline.real.min())) - 2, 0)
+        y0 = max(int(np.floor(outline.imag.min())) - 2, 0)
+        x1 = min(int(np.ceil(outline.real.max())) + 3, self.width)
+        y1 = min(int(np.ceil(outline.imag.max())) + 3, self.height)
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            return
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        pts = np.stack([outline.real - x0, outline.imag - y0], 1)
+        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        weight = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        d = np.hypot(xx - centre.real, yy - centre.imag)
+        fall = np.clip((reach - d) / max(reach - 1.05 * radius, 1.0), 0.0, 1.0)
+        weight *= fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
+        map_x[y0:y1, x0:x1] -= shift_src.real * weight
+        map_y[y0:y1, x0:x1] -= shift_src.imag * weight
+
     def _fill_mouth(self, out: np.ndarray, target: np.ndarray) -> None:
-        """Paint the opened part of the mouth: a dark interior with a band of upper teeth under the upper lip,
-        opaque in proportion to how much wider the lips open than in the reference."""
-        ref_open = _mouth_opening(self._ref_q)
-        open_now = _mouth_opening((target - self._ref_origin) / self._ref_axis)
-        strength = float(np.clip((open_now - ref_open) / MOUTH_FULL_OPEN, 0.0, 1.0))
-        # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
-        teeth_strength = 0.85 * float(np.clip((open_now - ref_open - 0.5 * MOUTH_FULL_OPEN) / MOUTH_FULL_OPEN, 0, 1))
+        """Paint the opened part of the mouth, opaque in proportion to how much wider the lips open than in the
+        reference: a mouth interior darker towards the throat, a tongue at the bottom, upper teeth under the upper
+        lip (shaded, with gaps between them) and, once wide open, lower teeth above the lower lip."""
+        ref_open = mouth_opening(self._ref_q)
+        open_now = mouth_opening((target - self._ref_origin) / self._ref_axis)
+        wider = (open_now - ref_open) / MOUTH_FULL_OPEN
+        strength = float(np.clip(wider, 0.0, 1.0))
         if strength <= 0.02:
             return
+        # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
+        teeth_strength = 0.9 * float(np.clip(wider - 0.5, 0, 1))
+        lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1))
+        tongue_strength = 0.8 * float(np.clip(wider - 1.0, 0, 1))
         upper, lower = target[self._lip_upper], target[self._lip_lower]
         inner = np.concatenate([upper, lower[::-1][1:-1]])
-        gap = lower - upper
-        depth = np.minimum(TEETH_DEPTH, TEETH_MAX * abs(self._ref_axis) / np.maximum(np.abs(gap), 1e-6))
-        teeth = np.concatenate([upper, (upper + depth * gap)[::-1][1:-1]])
-        xy = np.stack([inner.real, inner.imag], 1)
-        x0, y0 = np.maximum(np.floor(xy.min(0)).astype(int) - 2, 0)
-        x1, y1 = np.ceil(xy.max(0)).astype(int) + 3
-        x1, y1 = min(x1, self.width), min(y1, self.height)
+        x0 = max(int(np.floor(inner.real.min())) - 2, 0)
+        y0 = max(int(np.floor(inner.imag.min())) - 2, 0)
+        x1 = min(int(np.ceil(inner.real.max())) + 3, self.width)
+        y1 = min(int(np.ceil(inner.imag.max())) + 3, self.height)
         if x1 - x0 < 2 or y1 - y0 < 2:
             return
         crop = out[y0:y1, x0:x1].astype(np.float32)
-        # Teeth fade out toward the mouth corners, which sit in shadow.
-        corners = np.array([upper[0], upper[-1]])
-        centre_x, half_w = corners.real.mean() - x0, max(abs(corners.real[1] - corners.real[0]) / 2, 1.0)
-        fade = np.clip(1.0 - ((np.arange(x1 - x0) - centre_x) / half_w) ** 2, 0.0, 1.0) ** 0.5
-        for poly, colour, weight in ((inner, MOUTH_COLOUR, 1.0), (teeth, TEETH_COLOUR, teeth_strength * fade[None, :, None])):
-            mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-            pts = np.stack([poly.real - x0, poly.imag - y0], 1)
-            cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-            alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32)[..., None] * (strength / 255.0)
-            crop += (alpha * weight) * (colour - crop)
+        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        pts = np.stack([inner.real - x0, inner.imag - y0], 1)
+        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+        alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) * (strength / 255.0)
+
+        # Mouth coordinates: u from corner (0) to corner (1), t from the upper lip (0) to the lower lip (1).
+        corner, axis = upper[0], upper[-1] - upper[0]
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        w = ((xx + 1j * yy) - corner) / axis
+        u, v = w.real, w.imag
+        wu, wl = (upper - corner) / axis, (lower - corner) / axis
+        ou, ol = np.argsort(wu.real), np.argsort(wl.real)
+        v_up = np.interp(u, wu.real[ou], wu.imag[ou])
+        v_lo = np.interp(u, wl.real[ol], wl.imag[ol])
+        gap = np.maximum(v_lo - v_up, 1e-4)
+        t = np.clip((v - v_up) / gap, 0.0, 1.0)
+        centre = np.clip(1.0 - (2 * u - 1) ** 2, 0.0, 1.0)  # 1 in the middle, 0 at the corners (in shadow)
+        depth = centre * (1.0 - np.abs(2 * t - 1))
+        colour = MOUTH_FRONT + (MOUTH_COLOUR - MOUTH_FRONT) * (0.35 + 0.65 * depth)[..., None]
+        # The tongue: a rounded hump rising from the lower lip, lit from the front.
+        hump = 1.0 - 0.45 * np.clip(1.0 - ((2 * u - 1) / 0.7) ** 2, 0, 1)  # its top edge, in t
+        tongue = tongue_strength * np.clip((t - hump) / 0.12, 0, 1) * np.clip(1.0 - ((2 * u - 1) / 0.8) ** 2, 0, 1)
+        colour += (tongue[..., None] * (0.55 + 0.45 * t[..., None])) * (TONGUE_COLOUR - colour)
+        gap_iod = gap * abs(axis) / abs(self._ref_axis)
+        teeth_depth = np.minimum(TEETH_DEPTH, TEETH_MAX / np.maximum(gap_iod, 1e-4))
+        side = np.sqrt(centre)
+        gaps = 1.0 - 0.3 * np.exp(-(((u * 9.0) % 1.0 - 0.5) / 0.06) ** 2)  # darker lines between the teeth
+        for band, amount in ((t / teeth_depth, teeth_strength), ((1 - t) / (LOWER_TEETH_DEPTH * teeth_depth /
+                                                                             TEETH_DEPTH), lower_strength)):
+            if amount <= 0:
+                continue
+            inside = np.clip((1.0 - band) / 0.25, 0.0, 1.0)  # soft edge towards the mouth's inside
+            shade = (1.0 - 0.35 * np.clip(band, 0, 1)) * gaps * (0.5 + 0.5 * side)
+            colour += (amount * inside * side * side)[..., None] * (TEETH_COLOUR * shade[..., None] - colour)
+        crop += alpha[..., None] * (colour - crop)
         out[y0:y1, x0:x1] = crop.astype(np.uint8)

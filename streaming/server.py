@@ -1,13 +1,16 @@
 """The live service: one aiohttp app (on uvloop) that turns WebRTC peers into avatar sessions.
 
     server = AvatarServer(StreamConfig(), make_renderer, reference_rgb, renderer_name="preview")
-    app = server.app()                  # routes: / (camera page), /viewer (receive-only), /offer, /stats
+    app = server.app()                  # routes: / (camera page), /viewer (receive-only), /offer, /stats, /favicon.ico
     await serve(server, ready=print)    # binds config.host:config.port (127.0.0.1 unless told otherwise)
 
 A peer whose offer sends video is a *camera* session: its own renderer (from `make_renderer()`), fed by a
 WebRTCCapture, answered with its AvatarTrack. A receive-only offer is a *viewer* session (an OBS Browser Source):
 it mirrors the programme, which is the `--driving` pipeline when there is one, else the newest camera session,
 else the reference portrait. The virtual camera and the recording follow the programme too.
+A camera offer with `"probe": true` (the camera page, where the browser can stamp its frames) gets avatar frames
+that carry the number stamped into the camera frame they render, so the page measures its glass-to-glass latency
+(streaming/probe.py); the programme stays unstamped.
 
 A camera offer that also sends a microphone gets its voice back delayed by the avatar's latency, and a viewer
 offer with an audio section gets the `--driving` file's audio the same way (streaming/audio.py). /stats carries
@@ -46,6 +49,7 @@ from streaming.capture import AVCapture, WebRTCCapture, is_device
 from streaming.guard import AccessPolicy, guard, is_loopback
 from streaming.ice import PeerActivity, offer_loopback_candidates, release_ice_hooks, rtc_configuration
 from streaming.jitter import use_marker_jitter_buffers
+from streaming.probe import ProbedAvatarTrack, noting_stamps
 from streaming.reclaim import release_memory
 from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
 from streaming.telemetry import GpuTelemetry
@@ -163,8 +167,13 @@ class AvatarServer:
         renderer = self.make_renderer()
         return renderer.start() if hasattr(renderer, "start") else renderer
 
-    def _avatar_track(self, renderer) -> AvatarTrack:
+    def _avatar_track(self, renderer, stamps: dict | None = None) -> AvatarTrack:
+        """The renderer's avatar track; with `stamps` (a probed session, streaming/probe.py) its frames carry the
+        code of the camera frame they render."""
         c = self.config
+        if stamps is not None:
+            return ProbedAvatarTrack(renderer, c.fps, c.width, c.height, c.playout_frames, idle=self.idle_image,
+                                     stamps=stamps)
         return AvatarTrack(renderer, c.fps, c.width, c.height, c.playout_frames, idle=self.idle_image)
 
     async def startup(self, app: web.Application | None = None) -> None:
@@ -319,8 +328,10 @@ class AvatarServer:
                 reason = str(err).splitlines()[0] if str(err) else type(err).__name__
                 return self._error(503, f"The renderer could not start a session ({reason}): close other "
                                         "sessions or lower --max-sessions.")
-            session = Session(sid, "camera", pc, self._avatar_track(renderer), renderer=renderer)
+            stamps = {} if params.get("probe") is True else None  # the page measures glass-to-glass per frame
+            session = Session(sid, "camera", pc, self._avatar_track(renderer, stamps), renderer=renderer)
             camera = incoming[0]
+            push = renderer.push if stamps is None else noting_stamps(renderer.push, stamps)
             if microphones:  # the voice goes back delayed by the avatar's latency (streaming/audio.py)
                 receivers = {id(t.receiver.track): t.receiver for t in pc.getTransceivers()}
                 hold = VideoHold(PacketArrivals(receivers[id(camera)]) if id(camera) in receivers else None)
@@ -330,7 +341,7 @@ class AvatarServer:
                 session.audio_in = AudioInput(mic, ring, PacketArrivals(receivers[id(mic)])
                                               if id(mic) in receivers else None, hold)
                 session.audio_out = DelayedAudioTrack(ring, OnAirLatency(session.track))
-            session.capture = WebRTCCapture(camera, renderer.push,
+            session.capture = WebRTCCapture(camera, push,
                                             on_end=lambda: asyncio.ensure_future(self.close_session(sid)))
         else:
             c = self.config
@@ -372,6 +383,8 @@ class AvatarServer:
                 "width": self.config.width, "height": self.config.height,
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "session_count": len(self.sessions), "sessions_opened": self.sessions_opened,
+                "camera_sessions": sum(s.kind == "camera" for s in self.sessions.values()),
+                "viewer_sessions": sum(s.kind == "viewer" for s in self.sessions.values()),
                 "sessions_closed": self.sessions_closed,
                 "sessions": [s.stats() for s in self.sessions.values()],
                 "program": None if self._program is None else {
@@ -394,6 +407,7 @@ class AvatarServer:
         app.router.add_get("/", page("index.html"))
         app.router.add_get("/viewer", page("viewer.html"))
         app.router.add_get("/client.js", page("client.js"))
+        app.router.add_get("/favicon.ico", page("favicon.ico"))
         app.router.add_post("/offer", self.offer)
         app.router.add_get("/stats", self._stats)
         app.on_startup.append(self.startup)

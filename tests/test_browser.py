@@ -164,3 +164,80 @@ async def _advanced(cdp: DevTools, page: str, before: dict):
 
 async def _count_is(url: str, n: int) -> bool:
     return (await get_stats(url))["session_count"] == n
+
+
+PAGE_STATE = """(() => { const $ = (id) => document.getElementById(id);
+  const rect = (id) => { const r = $(id).getBoundingClientRect(); return [r.right, r.bottom]; };
+  return {fields: ["renderer", "face", "fps", "latency", "queue", "sessions"].map((id) => $(id).textContent),
+          label: $("latency-label").textContent, sessions: $("sessions").textContent,
+          visible: ["start", "stop", "stats"].map(rect), window: [innerWidth, innerHeight],
+          scroll: [document.documentElement.scrollWidth, document.documentElement.scrollHeight]};
+})()"""
+
+
+def test_page_measures_latency_counts_viewers_apart_and_resets_on_stop(data, tmp_path):
+    """At a 1000x700 window the controls are in view; the page measures glass-to-glass itself (frame numbers in the
+    camera frames come back in the avatar); a /viewer is not one more camera; after Stop no stale figure stays."""
+    reference = load_reference(data("reference", "lp_s6.jpg"))
+    make = lambda: PreviewRenderer(reference, W, H)  # noqa: E731
+
+    async def scenario():
+        async with running_server(StreamConfig(port=0, width=W, height=H, fps=25), make, reference,
+                                  renderer_name="preview") as (server, url):
+            proc, ws_url = await launch(tmp_path / "profile")
+            try:
+                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+                    cdp = DevTools(ws)
+                    target = (await cdp.send("Target.createTarget", url="about:blank"))["targetId"]
+                    page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+                    await cdp.send("Emulation.setDeviceMetricsOverride", page, width=1000, height=700,
+                                   deviceScaleFactor=1, mobile=False)
+                    await cdp.send("Page.navigate", page, url=url)
+                    await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
+                    layout = await cdp.evaluate(page, PAGE_STATE)
+                    await cdp.evaluate(page, "document.getElementById('start').click()")
+
+                    async def measured():
+                        state = await cdp.evaluate(page, PAGE_STATE)
+                        return state if "measured" in state["label"] and "p95" in state["fields"][3] else None
+                    measuring = await wait_for(measured, 45, interval=0.5)
+                    samples = await cdp.evaluate(page, "flashlive.latency()")
+
+                    viewer = (await cdp.send("Target.createTarget", url=url + "viewer"))["targetId"]
+
+                    async def counted():
+                        state = await cdp.evaluate(page, PAGE_STATE)
+                        return state if "viewer" in state["sessions"] else None
+                    with_viewer = await wait_for(counted, 30, interval=0.5)
+
+                    await cdp.evaluate(page, "document.getElementById('stop').click()")
+                    right_after = await cdp.evaluate(page, PAGE_STATE)
+                    await asyncio.sleep(2.5)  # a stats poll in flight at Stop must not bring old figures back
+                    later = await cdp.evaluate(page, PAGE_STATE)
+                    left = await wait_for(lambda: _cameras_are(url, 0), 15)
+                    await cdp.send("Target.closeTarget", targetId=viewer)
+                    await cdp.send("Target.closeTarget", targetId=target)
+                    cdp.reader.cancel()
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            return layout, measuring, samples, with_viewer, right_after, later, left
+
+    layout, measuring, samples, with_viewer, right_after, later, left = asyncio.run(scenario())
+
+    assert layout["window"] == [1000, 700], layout
+    for right, bottom in layout["visible"]:
+        assert right <= 1000 and bottom <= 700, f"a control is out of view at 1000x700: {layout}"
+    assert measuring is not None, "the page never showed a measured glass-to-glass latency"
+    assert samples["frames"] >= 5 and all(0 < x < 5000 for x in samples["samples"]), samples
+    assert with_viewer is not None and with_viewer["sessions"] == "1 camera, 1 viewer", with_viewer
+    for state in (right_after, later):
+        assert all(f == "-" for f in state["fields"]), f"stale figures after Stop: {state['fields']}"
+    assert left, "the camera session was not closed after Stop"
+
+
+async def _cameras_are(url: str, n: int) -> bool:
+    return (await get_stats(url))["camera_sessions"] == n

@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.preview import (DEFAULT_REFERENCE, OneEuroFilter, PreviewRenderer, _face_mesh, _landmarks,
-                            detect_landmarks, load_reference)
+from engine.face_mesh import OneEuroFilter, detect_landmarks, landmarks_from, mp_face_mesh
+from engine.preview import DEFAULT_REFERENCE, PreviewRenderer, load_reference
 from conftest import data_file
 
 LIP_PAIRS = [(13, 14), (82, 87), (312, 317)]
@@ -37,9 +37,9 @@ def mouth_opening(pts: np.ndarray) -> float:
 def measured_openings(frames: list[np.ndarray]) -> np.ndarray:
     """Mouth opening of each frame from a fresh video-mode face mesh (NaN where no face is found)."""
     out = []
-    with _face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+    with mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
         for f in frames:
-            pts = _landmarks(mesh.process(f), f.shape[1], f.shape[0])
+            pts = landmarks_from(mesh.process(f), f.shape[1], f.shape[0])
             out.append(np.nan if pts is None else mouth_opening(pts))
     return np.array(out)
 
@@ -268,3 +268,69 @@ def test_open_mouth_first_frame_is_replaced_as_neutral(driving):
     out = renderer.process(driving[0], 0.04)[0][0]  # mouth closed
     renderer.close()
     assert np.abs(out.astype(np.float32) - renderer.reference).mean() < 0.1
+
+
+def _gaze(pts: np.ndarray) -> float:
+    """Horizontal iris position between the eye corners (image x: 0 at 33/362, 1 at 133/263), both eyes."""
+    z = pts[:, 0] + 1j * pts[:, 1]
+    return float(np.mean([((z[c] - z[a]) / (z[b] - z[a])).real for c, a, b in ((468, 33, 133), (473, 362, 263))]))
+
+
+def _shift_irises(frame: np.ndarray, pts: np.ndarray, dx: float) -> np.ndarray:
+    """The frame with both irises moved dx pixels sideways inside their eye openings (lids and skin untouched):
+    a driver looking to one side, everything else equal."""
+    out = frame.copy()
+    h, w = frame.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for c, outline in ((468, [33, 246, 161, 160, 159, 158, 157, 173, 133, 155, 154, 153, 145, 144, 163, 7]),
+                       (473, [362, 398, 384, 385, 386, 387, 388, 466, 263, 249, 390, 373, 374, 380, 381, 382])):
+        mask = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(mask, [np.round(pts[outline]).astype(np.int32)], 255)
+        radius = np.linalg.norm(pts[c + 1] - pts[c])
+        d = np.hypot(xx - pts[c, 0] - dx, yy - pts[c, 1])
+        weight = np.clip((2.2 * radius - d) / radius, 0, 1) * (cv2.GaussianBlur(mask, (5, 5), 0) / 255.0)
+        moved = cv2.remap(frame, xx - dx * weight.astype(np.float32), yy, cv2.INTER_LINEAR)
+        out = np.where(mask[..., None] > 0, moved, out)
+    return out
+
+
+def test_gaze_follows_the_drivers_irises(driving):
+    """A driver whose irises move sideways (the rest of the face unchanged) moves the portrait's irises the same way,
+    by a comparable share of the eye's width, as the face mesh reads both."""
+    frame = driving[0]
+    pts = detect_landmarks(frame)
+    iris_width = np.linalg.norm(pts[133] - pts[33])
+    results = {}
+    for dx in (-0.12 * iris_width, 0.12 * iris_width):
+        shifted = _shift_irises(frame, pts, dx)
+        drv = _gaze(detect_landmarks(shifted)) - _gaze(pts)
+        renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+        renderer.process(frame, 0.0)
+        out = renderer.process(shifted, 0.04)[0][0]
+        renderer.close()
+        results[dx] = (drv, _gaze(detect_landmarks(out)) - _gaze(detect_landmarks(renderer.reference)))
+    for dx, (drv, got) in results.items():
+        assert np.sign(drv) == np.sign(dx) and abs(drv) > 0.03, f"the face mesh did not see the iris move: {drv}"
+        assert np.sign(got) == np.sign(drv) and abs(got) > 0.4 * abs(drv), (dx, drv, got)
+
+
+def test_warp_moves_the_iris_only_inside_the_eye():
+    """The target's iris landmarks moved along the eye: the rendered iris follows, the lids and the rest stay."""
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.close()
+    ref = renderer.reference
+    ref_pts = detect_landmarks(ref)
+    target = renderer._src_z.copy()  # the warp mesh's own source points (lids as modelled)
+    still = renderer.warp(target)
+    assert np.abs(still.astype(np.float32) - ref).mean() < 0.5  # the reference's own landmarks: no change
+    eye = (target[133] - target[33]) * 0.15  # 15 % of the eye width towards the inner corner, both eyes
+    target[468:473] += eye
+    target[473:478] += (target[263] - target[362]) * 0.15
+    out = renderer.warp(target)
+    got = _gaze(detect_landmarks(out)) - _gaze(ref_pts)
+    assert got > 0.05, got  # the face mesh reads about half of it: the iris edge blends into the white
+    changed = np.abs(out.astype(np.int16) - ref).max(axis=2) > 12
+    ys, xs = np.nonzero(changed)
+    lids = ref_pts[[33, 133, 362, 263, 159, 145, 386, 374]]
+    assert xs.min() >= lids[:, 0].min() - 3 and xs.max() <= lids[:, 0].max() + 3, "pixels changed outside the eyes"
+    assert ys.min() >= lids[:, 1].min() - 4 and ys.max() <= lids[:, 1].max() + 4, "pixels changed outside the eyes"

@@ -1,0 +1,293 @@
+"""Motion transfer of the `preview` renderer: does the avatar do what the driver does?
+
+    python bench/motion_transfer.py [--frames 150] [--name motion_transfer] [--drivers lp_d0,lp_d3]
+
+For every driving video in ../shared/data/driving, three references (one frontal, two three-quarter; see PAIRS),
+the driving frames (at most --frames (150), evenly spaced over the whole video) go through PreviewRenderer.process();
+a fresh mediapipe face mesh (video mode, 478 points) reads every driving frame and every output frame, and six
+signals are compared per pair by Pearson correlation, driver vs output:
+
+  mouth   inner-lip gap / inter-ocular distance         eyes    lid gap / inter-ocular distance
+  roll, yaw, pitch   head rotation (degrees) from a 3-D Kabsch fit of the skull points to the sequence's first frame
+  gaze    horizontal iris position between the eye corners (0 = outer corner, 1 = inner), both eyes averaged
+
+Target: every correlation >= 0.85, gaze >= 0.7. A driver who barely moves a signal (its std below NOISE) gives a
+correlation of noise: such cells are reported with the driver's std and flagged `flat`, not hidden. Gaze is
+scored over the frames where the driver's eyes are open (a closed eye has no gaze).
+`--rescore FILE` recomputes a result file's correlations from the curves it stores (the same rules).
+Writes bench/results/<name>.json (per pair: correlations, driver/output std, curves) + <name>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS, write_result  # noqa: E402
+from engine.face_mesh import mp_face_mesh  # noqa: E402
+from engine.preview import PreviewRenderer, load_reference  # noqa: E402
+
+DATA = (ROOT / ".." / "shared" / "data").resolve()
+FRONTAL = ["fp_case3.png", "fp_case4.png", "fp_case2.png", "lp_s7.jpg"]
+THREE_QUARTER = ["fp_case1.png", "lp_s1.jpg", "lp_s3.jpg", "lp_s12.jpg", "lp_s5.jpg"]
+METRICS = ["mouth", "eyes", "roll", "yaw", "pitch", "gaze"]
+TARGET = {"mouth": 0.85, "eyes": 0.85, "roll": 0.85, "yaw": 0.85, "pitch": 0.85, "gaze": 0.7}
+# Below these driver std values a signal is flat (mesh noise: ~0.005 IOD for gaps, ~0.5 deg, ~0.01 gaze).
+NOISE = {"mouth": 0.01, "eyes": 0.008, "roll": 1.0, "yaw": 1.5, "pitch": 1.0, "gaze": 0.015}
+# Points that move with the skull: eye corners, nose bridge, forehead, temples, cheekbones.
+SKULL = np.array([33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 10, 151, 9, 234, 454, 127, 356, 116, 345])
+
+
+def pairs() -> list[tuple[str, str]]:
+    """(driving video, reference) pairs: each driver gets one frontal and two three-quarter references."""
+    drivers = sorted(p.name for p in (DATA / "driving").glob("*.mp4"))
+    out = []
+    for i, d in enumerate(drivers):
+        refs = [FRONTAL[i % len(FRONTAL)], THREE_QUARTER[i % len(THREE_QUARTER)],
+                THREE_QUARTER[(i + 2) % len(THREE_QUARTER)]]
+        out += [(d, r) for r in refs]
+    return out
+
+
+def read_frames(path: Path, limit: int) -> tuple[list[np.ndarray], list[float]]:
+    """At most `limit` RGB frames spread evenly over the video, and their times in seconds."""
+    cap = cv2.VideoCapture(str(path))
+    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    keep = set(np.linspace(0, total - 1, min(limit, total)).round().astype(int).tolist())
+    frames, times, i = [], [], 0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        if i in keep:
+            frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+            times.append(i / fps)
+        i += 1
+    cap.release()
+    if not frames:
+        raise SystemExit(f"could not read {path}: check ../shared/data/driving.")
+    return frames, times
+
+
+def landmarks3d(frames: list[np.ndarray]) -> list[np.ndarray | None]:
+    """(478, 3) pixel-scaled landmarks (x, y, z) per frame from a fresh video-mode face mesh; None if no face."""
+    out = []
+    with mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+        for f in frames:
+            res = mesh.process(f)
+            if not res.multi_face_landmarks:
+                out.append(None)
+                continue
+            h, w = f.shape[:2]
+            out.append(np.array([(p.x * w, p.y * h, p.z * w) for p in res.multi_face_landmarks[0].landmark]))
+    return out
+
+
+def _rotation(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Kabsch: the rotation R with dst ~ s R src + t (3-D point sets, rows)."""
+    a, b = src - src.mean(0), dst - dst.mean(0)
+    u, _, vt = np.linalg.svd(a.T @ b)
+    d = np.sign(np.linalg.det(u @ vt))
+    return (u @ np.diag([1, 1, d]) @ vt).T
+
+
+def signals(pts: list[np.ndarray | None]) -> dict[str, np.ndarray]:
+    """The six signals per frame (NaN where no face)."""
+    first = next((p for p in pts if p is not None), None)
+    out = {m: np.full(len(pts), np.nan) for m in METRICS}
+    for i, p in enumerate(pts):
+        if p is None:
+            continue
+        xy = p[:, :2]
+        iod = np.linalg.norm(xy[263] - xy[33])
+        out["mouth"][i] = np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((13, 14), (82, 87), (312, 317))]) / iod
+        out["eyes"][i] = np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((159, 145), (386, 374))]) / iod
+        r = _rotation(first[SKULL], p[SKULL])  # image axes: x right, y down, z away from the camera
+        out["yaw"][i] = np.degrees(np.arcsin(np.clip(r[0, 2], -1, 1)))
+        out["pitch"][i] = np.degrees(np.arctan2(-r[1, 2], r[2, 2]))
+        out["roll"][i] = np.degrees(np.arctan2(-r[0, 1], r[0, 0]))
+        gaze = []
+        for iris, a, b in ((468, 33, 133), (473, 362, 263)):  # along the image x of each eye: a -> b
+            e = xy[b] - xy[a]
+            gaze.append(np.dot(xy[iris] - xy[a], e) / np.dot(e, e))
+        out["gaze"][i] = np.mean(gaze)
+    return out
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    ok = ~(np.isnan(x) | np.isnan(y))
+    if ok.sum() < 5 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+        return None
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+def run_pair(frames, times, drv_sig, reference: str, size: int, keep_frames: list[int]) -> dict:
+    renderer = PreviewRenderer(load_reference(str(DATA / "reference" / reference)), width=size, height=size)
+    outs, cpu0, t0 = [], time.process_time(), time.perf_counter()
+    for f, t in zip(frames, times):
+        outs.append(renderer.process(f, t)[0][0])
+    cpu_ms = (time.process_time() - cpu0) / len(frames) * 1e3
+    wall_ms = (time.perf_counter() - t0) / len(frames) * 1e3
+    renderer.close()
+    out_sig = signals(landmarks3d(outs))
+    result = {"reference": reference, "render_cpu_ms": round(cpu_ms, 2), "render_wall_ms": round(wall_ms, 2),
+              "output_faces_missed": int(np.isnan(out_sig["mouth"]).sum()), "corr": {}, "driver_std": {},
+              "output_std": {}, "flat": {}, "curves": {}}
+    for m in METRICS:
+        result["curves"][m] = [None if np.isnan(v) else round(float(v), 4) for v in out_sig[m]]
+    score(result, drv_sig, out_sig)
+    result["frames"] = [outs[i] for i in keep_frames]  # for the contact sheet, dropped before writing JSON
+    return result
+
+
+def score(result: dict, drv_sig: dict, out_sig: dict) -> None:
+    """Fill result's corr, driver_std, output_std and flat from the driver's and the output's signals.
+
+    Gaze counts only the frames where the driver's eyes are open (over half their median opening): a closed eye
+    has no gaze, and the face mesh's iris points under a closed lid are noise on both sides."""
+    open_eyes = drv_sig["eyes"] > 0.5 * np.nanmedian(drv_sig["eyes"])
+    result["gaze_frames"] = int(open_eyes.sum())
+    for m in METRICS:
+        keep = open_eyes if m == "gaze" else np.ones(len(drv_sig[m]), bool)
+        d, o = drv_sig[m][keep], out_sig[m][keep]
+        c = pearson(d, o)
+        result["corr"][m] = None if c is None else round(c, 3)
+        result["driver_std"][m] = round(float(np.nanstd(d)), 4)
+        result["output_std"][m] = round(float(np.nanstd(o)), 4)
+        result["flat"][m] = bool(np.nanstd(d) < NOISE[m])
+
+
+def summarise(results: list[dict]) -> dict:
+    def worst(m, only_moving):
+        vals = [r["corr"][m] for r in results if r["corr"][m] is not None and not (only_moving and r["flat"][m])]
+        return None if not vals else round(min(vals), 3)
+
+    return {m: {"min": worst(m, False), "min_moving": worst(m, True), "target": TARGET[m],
+                "pairs_below": sum(1 for r in results if r["corr"][m] is None or r["corr"][m] < TARGET[m]),
+                "pairs_below_moving": sum(1 for r in results if not r["flat"][m]
+                                          and (r["corr"][m] is None or r["corr"][m] < TARGET[m])),
+                "flat_pairs": sum(1 for r in results if r["flat"][m])} for m in METRICS}
+
+
+def rescore(path: Path) -> None:
+    """Recompute a result file's correlations and summary from the curves it stores (same rules as a run)."""
+    import json
+
+    data = json.loads(path.read_text())
+    for r in data["results"]:
+        arr = lambda curve: np.array([np.nan if v is None else v for v in curve], float)  # noqa: E731
+        score(r, {m: arr(r["driver_curves"][m]) for m in METRICS}, {m: arr(r["curves"][m]) for m in METRICS})
+    data["summary"] = summarise(data["results"])
+    data["rescored"] = "correlations recomputed from the stored curves by bench/motion_transfer.py --rescore"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    plot(path.with_suffix(".png"), data["results"])
+    print_summary(data["summary"])
+    print("rewrote", path, "and", path.with_suffix(".png"))
+
+
+def print_summary(summary: dict) -> None:
+    print(f"\n{'metric':<8}{'min':>8}{'min moving':>12}{'target':>8}{'below':>7}{'below moving':>14}{'flat':>6}")
+    for m in METRICS:
+        s = summary[m]
+        print(f"{m:<8}{s['min']!s:>8}{s['min_moving']!s:>12}{s['target']:>8}{s['pairs_below']:>7}"
+              f"{s['pairs_below_moving']:>14}{s['flat_pairs']:>6}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=150, help="driving frames per video, evenly spaced")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--name", default="motion_transfer")
+    ap.add_argument("--drivers", default="", help="comma-separated driving videos (default: all)")
+    ap.add_argument("--rescore", default=None, help="a result JSON: recompute its correlations from its curves")
+    args = ap.parse_args()
+    if args.rescore:
+        rescore(Path(args.rescore))
+        return
+
+    todo = pairs()
+    if args.drivers:
+        wanted = {d if d.endswith(".mp4") else d + ".mp4" for d in args.drivers.split(",")}
+        todo = [p for p in todo if p[0] in wanted]
+    results, sheet_rows = [], []
+    start = time.perf_counter()
+    for driver in dict.fromkeys(d for d, _ in todo):
+        frames, times = read_frames(DATA / "driving" / driver, args.frames)
+        drv_sig = signals(landmarks3d(frames))
+        keep = [int(np.nanargmin(drv_sig["mouth"])), int(np.nanargmax(drv_sig["mouth"])),
+                int(np.nanargmin(drv_sig["eyes"])), int(np.nanargmin(drv_sig["gaze"])),
+                int(np.nanargmax(drv_sig["gaze"])), int(np.nanargmax(np.abs(drv_sig["yaw"])))]
+        for _, reference in [p for p in todo if p[0] == driver]:
+            r = run_pair(frames, times, drv_sig, reference, args.size, keep)
+            r["driver"] = driver
+            r["driver_curves"] = {m: [None if np.isnan(v) else round(float(v), 4) for v in drv_sig[m]]
+                                  for m in METRICS}
+            r["driver_faces_missed"] = int(np.isnan(drv_sig["mouth"]).sum())
+            tiles = [cv2.resize(frames[i], (160, 160), interpolation=cv2.INTER_AREA) for i in keep] + \
+                    [cv2.resize(o, (160, 160), interpolation=cv2.INTER_AREA) for o in r.pop("frames")]
+            sheet_rows.append((f"{driver[:-4]} -> {reference.rsplit('.', 1)[0]}", tiles))
+            results.append(r)
+            cells = "  ".join(f"{m} {'-' if r['corr'][m] is None else format(r['corr'][m], '.2f')}"
+                              f"{'*' if r['flat'][m] else ''}" for m in METRICS)
+            print(f"{driver:<12}{reference:<14}{cells}   ({r['render_cpu_ms']} ms CPU/frame)", flush=True)
+
+    summary = summarise(results)
+    payload = {"renderer": "preview", "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
+               "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE, "summary": summary,
+               "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count(), "results": results}
+    path = write_result(args.name, payload)
+    print_summary(summary)
+    print("wrote", path)
+    plot(RESULTS / f"{args.name}.png", results)
+    sheet = np.vstack([np.hstack(t) for _, t in sheet_rows[:12]])
+    for k, (label, _) in enumerate(sheet_rows[:12]):
+        cv2.putText(sheet, label, (4, 16 + k * 160), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1)
+    frames_path = RESULTS / f"{args.name}_frames.jpg"
+    cv2.imwrite(str(frames_path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    print("wrote", RESULTS / f"{args.name}.png", "and", frames_path)
+
+
+def plot(path: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corr = np.array([[np.nan if r["corr"][m] is None else r["corr"][m] for m in METRICS] for r in results])
+    worst = int(np.nanargmin(np.nanmin(corr - np.array([TARGET[m] for m in METRICS]), axis=1)))
+    fig = plt.figure(figsize=(14, max(6, 0.26 * len(results) + 2)))
+    ax = fig.add_axes([0.14, 0.06, 0.3, 0.88])
+    ax.imshow(corr, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for (i, j), v in np.ndenumerate(corr):
+        flat = results[i]["flat"][METRICS[j]]
+        ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}{'*' if flat else ''}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(METRICS)), METRICS)
+    ax.set_yticks(range(len(results)), [f"{r['driver'][:-4]} -> {r['reference'].rsplit('.', 1)[0]}"
+                                        for r in results], fontsize=7)
+    ax.set_title("Pearson r driver vs output (* = driver barely moves)", fontsize=9)
+    r = results[worst]
+    for k, m in enumerate(METRICS):
+        a = fig.add_axes([0.52 + 0.24 * (k % 2), 0.72 - 0.31 * (k // 2), 0.2, 0.22])
+        d = np.array([np.nan if v is None else v for v in r["driver_curves"][m]])
+        o = np.array([np.nan if v is None else v for v in r["curves"][m]])
+        a.plot(d, label="driver", lw=1)
+        a.plot(o, label="output", lw=1)
+        a.set_title(f"{m}: r = {r['corr'][m]}", fontsize=8)
+        a.tick_params(labelsize=6)
+        if k == 0:
+            a.legend(fontsize=6)
+    fig.text(0.52, 0.97, f"curves of the weakest pair: {r['driver']} -> {r['reference']}", fontsize=9)
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
