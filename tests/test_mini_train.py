@@ -47,6 +47,30 @@ def test_mini_vae_frame_accounting():
     video2 = video.clone()
     video2[:, :, 5:] = 0
     torch.testing.assert_close(vae.encode(video2)[:, :, :2], z[:, :, :2])
+    # one latent space: frame 0 alone encodes as the group of four copies of itself (a still video's latent 1)
+    still = video[:, :, :1].expand(-1, -1, 5, -1, -1)
+    zs = vae.encode(still)
+    torch.testing.assert_close(zs[:, :, 0], zs[:, :, 1])
+    torch.testing.assert_close(zs[:, :, 0], z[:, :, 0])
+    # and decodes through the group path: a first latent gives the last of the four frames a group latent gives
+    torch.testing.assert_close(vae.decode(zs)[:, :, 0], vae.decode(zs)[:, :, 4])
+
+
+def test_mini_vae_loads_both_checkpoint_layouts(tmp_path):
+    from dataclasses import replace
+
+    from engine.models.mini_vae import load_mini_vae
+
+    for shared in (True, False):
+        torch.manual_seed(0)
+        vae = MiniVAE(replace(PRESET.autoencoder, first_as_group=shared))
+        assert ("first_in.weight" in vae.state_dict()) is not shared
+        (tmp_path / str(shared)).mkdir()
+        torch.save(vae.state_dict(), tmp_path / str(shared) / "mini_vae.pt")
+        loaded = load_mini_vae(tmp_path / str(shared), PRESET.autoencoder)
+        assert loaded.cfg.first_as_group is shared
+        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        torch.testing.assert_close(loaded.encode(video), vae.eval().encode(video))
 
 
 def test_mini_tokens_follow_the_per_clip_layout(clip):
@@ -100,11 +124,33 @@ def test_mini_one_training_step_lowers_the_loss(clip):
     assert after < 0.95 * before, (float(before), float(after))
 
 
-def test_mini_training_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """train/data.py's cache of lp_d0 (a folder)."""
     from train.data import build_cache
+
+    return build_cache([data_file("driving", "lp_d0.mp4")], tmp_path_factory.mktemp("cache"), size=128)
+
+
+def test_mini_packed_cache_matches_the_folder(cache, tmp_path):
+    from train.data import load_cache, main
+
+    packed = tmp_path / "mini.npz"
+    main(["--cache", str(cache), "--pack", str(packed)])
+    raw = sum(p.stat().st_size for p in cache.glob("*.npz"))
+    assert packed.stat().st_size < raw / 4                       # JPEG frames, float16 landmarks
+    (a,), (b,) = load_cache(cache), load_cache(packed)
+    assert b.name == a.name and b.frames.shape == a.frames.shape and b.fps == a.fps
+    assert (b.frames - a.frames).abs().mean() < 0.02               # < 1.3 of 255 levels on average: JPEG quality 95
+    assert (b.landmarks - a.landmarks).abs().max() < 1e-3          # float16 in [0, 1] crop coordinates
+    assert (b.found == a.found).all()
+    with pytest.raises(ValueError, match="not 64"):
+        load_cache(packed, size=64)
+
+
+def test_mini_training_resumes(tmp_path, cache):
     from train.train_mini import main
 
-    cache = build_cache([data_file("driving", "lp_d0.mp4")], tmp_path / "cache", size=128)
     args = ["--stage", "vae", "--run", str(tmp_path / "run"), "--cache", str(cache), "--vae-batch", "1",
             "--vae-crop", "32", "--threads", "1"]
     main(args + ["--steps", "2"])
