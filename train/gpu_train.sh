@@ -12,12 +12,12 @@
 # BATCH=2` is the CPU dry run. The run folder ($RUN) is resumable: running again continues both stages.
 set -euo pipefail
 : "${OUT:?set OUT to the folder that receives the checkpoint}"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 CACHE=${CACHE:-.minicache/mini_data_128.npz}
 RUN=${RUN:-runs/gpu_mini}
 DEVICE=${DEVICE:-cuda}
 VAE_MIN=${VAE_MIN:-2}
-DIT_MIN=${DIT_MIN:-5.3}
+DIT_MIN=${DIT_MIN:-5.2}
 VAE_BATCH=${VAE_BATCH:-32}
 VAE_CROP=${VAE_CROP:-128}
 BATCH=${BATCH:-128}

@@ -5,6 +5,7 @@
     python -m train.train_mini --stage dit --minutes 22     # DiT + NFEB + PortraitEncoder + expression encoder
     python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone (latent space frozen)
     python -m train.train_mini --export weights/mini        # the published file layout, loadable by --weights
+    OUT=out bash train/gpu_train.sh                         # on one GPU (packed cache, both stages, export)
 
 Resumable: every stage keeps `<run>/<stage>.ckpt` (model, optimizer, step, RNG states), written every
 `--save-every` steps and at the end; starting again continues from it. `--minutes` bounds the wall time of this
