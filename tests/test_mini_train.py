@@ -161,3 +161,31 @@ def test_mini_training_resumes(tmp_path, cache):
     assert second["step"] == 3 and [s for s, _, _ in second["log"]] == [1, 2, 3]   # continued, not restarted
     assert second["opt"]["state"][0]["step"] == 3                                    # optimizer state carried
     assert not np.allclose(second["model"]["latent_std"].numpy(), 1.0)              # latent statistics measured
+
+
+def test_mini_dit_batch_gathers_the_clips_of_its_draws():
+    from train.data import ClipDataset, Video
+    from train.train_mini import LatentBank, dit_batch
+
+    torch.manual_seed(0)
+    vae = MiniVAE(PRESET.autoencoder).eval()
+    videos = [Video(f"v{i}", torch.rand(n, 3, 32, 32) * 2 - 1, torch.rand(n, 478, 3), np.ones(n, bool), 25.0)
+              for i, n in enumerate((30, 45))]
+    data = ClipDataset(videos, "train")
+    bank = LatentBank(vae, videos)
+    for ref_first in (1.0, 0.0):
+        x0, y, refs, lms, weight = dit_batch(bank, data, 6, 2, np.random.default_rng(1), ref_first)
+        assert x0.shape == (6, 16, 3, 4, 4) and y.shape == (6, 20, 3, 4, 4) and weight.shape == (6, 1, 3, 4, 4)
+        for b in range(6):   # recover each sample's video and start from its landmarks, then check the gathers
+            v, s = next((v, s) for v, vid in enumerate(videos) for s in range(len(vid.landmarks) - 8)
+                        if torch.equal(lms[b], vid.landmarks[s:s + 9]))
+            torch.testing.assert_close(x0[b], bank.clip(v, s, 2))
+            r = next(r for r in range(len(videos[v].frames)) if torch.equal(refs[b], videos[v].frames[r]))
+            if ref_first == 1.0:
+                assert r == s
+            torch.testing.assert_close(y[b, 4:, 0], bank.first[v][r])
+            torch.testing.assert_close(y[b, 4:, 1:], bank.zero_group[:, None].expand(-1, 2, -1, -1))
+            assert (y[b, :4, 0] == 1).all() and (y[b, :4, 1:] == 0).all()
+        # the bank's latents are the autoencoder's: a clip's latents equal encoding its frames
+        full = vae.encode(videos[v].frames[s:s + 9].transpose(0, 1)[None])[0]
+        torch.testing.assert_close(x0[b], full, atol=1e-4, rtol=1e-4)

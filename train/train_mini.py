@@ -135,6 +135,12 @@ class LatentBank:
             group = vae.group_in(windows.flatten(1, 2))
             self.first.append(vae.normalise(first[:, :, None])[:, :, 0])
             self.group.append(vae.normalise(group[:, :, None])[:, :, 0])
+        # one tensor each (the per-video lists become views of it), so a batch is one gather
+        self.first_off = np.cumsum([0] + [len(f) for f in self.first[:-1]])
+        self.group_off = np.cumsum([0] + [len(g) for g in self.group[:-1]])
+        self.first_all, self.group_all = torch.cat(self.first), torch.cat(self.group)
+        self.first = list(self.first_all.split([len(f) for f in self.first]))
+        self.group = list(self.group_all.split([len(g) for g in self.group]))
         zeros = vae.encoder(torch.zeros(s, 3, *videos[0].frames.shape[-2:], device=dev))
         self.zero_group = vae.normalise(vae.group_in(zeros.flatten(0, 1)[None])[:, :, None])[0, :, 0]
 
@@ -142,6 +148,17 @@ class LatentBank:
         """(16, 1+k, h, w) latents of frames start .. start+4k."""
         parts = [self.first[v][start]] + [self.group[v][start + 1 + 4 * i] for i in range(k)]
         return torch.stack(parts, dim=1)
+
+    def firsts(self, vs: np.ndarray, js: np.ndarray) -> torch.Tensor:
+        """(B, 16, h, w): first[vs[b]][js[b]]."""
+        return self.first_all[torch.as_tensor(self.first_off[vs] + js, device=self.first_all.device)]
+
+    def clips(self, vs: np.ndarray, starts: np.ndarray, k: int) -> torch.Tensor:
+        """(B, 16, 1+k, h, w): clip(vs[b], starts[b], k) for every b, in two gathers."""
+        gi = self.group_off[vs][:, None] + starts[:, None] + 1 + 4 * np.arange(k)[None]
+        group = self.group_all[torch.as_tensor(gi.reshape(-1), device=self.group_all.device)]
+        group = group.view(len(vs), k, *group.shape[1:]).transpose(1, 2)
+        return torch.cat([self.firsts(vs, starts)[:, :, None], group], dim=2)
 
 
 def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Tensor:
@@ -161,22 +178,21 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
     the same video and split. Everything is on the latent bank's device."""
     frames = 1 + 4 * k
-    x0, y, refs, lms = [], [], [], []
-    for _ in range(batch):
+    vs, ss, rs = (np.zeros(batch, np.int64) for _ in range(3))
+    for b in range(batch):
         v = int(gen.choice(len(data.videos), p=data.weights))
-        a, b = data.ranges[v]
-        s = int(gen.integers(a, b - frames + 1))
-        r = s if gen.random() < ref_first else int(gen.integers(a, b))
-        x0.append(bank.clip(v, s, k))
-        ref = torch.stack([bank.first[v][r]] + [bank.zero_group] * k, dim=1)
-        mask = ref.new_zeros(4, *ref.shape[1:])
-        mask[:, 0] = 1.0
-        y.append(torch.cat([mask, ref]))
-        refs.append(data.videos[v].frames[r])
-        lms.append(data.videos[v].landmarks[s:s + frames])
-    dev = x0[0].device
-    x0, y = torch.stack(x0), torch.stack(y)
-    refs, lms = torch.stack(refs).to(dev, non_blocking=True), torch.stack(lms).to(dev, non_blocking=True)
+        a, e = data.ranges[v]
+        s = int(gen.integers(a, e - frames + 1))
+        vs[b], ss[b] = v, s
+        rs[b] = s if gen.random() < ref_first else int(gen.integers(a, e))
+    x0 = bank.clips(vs, ss, k)
+    dev = x0.device
+    y = torch.cat([bank.firsts(vs, rs)[:, :, None], bank.zero_group[None, :, None].expand(batch, -1, k, -1, -1)], 2)
+    mask = y.new_zeros(batch, 4, *y.shape[2:])
+    mask[:, :, 0] = 1.0
+    y = torch.cat([mask, y], dim=1)
+    refs = torch.stack([data.videos[v].frames[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
+    lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
     weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
@@ -238,7 +254,14 @@ def progress(args, t0: float) -> float | None:
     return (time.time() - t0) / (60 * args.minutes) if args.lr_decay else None
 
 
+def videos_to(data: ClipDataset, device: str) -> None:
+    """Move the training videos to `device` (all of them fit on a GPU: ~0.7 GB), so batches gather there."""
+    for v in data.videos:
+        v.frames, v.landmarks = v.frames.to(device), v.landmarks.to(device)
+
+
 def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
+    videos_to(data, args.device)
     vae = MiniVAE(preset.autoencoder).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
     gen, tgen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
@@ -320,6 +343,7 @@ def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> M
 def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     vae = load_trained_vae(run, preset).to(args.device)
     t_bank = time.time()
+    videos_to(data, args.device)
     bank = LatentBank(vae, data.videos)
     print(f"latent bank built in {time.time() - t_bank:.0f}s", flush=True)
     torch.manual_seed(args.seed)
