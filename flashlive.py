@@ -38,6 +38,26 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number: pass 0 (any free port) to 65535") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range: pass 0 (any free port) to 65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError(f"{text} s is out of range: pass more than 0 and less than 3600 seconds")
+    return value
+
+
 def _add_renderer_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("renderer")
     g.add_argument("--renderer", choices=RENDERERS, default="preview",
@@ -89,7 +109,9 @@ def stream_config(args):
     width, height = args.size
     return replace(StreamConfig(), host=args.host, port=args.port, fps=args.fps, width=width, height=height,
                    playout_frames=args.playout, input_queue=args.input_queue, driving=args.driving,
-                   vcam=args.vcam or None, record=args.record)
+                   vcam=args.vcam or None, record=args.record, allow_hosts=tuple(args.allow_host),
+                   allow_origins=tuple(args.allow_origin), ice_servers=tuple(args.ice_server),
+                   handshake_timeout_s=args.handshake_timeout, peer_timeout_s=args.peer_timeout)
 
 
 # --- serve -------------------------------------------------------------------------------------------------------
@@ -100,6 +122,9 @@ def cmd_serve(args) -> int:
     if args.input_queue is None and args.renderer == "preview":
         args.input_queue = 1  # a backlog only adds latency when every frame is rendered on its own
     cfg = stream_config(args)
+    from streaming.ice import rtc_configuration
+
+    rtc_configuration(cfg.ice_servers)  # a bad --ice-server fails now, before any model loads
     reference = load_reference(args.reference, args.renderer)
     make, device = renderer_factory(args, reference, cfg.width, cfg.height, cfg.input_queue, fps=cfg.fps)
     if args.driving:
@@ -111,6 +136,9 @@ def cmd_serve(args) -> int:
     if args.renderer == "flashportrait":
         import time
 
+        print(f"FlashLive: warming up the flashportrait engine (preset {args.preset}, {device}"
+              f"{', random weights' if args.random_weights else ''}): loading, compiling and timing can take "
+              "minutes; progress follows.", flush=True)
         t0 = time.perf_counter()
         make().close()  # warm start: the shared engine loads, compiles and captures before the first peer
         warm = time.perf_counter() - t0
@@ -307,14 +335,16 @@ def _check_packages():
 
 
 def cmd_doctor(args) -> int:
-    """Each line: OK or FIX with the fix. Exit 1 only when something `flashlive serve` needs is broken."""
-    checks = [("packages", _check_packages(), True), ("port", _check_port(args.host, args.port), True),
-              ("gpu", _check_gpu(), False)]
-    checks += [("weights", row, False) for row in _check_weights(args.weights, args.preset)]
+    """Each line: OK, FIX (with the fix) or NOTE (an optional feature that is unavailable). Exit 1 when any line
+    says FIX: something `flashlive serve --renderer R` needs is missing or broken."""
+    checks = [("packages", _check_packages(), True), ("port", _check_port(args.host, args.port), True)]
+    if args.renderer == "flashportrait":
+        checks += [("gpu", _check_gpu(), True)]
+        checks += [("weights", row, True) for row in _check_weights(args.weights, args.preset)]
     checks += [("vcam", _check_v4l2loopback(), False), ("chromium", _check_chromium(), False)]
     failed = False
     for name, (ok, message), essential in checks:
-        print(f"{'OK ' if ok else 'FIX'}  {name:<9} {message}")
+        print(f"{'OK  ' if ok else 'FIX ' if essential else 'NOTE'}  {name:<9} {message}")
         failed |= essential and not ok
     return 1 if failed else 0
 
@@ -361,14 +391,23 @@ def run_command(args) -> int:
 
 
 # --- main --------------------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with a bad flag reported as one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        message = message.rstrip(".")
+        print(f"{self.prog}: {message[0].upper() + message[1:]} (see {self.prog} --help).", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashlive", description=__doc__.split("\n")[0])
+    parser = Parser(prog="flashlive", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="WebRTC server: camera page at /, OBS viewer at /viewer, stats at /stats")
     _add_renderer_flags(p)
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
+    p.add_argument("--port", type=_port, default=None, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--driving", default=None, help="drive from a video file (looped) or /dev/videoN, not a browser")
     p.add_argument("--vcam", action="store_true", help="also send the avatar to a virtual camera (pyvirtualcam)")
     p.add_argument("--vcam-device", default=None, help="virtual camera device, e.g. /dev/video10")
@@ -378,10 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="driving frames queued before the oldest drops (default: 1 for preview, so it always renders "
                         "the newest frame; the StreamConfig default for flashportrait, whose windows need a backlog)")
     p.add_argument("--max-sessions", type=int, default=8, help="peers served at once")
+    p.add_argument("--handshake-timeout", type=_seconds, default=None, metavar="S",
+                   help="free a session whose peer has not connected S seconds after its offer (default 8)")
+    p.add_argument("--peer-timeout", type=_seconds, default=None, metavar="S",
+                   help="free a session whose peer sent no packet for S seconds, e.g. a killed tab (default 5)")
     p.add_argument("--cert", default=None, help="TLS certificate (PEM): serve https, for cameras on other machines")
     p.add_argument("--key", default=None, help="TLS private key (PEM) for --cert")
     p.add_argument("--loopback-ice", action="store_true",
-                   help="offer only 127.0.0.1 ICE candidates (same-machine clients, tests, benchmarks)")
+                   help="offer only 127.0.0.1 ICE candidates (a loopback-bound server offers 127.0.0.1 anyway, "
+                        "besides the interfaces' addresses)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="also answer requests whose Host is NAME (a reverse proxy, a LAN name); repeatable. By "
+                        "default only the bound address (and loopback names on a loopback bind) is served")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept requests from pages of ORIGIN, e.g. http://studio.lan:3000; repeatable. By "
+                        "default only the server's own pages (and clients that send no Origin, like OBS) are")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for the peer connections (stun:HOST[:PORT] or "
+                        "turn:USER:PASSWORD@HOST[:PORT]); repeatable. Default: none, no third-party traffic")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("render", help="driving video + reference -> mp4 with the driving audio")
@@ -391,11 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_render)
 
-    p = sub.add_parser("doctor", help="check GPU, weights, virtual camera, Chromium and the port")
+    p = sub.add_parser("doctor", help="check GPU, weights, virtual camera, Chromium and the port (exit 1 on FIX)")
+    p.add_argument("--renderer", choices=RENDERERS, default="flashportrait",
+                   help="what to check for: flashportrait (GPU and weights too, the default) or preview (CPU only)")
     p.add_argument("--weights", default="weights", help="weights folder to check")
     p.add_argument("--preset", default="14b", help="model preset the weights must fit")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=_port, default=8080)
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bench", help="run bench/NAME.py with the remaining arguments")
@@ -407,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and argv is None:  # the real command line, not a caller's main([...])
+        from streaming.logs import filter_native_stderr, setup_logging
+
+        setup_logging()  # sessions opening and closing, warm-up progress: one line each
+        filter_native_stderr()  # mediapipe's C++ log lines left out
     try:
         return run_command(args)
     except ValueError as err:  # user errors: one sentence, no traceback

@@ -111,7 +111,12 @@ def idle_image(renderer: str, make_renderer, reference: np.ndarray, width: int, 
 
 
 def load_reference(path, renderer: str = "preview"):
-    """(H, W, 3) uint8 RGB portrait; None -> the bundled one. A bad file is one sentence (ValueError)."""
+    """(H, W, 3) uint8 RGB portrait; None -> the bundled one. A bad file is one sentence (ValueError): a directory,
+    not a JPEG/PNG, truncated, or over the pixel limit (checked from its header, before anything decodes it)."""
+    from engine.file_check import check_image_file
+
+    if path is not None:
+        check_image_file(path)
     try:
         from engine.preview import load_reference as load
     except ImportError as err:  # a GPU box without mediapipe can still run flashportrait, which finds faces itself

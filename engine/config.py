@@ -302,6 +302,13 @@ class StreamConfig:
     driving: str | None = None  # video file (looped) or /dev/videoN instead of the browser camera
     vcam: bool = False
     record: str | None = None
+    # who may use the server (streaming/guard.py): extra Host names ("name" or "name:port") and page origins
+    allow_hosts: tuple[str, ...] = ()
+    allow_origins: tuple[str, ...] = ()
+    ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs; none: no third-party traffic (streaming/ice.py)
+    handshake_timeout_s: float = 8.0  # an answered offer whose peer never connects is freed after this
+    peer_timeout_s: float = 5.0  # a connected peer silent this long (no RTP/RTCP/DTLS packet) is freed
+    max_body_bytes: int = 256 * 1024  # POST /offer body limit (an offer SDP is a few KB)
 
 
 def replace(cfg, **changes):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from engine.weights import WeightsError, find_file
 
 MINI_SIZE = 128  # the mini preset's training resolution
 QUALITY_LADDER_FILE = "quality_ladder.json"  # bench/speed_quality.py --ladder-out: measured budget quality
+log = logging.getLogger("flashlive.engine")  # warm-up progress: serve prints it
 
 TIME_STRIDE = 4  # video frames per latent frame (Wan VAE / TAEHV)
 DEFAULT_PROMPT = "A person is talking to the camera, natural facial expressions, high quality portrait video."
@@ -229,6 +231,7 @@ class FlashPortraitEngine:
             if self.warm_up_s is not None:
                 return self.warm_up_s
             t0 = time.perf_counter()
+            log.info("warm-up: loading and compiling %s%s", self.preset.name, " (random weights)" * self.random_weights)
             self._load()
             self._build_conditioning()
             self._build_step()
@@ -257,6 +260,7 @@ class FlashPortraitEngine:
         with self.lock:
             if not self.timings:
                 self.warm_up()
+                log.info("warm-up: timing one DiT call and one decode (the budget controller's start)")
                 self.timings = self._measure_costs()
             return self.timings
 

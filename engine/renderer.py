@@ -65,6 +65,7 @@ import logging
 import math
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -100,7 +101,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
     latency_target_ms, fps (nominal input rate, for the real-time factor), offline (flashlive render), engine (a
     FlashPortraitEngine to share; default: the process-wide shared one), options (EngineOptions), controller
     (ControllerConfig; `enabled=False` keeps the budget fixed), lookahead, pace (False: pull() hands frames out as
-    soon as they are decoded, for tests and benchmarks that measure the engine alone).
+    soon as they are decoded, for tests and benchmarks that measure the engine alone), clock (the time.monotonic
+    of push stamps, playout waits and pacing; tests inject a virtual one).
     """
 
     name = "flashportrait"
@@ -111,7 +113,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
                  window: WindowConfig | None = None, alpa: ALPAConfig | None = None, random_weights: bool = False,
                  latency_target_ms: float | None = None, fps: float = 25.0, offline: bool = False,
                  engine: FlashPortraitEngine | None = None, options: EngineOptions | None = None,
-                 controller: ControllerConfig | None = None, lookahead: int | None = 1, pace: bool = True):
+                 controller: ControllerConfig | None = None, lookahead: int | None = 1, pace: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
         window = window or WindowConfig()
         if not offline and window == WindowConfig():
             # WindowConfig's defaults are the paper's offline windows (51 latent frames, overlap 30): seconds of
@@ -139,7 +142,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
                                                            options=options)
         self.engine.warm_up()
         eng = self.engine
-        self.offline, self.fps, self.pace = offline, float(fps), pace
+        self.offline, self.fps, self.pace, self.clock = offline, float(fps), pace, clock
         self.W = eng.window_cfg.context_size
         self.alpa = alpa
         self.extractor = eng.make_extractor()
@@ -160,7 +163,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         if ctl.enabled and not offline:  # the warm-up's timings: one guided DiT call, one latent frame's decode
             t = eng.measured_costs()
             costs = (1e3 * t["pass_s"], 1e3 * t["decode_latent_s"])
-        self.controller = BudgetController(initial, self.W, self.fps, ctl, costs=costs)
+        self.controller = BudgetController(initial, self.W, self.fps, ctl, costs=costs, clock=clock)
         self._budget = self.controller.budget  # predicted from the warm-up timings to keep up from the start
         self._gen = torch.Generator(eng.device).manual_seed(eng.options.seed + 2)
         # stream state
@@ -312,7 +315,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("decode_ms", 1e3 * (t2 - t1))
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
-                self.playout.observe(time.monotonic() - out[0][1])  # the chunk's first frame waited longest
+                self.playout.observe(self.clock() - out[0][1])  # the chunk's first frame waited longest
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
@@ -326,7 +329,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
 
     # --- per frame -------------------------------------------------------------------------------------------------
     def push(self, frame: np.ndarray, pts: float) -> None:
-        super().push(frame, (pts, time.monotonic()))
+        super().push(frame, (pts, self.clock()))
 
     def process(self, frame: np.ndarray, pts) -> list:
         """One driving frame -> the avatar frames that became final, as (frame (H, W, 3) uint8, pts) pairs.
@@ -334,7 +337,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         Started (`start()`), windows run on the renderer's window thread and their frames reach `pull()` directly,
         so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
         (not started), the windows run here and their frames are returned."""
-        pts, stamp = pts if isinstance(pts, tuple) else (pts, time.monotonic())
+        pts, stamp = pts if isinstance(pts, tuple) else (pts, self.clock())
         if self._t_first is None:
             self._t_first = stamp  # budget change times count from the session's first driving frame
         if self._window_failed:
@@ -415,7 +418,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
     # --- output ----------------------------------------------------------------------------------------------------
     def _emit(self, outputs) -> None:
         # process() returns frames only when called directly (not started); nothing for the base thread to queue
-        now = time.monotonic()
+        now = self.clock()
         for frame, pts in outputs:
             self._out.append((frame, pts, now))
             self.frames_out += 1
@@ -426,7 +429,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             frame, pts, stamp = self._out[0]
         except IndexError:
             return None
-        if self.pace and time.monotonic() < stamp + self.playout.delay:
+        if self.pace and self.clock() < stamp + self.playout.delay:
             return None
         self._out.popleft()
         self.frames_pulled += 1

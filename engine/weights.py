@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from engine.file_check import is_onnx_model
 from engine.models.dit_keys import normalise_dit_keys
 
 class WeightsError(RuntimeError):
@@ -483,7 +484,10 @@ def _probe(p: Path) -> str:
     if p.suffix == ".onnx":
         if p.stat().st_size == 0:
             raise WeightsError(f"{p} is empty: download it again.")
-        return f"found, {_size(p)}"
+        if not is_onnx_model(p):
+            raise WeightsError(f"{p} is not an ONNX model (no ModelProto with a graph; a pickle or an HTML page "
+                               "saved under that name?): download it again.")
+        return f"ONNX model, {_size(p)}"
     if p.suffix == ".json" and not p.name.endswith(".index.json"):
         try:
             json.loads(p.read_text(encoding="utf-8"))

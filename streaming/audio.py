@@ -258,6 +258,15 @@ def to_s16_stereo(frame: av.AudioFrame, resampler: av.AudioResampler) -> np.ndar
     return np.concatenate(chunks) if chunks else np.zeros((0, CHANNELS), np.int16)
 
 
+def has_audio(path: str) -> bool:
+    """Whether the media file at `path` has an audio stream (False when it cannot be opened)."""
+    try:
+        with av.open(path) as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, OSError):
+        return False
+
+
 def new_resampler() -> av.AudioResampler:
     return av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE)
 
@@ -347,15 +356,18 @@ class FileAudio:
         audio = container.streams.audio[0]
         resampler = new_resampler()
         chunks, first, total, cap = [], None, 0, int(max_file_s * SAMPLE_RATE)
-        for frame in container.decode(audio):
-            if first is None:
-                first = float(frame.time or 0.0)
-            chunk = to_s16_stereo(frame, resampler)
-            chunks.append(chunk)
-            total += len(chunk)
-            if total >= cap:
-                self.truncated = True
-                break
+        try:
+            for frame in container.decode(audio):
+                if first is None:
+                    first = float(frame.time or 0.0)
+                chunk = to_s16_stereo(frame, resampler)
+                chunks.append(chunk)
+                total += len(chunk)
+                if total >= cap:
+                    self.truncated = True
+                    break
+        except av.FFmpegError:  # a damaged file: the audio that decodes (the capture loops what decodes too)
+            self.truncated = True
         for frame in resampler.resample(None):
             chunks.append(frame.to_ndarray().reshape(-1, CHANNELS))
         samples = np.concatenate(chunks) if chunks else np.zeros((0, CHANNELS), np.int16)
@@ -374,6 +386,10 @@ class FileAudio:
             out = np.concatenate([out, np.zeros((b - a - len(out), CHANNELS), np.int16)])
         return out
 
+    def restart(self) -> None:
+        """The video starts over (AVCapture's on_loop): the next frame is frame 0 of the file again."""
+        self._index = 0
+
     def wrap(self, push: Callable[[np.ndarray, float], None]) -> Callable[[np.ndarray, float], None]:
         if not self.has_audio:
             return push
@@ -388,6 +404,36 @@ class FileAudio:
 
     def stats(self) -> dict:
         return {"audio_source": "file", "audio_truncated": self.truncated, **self.ring.stats()}
+
+
+class TickAudio:
+    """The audio of the frame on air, one video frame's worth per call: for a recording of the programme.
+
+    track: the programme's AvatarTrack (its `on_air` capture pts says which audio goes with the face on air);
+    `next()` -> (k, 2) int16 at 48 kHz, k = the samples of one video frame at `fps` (exactly SAMPLE_RATE / fps on
+    average). The read position advances continuously and is re-seated on the on-air frame's capture time when it
+    drifts more than half a frame (a loop of the file, a skipped frame); silence before the first frame."""
+
+    def __init__(self, ring: AudioRing, track, fps: float):
+        self.ring, self.track, self.fps = ring, track, float(fps)
+        self.ticks = 0
+        self._k: int | None = None
+        self.reseats = 0
+
+    def next(self) -> np.ndarray:
+        i = self.ticks
+        self.ticks += 1
+        n = round((i + 1) * SAMPLE_RATE / self.fps) - round(i * SAMPLE_RATE / self.fps)
+        on_air = self.track.on_air
+        if on_air is None or self.ring.t0 is None:
+            return np.zeros((n, CHANNELS), np.int16)
+        target = self.ring.index(on_air[0])
+        if self._k is None or abs(self._k - target) > SAMPLE_RATE / self.fps / 2:
+            self._k = target
+            self.reseats += 1
+        out = self.ring.read(self._k, n)
+        self._k += n
+        return out
 
 
 class DelayedAudioTrack(MediaStreamTrack):

@@ -13,6 +13,7 @@ File and device decoding happen on a thread, so a slow decode never blocks the e
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from aiortc.mediastreams import MediaStreamError
 from streaming.tracks import RateMeter
 
 Push = Callable[[np.ndarray, float], None]
+log = logging.getLogger("flashlive.capture")
 
 
 class WebRTCCapture:
@@ -80,6 +82,8 @@ def open_video(spec: str, size: str = "640x480", framerate: int = 30):
             return av.open(spec, format="v4l2", options={"video_size": size, "framerate": str(framerate)})
         except (av.FFmpegError, OSError) as err:
             raise ValueError(f"Cannot open camera {spec} ({err}): check that no other program holds it.") from None
+    if os.path.isdir(spec):
+        raise ValueError(f"Driving video {spec} is a directory: pass the path of a video file or /dev/videoN.")
     if not os.path.isfile(spec):
         raise ValueError(f"Driving video {spec} does not exist: pass the path of a video file or /dev/videoN.")
     unreadable = f"Cannot read {spec} as a video: pass an mp4, mkv, webm or mov file with a face in it."
@@ -105,13 +109,16 @@ def open_video(spec: str, size: str = "640x480", framerate: int = 30):
 class AVCapture:
     """A video file (looped, paced at its own fps) or a V4L2 device (paced by the device), decoded on a thread.
 
-    The file is opened on the caller's thread so a bad path fails at once with `open_video`'s sentence.
+    The file is opened on the caller's thread so a bad path fails at once with `open_video`'s sentence. A file that
+    cannot be decoded past frame N (truncated, damaged) loops its first N frames, said once in the log and in
+    `stats()["capture_error"]`; `on_loop()` is called whenever the file starts over (its audio follows).
     """
 
-    def __init__(self, spec: str, push: Push, loop: bool = True):
+    def __init__(self, spec: str, push: Push, loop: bool = True, on_loop: Callable[[], None] | None = None):
         self.spec = spec
         self.push = push
         self.loop = loop
+        self.on_loop = on_loop
         self.frames_in = 0
         self.fps_in = RateMeter()
         self.error: str | None = None
@@ -134,22 +141,35 @@ class AVCapture:
         try:
             while not self._stop.is_set():
                 start = time.monotonic()
-                for index, frame in enumerate(container.decode(video=0)):
-                    if self._stop.is_set():
-                        return
-                    if not device:  # a file decodes faster than real time: play it at its own fps
-                        delay = start + index * period - time.monotonic()
-                        if delay > 0:
-                            time.sleep(delay)
-                    now = time.monotonic()
-                    self.push(frame.to_ndarray(format="rgb24"), now)
-                    self.frames_in += 1
-                    self.fps_in.tick(now)
+                index = -1
+                try:
+                    for index, frame in enumerate(container.decode(video=0)):
+                        if self._stop.is_set():
+                            return
+                        if not device:  # a file decodes faster than real time: play it at its own fps
+                            delay = start + index * period - time.monotonic()
+                            if delay > 0:
+                                time.sleep(delay)
+                        now = time.monotonic()
+                        self.push(frame.to_ndarray(format="rgb24"), now)
+                        self.frames_in += 1
+                        self.fps_in.tick(now)
+                except av.FFmpegError as err:
+                    if device or index < 0:
+                        raise
+                    if self.error is None:  # a damaged file: loop the part that decodes, say so once
+                        self.error = (f"{self.spec} cannot be decoded past frame {index + 1} ({err.strerror or err}),"
+                                      f" so only its first {index + 1} frames loop: re-encode it, e.g. with "
+                                      "ffmpeg -i IN -c:v libx264 OUT.mp4.")
+                        log.warning(self.error)
                 if device or not self.loop:
                     return
                 container.seek(0)
+                if self.on_loop is not None:
+                    self.on_loop()
         except (av.FFmpegError, OSError) as err:
-            self.error = f"Capture from {self.spec} stopped: {err}."
+            self.error = f"Capture from {self.spec} stopped ({err}): check the file or device and restart."
+            log.error(self.error)
         finally:
             container.close()
 

@@ -13,9 +13,14 @@ A camera offer that also sends a microphone gets its voice back delayed by the a
 offer with an audio section gets the `--driving` file's audio the same way (streaming/audio.py). /stats carries
 the GPU telemetry (streaming/telemetry.py: utilisation, memory, power, or "no GPU").
 
-A session is freed when its peer closes or fails, when its camera track ends, or when its camera sends nothing for
-`idle_timeout_s`; the server keeps serving the others. User errors (a body that is not an offer, malformed SDP,
-too many sessions) answer HTTP 400/503 with one sentence in `{"error": ...}`.
+A session is freed when its peer closes or fails, when its camera track ends, when its camera sends nothing for
+`idle_timeout_s`, when its peer never completes the connection within `handshake_timeout_s` (a half-open offer)
+or sends no packet for `peer_timeout_s` (a killed tab); freeing it runs the cyclic GC and trims the heap
+(streaming/reclaim.py). The server keeps serving the others. Every route checks Host and Origin
+(streaming/guard.py); the peer connections use no ICE server unless configured, and a loopback-bound server offers
+loopback candidates (streaming/ice.py). User errors (a body that is not an offer, malformed or deeply nested
+JSON, a body too large, malformed SDP, too many sessions) answer HTTP 4xx/503 with one sentence in
+`{"error": ...}`.
 """
 from __future__ import annotations
 
@@ -36,9 +41,12 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from engine.config import StreamConfig
 from streaming.audio import (AudioInput, AudioRing, DelayedAudioTrack, FileAudio, MirrorLatency, OnAirLatency,
-                             PacketArrivals, VideoHold)
+                             PacketArrivals, TickAudio, VideoHold, has_audio)
 from streaming.capture import AVCapture, WebRTCCapture, is_device
+from streaming.guard import AccessPolicy, guard, is_loopback
+from streaming.ice import PeerActivity, offer_loopback_candidates, release_ice_hooks, rtc_configuration
 from streaming.jitter import use_marker_jitter_buffers
+from streaming.reclaim import release_memory
 from streaming.sinks import RecordSink, ThreadedSink, VirtualCameraSink, pump
 from streaming.telemetry import GpuTelemetry
 from streaming.tracks import AvatarTrack, MirrorTrack, PacedTrack, fit_image
@@ -50,11 +58,22 @@ log = logging.getLogger("flashlive.server")
 def restrict_ice_to_loopback() -> None:
     """Offer only 127.0.0.1 ICE candidates (aioice leaves loopback out by default): same-machine peers and tests.
 
-    aiortc has no per-connection setting for host addresses, so this swaps aioice's address lookup for the process.
+    aiortc has no per-connection setting for host addresses, so this swaps aioice's address lookup for the process
+    (`AIOICE_HOST_ADDRESSES` keeps aioice's own). A loopback-bound server needs none of this: it adds 127.0.0.1 to
+    each of its connections' candidates (streaming/ice.py).
     """
     import aioice.ice
 
     aioice.ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"] if use_ipv4 else []
+
+
+def _aioice_host_addresses():
+    import aioice.ice
+
+    return aioice.ice.get_host_addresses
+
+
+AIOICE_HOST_ADDRESSES = _aioice_host_addresses()  # aioice's lookup, before any restrict_ice_to_loopback()
 
 
 @dataclass
@@ -71,6 +90,7 @@ class Session:
     audio_out: DelayedAudioTrack | None = None  # audio sent back, delayed by the avatar's latency
     created: float = field(default_factory=time.monotonic)
     connected_at: float | None = None
+    activity: PeerActivity | None = None  # when the peer was last heard from
 
     def stats(self) -> dict:
         out = {"id": self.id, "kind": self.kind, "state": self.pc.connectionState,
@@ -123,6 +143,10 @@ class AvatarServer:
         self._closing: set[str] = set()
         self.info = dict(info or {})  # shown at the top of /stats, e.g. random_weights, warm_up_s
         self.telemetry = telemetry or GpuTelemetry()
+        self.rtc_config = rtc_configuration(config.ice_servers)  # a bad --ice-server fails here, in one sentence
+        self.loopback = is_loopback(config.host)  # offer 127.0.0.1 candidates: a same-machine client connects
+        self.access = AccessPolicy.for_bind(config.host, config.port, config.allow_hosts, config.allow_origins)
+        self._reclaim: asyncio.TimerHandle | None = None
         self._program_audio: AudioRing | None = None  # the --driving file's audio, on the programme's clock
         self._program_file_audio: FileAudio | None = None
 
@@ -150,9 +174,12 @@ class AvatarServer:
         if c.vcam:
             backend, device = self._vcam
             self.sinks.append(VirtualCameraSink(c.width, c.height, c.fps, device=device, backend=backend))
+        record = None
         if c.record:
-            try:
-                self.sinks.append(RecordSink(c.record, c.width, c.height, c.fps))
+            try:  # a --driving file's audio goes into the recording too
+                with_audio = bool(c.driving) and not is_device(c.driving) and has_audio(c.driving)
+                record = RecordSink(c.record, c.width, c.height, c.fps, audio=with_audio)
+                self.sinks.append(record)
             except ValueError:
                 for sink in self.sinks:
                     sink.close()
@@ -164,8 +191,11 @@ class AvatarServer:
                 self._program_audio = AudioRing()
                 self._program_file_audio = FileAudio(c.driving, self._program_audio)
                 push = self._program_file_audio.wrap(push)
-            self._program_capture = AVCapture(c.driving, push)
+            audio = self._program_file_audio
+            self._program_capture = AVCapture(c.driving, push, on_loop=None if audio is None else audio.restart)
             self._program = self._avatar_track(self._program_renderer)
+            if record is not None and record.audio and self._program_file_audio.has_audio:
+                record.audio_source = TickAudio(self._program_audio, self._program, c.fps)
             self._program_capture.start()
         if self._program is not None:  # the driving pipeline renders even with nobody watching: /viewer mirrors it
             self._tasks.append(asyncio.ensure_future(pump(self._program, self.sinks)))
@@ -189,7 +219,7 @@ class AvatarServer:
         await asyncio.to_thread(self.telemetry.close)
 
     # --- sessions ------------------------------------------------------------------------------------------------
-    async def close_session(self, sid: str) -> None:
+    async def close_session(self, sid: str, why: str | None = None) -> None:
         session = self.sessions.get(sid)
         if session is None or sid in self._closing:
             return
@@ -203,34 +233,59 @@ class AvatarServer:
                 session.audio_out.stop()
             session.track.stop()
             await session.pc.close()
+            release_ice_hooks(session.pc)
             if session.renderer is not None:  # joins the render thread: off the event loop
                 await asyncio.to_thread(session.renderer.close)
         finally:
             self.sessions.pop(sid, None)
             self._closing.discard(sid)
             self.sessions_closed += 1
-            log.info("session %s (%s) closed; %d open", sid, session.kind, len(self.sessions))
+            log.info("session %s (%s) closed%s; %d open", sid, session.kind, f" ({why})" if why else "",
+                     len(self.sessions))
+            self._schedule_reclaim()
 
-    async def _janitor(self) -> None:
-        """Free sessions whose peer went away without saying so (ICE consent takes ~30 s to notice)."""
+    def _schedule_reclaim(self, delay_s: float = 0.5) -> None:
+        """One GC + heap trim shortly after the last of a burst of closes (each collect blocks the loop briefly)."""
+        if self._reclaim is not None:
+            self._reclaim.cancel()
+        self._reclaim = asyncio.get_running_loop().call_later(delay_s, self._run_reclaim)
+
+    def _run_reclaim(self) -> None:
+        self._reclaim = None
+        release_memory()
+
+    async def _janitor(self, period_s: float = 0.5) -> None:
+        """Free sessions whose peer went away without saying so (ICE consent takes ~30 s to notice): never
+        connected within the handshake timeout, no packet for the peer timeout, or a camera that sends no frame."""
+        c = self.config
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(period_s)
             now = time.monotonic()
             for sid, s in list(self.sessions.items()):
-                never_connected = s.connected_at is None and now - s.created > 30
-                silent = (s.capture is not None and s.connected_at is not None
-                          and now - (s.capture.last_frame_time or s.connected_at) > self.idle_timeout_s)
-                if never_connected or silent:
-                    await self.close_session(sid)
+                why = None
+                if s.connected_at is None:
+                    if now - s.created > c.handshake_timeout_s:
+                        why = f"never connected within {c.handshake_timeout_s:g} s"
+                elif s.activity is not None and now - max(s.activity.last or 0.0, s.connected_at) > c.peer_timeout_s:
+                    why = f"peer silent for {c.peer_timeout_s:g} s"
+                elif s.capture is not None and \
+                        now - (s.capture.last_frame_time or s.connected_at) > self.idle_timeout_s:
+                    why = f"camera sent no frame for {self.idle_timeout_s:g} s"
+                if why is not None:
+                    await self.close_session(sid, why)
 
     def _error(self, status: int, message: str) -> web.Response:
         return web.json_response({"error": message}, status=status)
 
     async def offer(self, request: web.Request) -> web.Response:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._error(413, f"The offer body has {request.content_length} bytes, over the {limit} byte "
+                                    "limit: POST one SDP offer of a few kilobytes as JSON.")
         try:
             params = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            params = None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
+            params = None  # RecursionError: JSON nested deeper than the parser's recursion limit
         if not isinstance(params, dict) or params.get("type") != "offer" or not isinstance(params.get("sdp"), str):
             return self._error(400, 'POST /offer needs a JSON body {"sdp": <offer SDP>, "type": "offer"} '
                                     "as RTCPeerConnection.createOffer() produces it.")
@@ -242,7 +297,7 @@ class AvatarServer:
             return self._error(503, f"The server already has {self.max_sessions} sessions: close one or start "
                                     "flashlive serve with a larger --max-sessions.")
 
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(self.rtc_config)
         incoming, microphones = [], []
         pc.on("track", lambda track: (incoming if track.kind == "video" else microphones).append(track))
         try:
@@ -252,6 +307,8 @@ class AvatarServer:
             return self._error(400, f"The offer's SDP could not be used ({type(err).__name__}: {err}): send the "
                                     "offer exactly as RTCPeerConnection.createOffer() produced it.")
         use_marker_jitter_buffers(pc)  # decode each camera frame at its last packet, not one frame later
+        if self.loopback:
+            offer_loopback_candidates(pc)
 
         sid = uuid.uuid4().hex[:12]
         if incoming:
@@ -284,6 +341,7 @@ class AvatarServer:
         pc.addTrack(session.track)
         if session.audio_out is not None:
             pc.addTrack(session.audio_out)
+        session.activity = PeerActivity(pc)
         self.sessions[sid] = session
         self.sessions_opened += 1
 
@@ -325,7 +383,9 @@ class AvatarServer:
         return web.json_response(self.stats(), headers={"Cache-Control": "no-store"})
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # the body limit is enforced in offer() with a JSON answer; aiohttp's own (a little above) is the backstop
+        app = web.Application(middlewares=[guard(lambda: self.access)],
+                              client_max_size=self.config.max_body_bytes + 1024)
         def page(name: str):
             async def handler(request: web.Request) -> web.FileResponse:
                 return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
@@ -368,7 +428,10 @@ async def serve(server: AvatarServer, ready: Callable[[str], None] | None = None
             pass  # not the main thread, or Windows: Ctrl-C raises KeyboardInterrupt instead
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     scheme = "https" if ssl_context is not None else "http"
-    url = f"{scheme}://{shown}:{runner.addresses[0][1]}/"  # the bound port, also when --port 0 let the OS choose
+    bound = runner.addresses[0][1]  # the bound port, also when --port 0 let the OS choose
+    c = server.config
+    server.access = AccessPolicy.for_bind(host, bound, c.allow_hosts, c.allow_origins, scheme)
+    url = f"{scheme}://{'[' + shown + ']' if ':' in shown else shown}:{bound}/"
     if ready is not None:
         ready(url)
     try:

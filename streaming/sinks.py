@@ -30,8 +30,11 @@ class Mp4Writer:
     Use as a context manager: a clean exit finishes and renames the file, an exception removes it.
     """
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, fps, audio_template=None, crf: int = 18):
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps, audio_template=None, crf: int = 18,
+                 pcm_audio: bool = False):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"Output {self.path} is a directory: pass a file name such as {self.path / 'out.mp4'}.")
         if not self.path.parent.is_dir():
             raise ValueError(f"Folder {self.path.parent} does not exist: create it or pass another output path.")
         self.partial = self.path.with_name(f".{self.path.name}.partial")
@@ -45,6 +48,9 @@ class Mp4Writer:
         self._video.time_base = self._time_base
         self._video.options = {"crf": str(crf), "preset": "veryfast"}
         self._audio = self._container.add_stream_from_template(audio_template) if audio_template is not None else None
+        if pcm_audio:  # write_audio(): 48 kHz stereo s16 samples, encoded to AAC
+            self._audio = self._container.add_stream("aac", rate=48_000, layout="stereo")
+        self.audio_samples = 0
         self._closed = False
 
     def write(self, image: np.ndarray) -> None:
@@ -63,9 +69,21 @@ class Mp4Writer:
         packet.dts -= shift
         self._container.mux(packet)
 
+    def write_audio(self, samples: np.ndarray) -> None:
+        """(k, 2) int16 samples at 48 kHz that follow the previous ones (pcm_audio=True)."""
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples).reshape(1, -1), format="s16",
+                                           layout="stereo")
+        frame.sample_rate = 48_000
+        frame.pts = self.audio_samples
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self.audio_samples += len(samples)
+        self._container.mux(self._audio.encode(frame))
+
     def finish(self) -> Path:
         if not self._closed:
             self._container.mux(self._video.encode(None))
+            if self._audio is not None and self.audio_samples:
+                self._container.mux(self._audio.encode(None))
             self._container.close()
             self._closed = True
             os.replace(self.partial, self.path)
@@ -178,16 +196,32 @@ class VirtualCameraSink(ThreadedSink):
 
 
 class RecordSink(ThreadedSink):
-    """Frames to an H.264 mp4 at a constant `fps` (one frame per tick of the paced track that feeds it)."""
+    """Frames to an H.264 mp4 at a constant `fps` (one frame per tick of the paced track that feeds it).
+
+    With `audio=True` the file gets an AAC track: set `audio_source` (a streaming.audio.TickAudio, before the first
+    write) and each frame is written with the audio of the frame on air (silence while it is None)."""
 
     name = "record"
 
-    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float):
-        self.writer = Mp4Writer(path, width, height, fps)
+    def __init__(self, path: str | os.PathLike, width: int, height: int, fps: float, audio: bool = False):
+        self.writer = Mp4Writer(path, width, height, fps, pcm_audio=audio)
+        self.audio = audio
+        self.audio_source = None
+        self._silence = np.zeros((round(48_000 / fps), 2), np.int16)
         super().__init__(queue=8)  # encoding hiccups are absorbed here rather than dropped
 
-    def _write(self, image: np.ndarray) -> None:
+    def write(self, image: np.ndarray) -> None:
+        if not self.audio:
+            return super().write(image)
+        chunk = self._silence if self.audio_source is None else self.audio_source.next()  # on the loop: cheap
+        super().write((image, chunk))
+
+    def _write(self, item) -> None:
+        if not self.audio:
+            return self.writer.write(item)
+        image, chunk = item
         self.writer.write(image)
+        self.writer.write_audio(chunk)
 
     def _close(self, ok: bool) -> None:
         if ok and self.writer.frames:

@@ -54,3 +54,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_public_stun():
+    """aiortc's default configuration sends every client's ICE gathering to a public STUN server: the tests' own
+    clients use none (they reach only 127.0.0.1). The server never relies on this default (streaming/ice.py)."""
+    from aiortc.rtcicetransport import RTCIceGatherer
+
+    original = RTCIceGatherer.__dict__["getDefaultIceServers"]
+    RTCIceGatherer.getDefaultIceServers = classmethod(lambda cls: [])
+    yield
+    RTCIceGatherer.getDefaultIceServers = original

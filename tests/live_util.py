@@ -14,9 +14,13 @@ from streaming.server import AvatarServer, restrict_ice_to_loopback, serve
 
 
 @contextlib.asynccontextmanager
-async def running_server(config: StreamConfig, make_renderer, reference: np.ndarray, **kw):
-    """Serve on 127.0.0.1 (port 0 picks a free one) with loopback-only ICE; yields (server, base url)."""
-    restrict_ice_to_loopback()
+async def running_server(config: StreamConfig, make_renderer, reference: np.ndarray, loopback_ice: bool = True,
+                         **kw):
+    """Serve on 127.0.0.1 (port 0 picks a free one) with loopback-only ICE (`loopback_ice`: for the whole process,
+    as `serve --loopback-ice` does; False: the server's own per-connection loopback candidates); yields
+    (server, base url)."""
+    if loopback_ice:
+        restrict_ice_to_loopback()
     server = AvatarServer(config, make_renderer, reference, **kw)
     ready: asyncio.Future = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()

@@ -100,7 +100,8 @@ def test_bad_offers_get_400_and_server_keeps_serving(data):
             replies = []
             async with aiohttp.ClientSession() as http:
                 bodies = [
-                    {"data": b"not json at all"},
+                    {"data": b"not json at all", "headers": {"Content-Type": "application/json"}},
+                    {"data": "[" * 100_000 + "]" * 100_000, "headers": {"Content-Type": "application/json"}},
                     {"json": {"sdp": 42, "type": "offer"}},
                     {"json": {"sdp": "garbage", "type": "offer"}},
                     {"json": {"sdp": "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", "type": "offer"}},
@@ -129,7 +130,7 @@ def test_bad_offers_get_400_and_server_keeps_serving(data):
     for status, body in replies:
         assert status == 400, (status, body)
         assert_one_sentence(body["error"])
-    assert "SDP" in replies[2][1]["error"] and "SDP" in replies[4][1]["error"]
+    assert "SDP" in replies[3][1]["error"] and "SDP" in replies[5][1]["error"]
     assert all(f.width == 128 and f.height == 128 for f in frames)
 
 

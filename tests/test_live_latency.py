@@ -1,6 +1,10 @@
 """Live latency of the FlashPortrait path (issue 7, item 4): the playout delay, the lookahead under a latency target,
 the first window's wait, and the sinks' buffer on top of a pacing renderer.
 
+Nothing here depends on the machine's speed: the engine's warm-up timings (`engine.timings`, what
+`measured_costs()` returns) and the wall time the controller sees per window are injected (`inject_costs`,
+`windows_cost`), so the controller decides the same on a fast and on a slow CI machine.
+
 Properties: the playout delay is a robust statistic of recent first-frame waits (one slow window moves it not at
 all, a lasting change moves it) that comes down within 8 windows once a backlog is gone; under a latency target the
 controller drops the lookahead when the configured one cannot meet it, and then the first window runs as soon as
@@ -31,6 +35,12 @@ FPS = 25.0
 SIZE = 64
 CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Injected warm-up timings: one guided DiT call 20 ms, one latent frame's decode 5 ms. The live full budget (4 calls
+# + the decode of stride 1 = 85 ms per 160 ms of video, real-time factor 1.9) keeps up; with lookahead 1 its
+# predicted latency is 280 ms of input wait + 85 + 40 = 405 ms, over a 350 ms target; without, 245 ms.
+SLOW = {"pass_s": 0.020, "decode_latent_s": 0.005}
+# A fast engine (1.5 ms per call and per decode: 280 + 7.5 + 40 = 328 ms with lookahead 1, within 95% of 350 ms).
+FAST = {"pass_s": 0.0015, "decode_latent_s": 0.0015}
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +53,49 @@ def reference() -> np.ndarray:
     return image_rgb("lp_s0.jpg")
 
 
-def make(reference, **kw) -> FlashPortraitRenderer:
-    return FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
-                                 sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
-                                 fps=FPS, **kw)
+@pytest.fixture(scope="module")
+def engine(reference) -> FlashPortraitEngine:
+    """This module's own engine (not the process-wide shared one, whose timings other tests measure)."""
+    eng = FlashPortraitEngine(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU, window=LIVE_WINDOW,
+                              sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off", cache="output"),
+                              random_weights=True)
+    eng.warm_up()
+    return eng
+
+
+def inject_costs(engine: FlashPortraitEngine, timings: dict) -> FlashPortraitEngine:
+    """What the engine's warm-up measured (measured_costs() returns it): the controller's seed, whatever the CPU."""
+    engine.timings = dict(timings)
+    return engine
+
+
+def window_cost_s(budget: Budget, timings: dict) -> tuple[float, float]:
+    """(window seconds, of which decode) of one window on `budget` by the controller's cost model at `timings`."""
+    full = budget.full_passes()
+    decode = budget.stride * timings["decode_latent_s"]
+    return (full + 0.1 * (budget.steps - full)) * timings["pass_s"] + decode, decode
+
+
+def windows_cost(renderer: FlashPortraitRenderer, timings: dict) -> FlashPortraitRenderer:
+    """The controller sees every window cost what `timings` predict for its budget (the renderer's own clock
+    readings are replaced), so it never cuts or raises the budget because this machine is slow or busy."""
+    observe = renderer.controller.observe
+
+    def injected(_wall_s, frames, backlog_frames=0, decode_s=None):
+        window_s, decode = window_cost_s(renderer._budget, timings)
+        return observe(window_s, frames, backlog_frames, decode_s=decode)
+
+    renderer.controller.observe = injected
+    return renderer
+
+
+def make(reference, engine, timings=SLOW, **kw) -> FlashPortraitRenderer:
+    """A live renderer on `engine` seeded with `timings`, whose windows cost what the timings say."""
+    inject_costs(engine, timings)
+    r = FlashPortraitRenderer(reference, None, SIZE, SIZE, preset="tiny", runtime=CPU,
+                              sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="off"), random_weights=True,
+                              fps=FPS, engine=engine, **kw)
+    return windows_cost(r, timings)
 
 
 def test_playout_delay_ignores_one_slow_window_and_follows_a_lasting_change():
@@ -88,22 +137,26 @@ def test_playout_delay_forgets_a_drained_backlog_but_not_a_hiccup():
     assert 0.5 - steady.delay < frame  # never below the waits it has seen lately
 
 
-def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip):
-    r = make(reference, lookahead=1, pace=False)  # not started: windows run inside process()
+def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_window(reference, clip, engine):
+    """On a virtual clock: frame j arrives at j / FPS, every window costs its injected 85 ms, one costs 0.5 s more
+    (a GC pause, another session's window, a tab switch). Its wait is measured, the playout delay ignores it."""
+    now = [0.0]
+    r = make(reference, engine, lookahead=1, pace=False, clock=lambda: now[0])  # windows run inside process()
+    window_s, _ = window_cost_s(Budget(1, engine.live_steps, 1), SLOW)
     decode, calls, delays = r.decoder.decode, [0], []
     slow = 20  # after 19 windows of history
 
-    def decode_with_one_hiccup(latents):
+    def decode_costing_the_window(latents):
         calls[0] += 1
-        if calls[0] == slow:
-            time.sleep(0.5)  # one slow window (a GC pause, another session's window, a tab switch)
+        now[0] += window_s + (0.5 if calls[0] == slow else 0.0)
         return decode(latents)
 
-    r.decoder.decode = decode_with_one_hiccup
+    r.decoder.decode = decode_costing_the_window
     try:
         for j in range(4 * (slow + 6) + 5):  # 6 windows after the slow one
+            now[0] = max(now[0], j / FPS)  # frame j arrives (later if a window was still running)
             before = r.windows
-            r.process(clip[j % len(clip)], (j / FPS, time.monotonic()))
+            r.process(clip[j % len(clip)], (j / FPS, now[0]))
             if r.windows > before:
                 delays.append(r.playout.delay)
     finally:
@@ -111,7 +164,8 @@ def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_windo
     waits = list(r.playout.waits)
     assert len(delays) >= slow + 6 and calls[0] >= slow + 6
     typical = statistics.median(waits)
-    assert max(waits) > typical + 0.4, "the slow window was not measured"
+    # the slow window and the one whose input waited through it wait longer (the frames behind them less)
+    assert max(waits) == pytest.approx(typical + 0.5, abs=1e-6), "the slow window was not measured"
     after = delays[slow - 1:]  # from the slow window on
     assert max(after) < typical + 0.15, f"delays {after} after one slow window, typical wait {typical:.3f} s"
 
@@ -139,11 +193,16 @@ def test_controller_drops_the_lookahead_only_under_a_latency_target():
     assert new == Budget(1, 4, 1, lookahead=0) and "over the 500 ms target" in loose.reason
 
 
-def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference, clip):
-    with_target = make(reference, lookahead=1, pace=False, latency_target_ms=350)
-    without = make(reference, lookahead=1, pace=False)
+def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference, clip, engine):
+    # windows of 85 ms: lookahead 1 predicts 405 ms, over the 350 ms target (see SLOW)
+    with_target = make(reference, engine, lookahead=1, pace=False, latency_target_ms=350)
+    without = make(reference, engine, lookahead=1, pace=False)
+    # an engine fast enough for lookahead 1 within the target keeps it
+    fast = make(reference, engine, timings=FAST, lookahead=1, pace=False, latency_target_ms=350)
     try:
         assert with_target._lookahead() == 0 and without._lookahead() == 1
+        assert fast._lookahead() == 1 and fast.controller.predicted_latency_ms(fast._budget) <= 350
+        assert with_target.controller.predicted_latency_ms(Budget(1, engine.live_steps, 1)) > 350
         first = with_target.process(clip[0], (0.0, time.monotonic()))
         assert [pts for _, pts in first] == [0.0]  # latent 0 is frame 0 alone: out right after it
         late = [without.process(frame, (j / FPS, time.monotonic())) for j, frame in enumerate(clip[:5])]
@@ -152,6 +211,7 @@ def test_without_lookahead_the_first_window_needs_only_the_first_frame(reference
     finally:
         with_target.close()
         without.close()
+        fast.close()
 
 
 def test_avatar_track_adds_no_second_playout_buffer_to_a_pacing_renderer():
@@ -207,7 +267,8 @@ def test_renderer_starts_on_the_budget_its_engine_measured(reference):
     assert engine.measured_costs() is t and stats["warm_up_pass_ms"] > 0 and stats["warm_up_decode_latent_ms"] > 0
     kw = dict(preset="tiny", runtime=CPU, sampler=SamplerConfig(fast=True), alpa=ALPAConfig(mode="alpa", interval=3,
               order=1), random_weights=True, fps=FPS, latency_target_ms=350, lookahead=0, engine=engine, pace=False)
-    fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)  # the tiny step takes milliseconds
+    engine.timings = dict(FAST)  # as if the warm-up had measured a fast engine
+    fast = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
     engine.timings = {"pass_s": 0.08, "decode_latent_s": 0.01}  # as if the GPU were this slow at warm-up
     slow = FlashPortraitRenderer(reference, None, SIZE, SIZE, **kw)
     try:
@@ -222,11 +283,11 @@ def test_renderer_starts_on_the_budget_its_engine_measured(reference):
         slow.close()
 
 
-def test_latency_target_caps_the_lag(reference, clip):
+def test_latency_target_caps_the_lag(reference, clip, engine):
     """Under a latency target the stream skips ahead once the tokens waiting for windows hold more playback than the
     target (350 ms at 25 fps: 2 latent frames beyond what the window needs), not only past 4W latent frames."""
-    r = make(reference, lookahead=0, pace=False, latency_target_ms=350)
-    loose = make(reference, lookahead=0, pace=False)
+    r = make(reference, engine, lookahead=0, pace=False, latency_target_ms=350)
+    loose = make(reference, engine, lookahead=0, pace=False)
     try:
         assert r.lag_cap() == 1 + 2 and loose.lag_cap() == loose.max_lag_latents == 4 * 3
         out, pushed = [], []

@@ -227,7 +227,7 @@ def test_scan_weights(tmp_path, reference):
     bad = tmp_path / "FlashPortrait" / "portrait_encoder.pt"
     torch.save(state(PortraitEncoder(PRESET.portrait)), bad)
     bad.write_bytes(bad.read_bytes()[:1000])
-    (tmp_path / "face_det.onnx").write_bytes(b"\x08\x01")
+    (tmp_path / "face_det.onnx").write_bytes(b"\x08\x07\x3a\x00")  # ModelProto: ir_version 7, an (empty) graph
     rows = {Path(f).name: (ok, msg) for f, ok, msg in scan_weights(tmp_path, "tiny")}
     assert rows[WAN_INDEX][0] and "no NFEB" in rows[WAN_INDEX][1]
     assert rows["transformer.pt"][0] and "with NFEB" in rows["transformer.pt"][1]
