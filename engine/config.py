@@ -143,6 +143,10 @@ class MiniVAEConfig:
     z_dim: int = 16
     temporal_stride: int = 4
     spatial_stride: int = 8
+    # True: frame 0 is encoded as a group of four copies of itself (group_in / group_out), so a stream's first latent
+    # and the later ones share one latent space. False: the first checkpoints' separate first_in / first_out maps
+    # (load_mini_vae tells them apart by their keys).
+    first_as_group: bool = True
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,30 @@ def test_mini_vae_frame_accounting():
     video2 = video.clone()
     video2[:, :, 5:] = 0
     torch.testing.assert_close(vae.encode(video2)[:, :, :2], z[:, :, :2])
+    # one latent space: frame 0 alone encodes as the group of four copies of itself (a still video's latent 1)
+    still = video[:, :, :1].expand(-1, -1, 5, -1, -1)
+    zs = vae.encode(still)
+    torch.testing.assert_close(zs[:, :, 0], zs[:, :, 1])
+    torch.testing.assert_close(zs[:, :, 0], z[:, :, 0])
+    # and decodes through the group path: a first latent gives the last of the four frames a group latent gives
+    torch.testing.assert_close(vae.decode(zs)[:, :, 0], vae.decode(zs)[:, :, 4])
+
+
+def test_mini_vae_loads_both_checkpoint_layouts(tmp_path):
+    from dataclasses import replace
+
+    from engine.models.mini_vae import load_mini_vae
+
+    for shared in (True, False):
+        torch.manual_seed(0)
+        vae = MiniVAE(replace(PRESET.autoencoder, first_as_group=shared))
+        assert ("first_in.weight" in vae.state_dict()) is not shared
+        (tmp_path / str(shared)).mkdir()
+        torch.save(vae.state_dict(), tmp_path / str(shared) / "mini_vae.pt")
+        loaded = load_mini_vae(tmp_path / str(shared), PRESET.autoencoder)
+        assert loaded.cfg.first_as_group is shared
+        video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+        torch.testing.assert_close(loaded.encode(video), vae.eval().encode(video))
 
 
 def test_mini_tokens_follow_the_per_clip_layout(clip):
@@ -100,11 +124,33 @@ def test_mini_one_training_step_lowers_the_loss(clip):
     assert after < 0.95 * before, (float(before), float(after))
 
 
-def test_mini_training_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """train/data.py's cache of lp_d0 (a folder)."""
     from train.data import build_cache
+
+    return build_cache([data_file("driving", "lp_d0.mp4")], tmp_path_factory.mktemp("cache"), size=128)
+
+
+def test_mini_packed_cache_matches_the_folder(cache, tmp_path):
+    from train.data import load_cache, main
+
+    packed = tmp_path / "mini.npz"
+    main(["--cache", str(cache), "--pack", str(packed)])
+    raw = sum(p.stat().st_size for p in cache.glob("*.npz"))
+    assert packed.stat().st_size < raw / 4                       # JPEG frames, float16 landmarks
+    (a,), (b,) = load_cache(cache), load_cache(packed)
+    assert b.name == a.name and b.frames.shape == a.frames.shape and b.fps == a.fps
+    assert (b.frames - a.frames).abs().mean() < 0.02               # < 1.3 of 255 levels on average: JPEG quality 95
+    assert (b.landmarks - a.landmarks).abs().max() < 1e-3          # float16 in [0, 1] crop coordinates
+    assert (b.found == a.found).all()
+    with pytest.raises(ValueError, match="not 64"):
+        load_cache(packed, size=64)
+
+
+def test_mini_training_resumes(tmp_path, cache):
     from train.train_mini import main
 
-    cache = build_cache([data_file("driving", "lp_d0.mp4")], tmp_path / "cache", size=128)
     args = ["--stage", "vae", "--run", str(tmp_path / "run"), "--cache", str(cache), "--vae-batch", "1",
             "--vae-crop", "32", "--threads", "1"]
     main(args + ["--steps", "2"])
@@ -115,3 +161,31 @@ def test_mini_training_resumes(tmp_path):
     assert second["step"] == 3 and [s for s, _, _ in second["log"]] == [1, 2, 3]   # continued, not restarted
     assert second["opt"]["state"][0]["step"] == 3                                    # optimizer state carried
     assert not np.allclose(second["model"]["latent_std"].numpy(), 1.0)              # latent statistics measured
+
+
+def test_mini_dit_batch_gathers_the_clips_of_its_draws():
+    from train.data import ClipDataset, Video
+    from train.train_mini import LatentBank, dit_batch
+
+    torch.manual_seed(0)
+    vae = MiniVAE(PRESET.autoencoder).eval()
+    videos = [Video(f"v{i}", torch.rand(n, 3, 32, 32) * 2 - 1, torch.rand(n, 478, 3), np.ones(n, bool), 25.0)
+              for i, n in enumerate((30, 45))]
+    data = ClipDataset(videos, "train")
+    bank = LatentBank(vae, videos)
+    for ref_first in (1.0, 0.0):
+        x0, y, refs, lms, weight = dit_batch(bank, data, 6, 2, np.random.default_rng(1), ref_first)
+        assert x0.shape == (6, 16, 3, 4, 4) and y.shape == (6, 20, 3, 4, 4) and weight.shape == (6, 1, 3, 4, 4)
+        for b in range(6):   # recover each sample's video and start from its landmarks, then check the gathers
+            v, s = next((v, s) for v, vid in enumerate(videos) for s in range(len(vid.landmarks) - 8)
+                        if torch.equal(lms[b], vid.landmarks[s:s + 9]))
+            torch.testing.assert_close(x0[b], bank.clip(v, s, 2))
+            r = next(r for r in range(len(videos[v].frames)) if torch.equal(refs[b], videos[v].frames[r]))
+            if ref_first == 1.0:
+                assert r == s
+            torch.testing.assert_close(y[b, 4:, 0], bank.first[v][r])
+            torch.testing.assert_close(y[b, 4:, 1:], bank.zero_group[:, None].expand(-1, 2, -1, -1))
+            assert (y[b, :4, 0] == 1).all() and (y[b, :4, 1:] == 0).all()
+        # the bank's latents are the autoencoder's: a clip's latents equal encoding its frames
+        full = vae.encode(videos[v].frames[s:s + 9].transpose(0, 1)[None])[0]
+        torch.testing.assert_close(x0[b], full, atol=1e-4, rtol=1e-4)

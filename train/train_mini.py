@@ -5,6 +5,7 @@
     python -m train.train_mini --stage dit --minutes 22     # DiT + NFEB + PortraitEncoder + expression encoder
     python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone (latent space frozen)
     python -m train.train_mini --export weights/mini        # the published file layout, loadable by --weights
+    OUT=out bash train/gpu_train.sh                         # on one GPU (packed cache, both stages, export)
 
 Resumable: every stage keeps `<run>/<stage>.ckpt` (model, optimizer, step, RNG states), written every
 `--save-every` steps and at the end; starting again continues from it. `--minutes` bounds the wall time of this
@@ -29,6 +30,11 @@ The text context is one learned (text_len, text_dim) tensor (the prompt is fixed
 trained jointly. Latents of every frame position are precomputed once with the trained autoencoder, so a DiT step
 touches no pixels.
 
+Device: `--device cuda` puts the models, the latent bank, every batch and the loss on the GPU (`--bf16` adds bf16
+autocast to the forward passes; the weights and the optimizer stay fp32); the code path is the CPU one. Random draws
+stay on CPU generators (then move), so a run's data order does not depend on the device. `--lr-decay` anneals the
+learning rate linearly to 10% over this invocation's --minutes (short GPU runs end annealed).
+
 Threads: on a shared 2-core machine (load average 7-12 from other work) one DiT step took 1.3-1.7 s with one torch
 thread and 20-47 s with two (OpenMP workers waiting on each other at every op), so the default is one.
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -51,6 +58,8 @@ from engine.models.mini_expression import LandmarkExpressionEncoder, landmark_fe
 from engine.models.mini_vae import MiniVAE
 from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
 from engine.sampler import shift_sigmas
+from kernels.attention import set_backend as set_attention_backend
+from kernels.fused import set_fused_kernels
 from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache, split_range
 
 SHIFT = 5.0
@@ -99,7 +108,8 @@ def vae_loss(vae: MiniVAE, video: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_statistics(vae: MiniVAE, data: ClipDataset, gen: np.random.Generator, clips: int = 64) -> None:
-    raws = [vae.encode_raw(data.sample(8, 9, gen)["video"]) for _ in range(clips // 8)]
+    dev = vae.latent_mean.device
+    raws = [vae.encode_raw(data.sample(8, 9, gen)["video"].to(dev)) for _ in range(clips // 8)]
     raw = torch.cat(raws).transpose(0, 1).flatten(1)                   # (z, N)
     vae.latent_mean.copy_(raw.mean(1))
     vae.latent_std.copy_(raw.std(1).clamp_min(1e-3))
@@ -116,15 +126,22 @@ class LatentBank:
     @torch.no_grad()
     def __init__(self, vae: MiniVAE, videos: list[Video], chunk: int = 64):
         s = vae.cfg.temporal_stride
+        dev = vae.latent_mean.device
         self.first, self.group = [], []
         for v in videos:
-            feats = torch.cat([vae.encoder(v.frames[i:i + chunk]) for i in range(0, len(v.frames), chunk)])
-            first = vae.first_in(feats)
+            feats = torch.cat([vae.encoder(v.frames[i:i + chunk].to(dev)) for i in range(0, len(v.frames), chunk)])
+            first = vae.encode_first(feats)
             windows = torch.stack([feats[j:j + s] for j in range(len(feats) - s + 1)])   # (T-3, 4, C, h, w)
             group = vae.group_in(windows.flatten(1, 2))
             self.first.append(vae.normalise(first[:, :, None])[:, :, 0])
             self.group.append(vae.normalise(group[:, :, None])[:, :, 0])
-        zeros = vae.encoder(torch.zeros(s, 3, *videos[0].frames.shape[-2:]))
+        # one tensor each (the per-video lists become views of it), so a batch is one gather
+        self.first_off = np.cumsum([0] + [len(f) for f in self.first[:-1]])
+        self.group_off = np.cumsum([0] + [len(g) for g in self.group[:-1]])
+        self.first_all, self.group_all = torch.cat(self.first), torch.cat(self.group)
+        self.first = list(self.first_all.split([len(f) for f in self.first]))
+        self.group = list(self.group_all.split([len(g) for g in self.group]))
+        zeros = vae.encoder(torch.zeros(s, 3, *videos[0].frames.shape[-2:], device=dev))
         self.zero_group = vae.normalise(vae.group_in(zeros.flatten(0, 1)[None])[:, :, None])[0, :, 0]
 
     def clip(self, v: int, start: int, k: int) -> torch.Tensor:
@@ -132,12 +149,23 @@ class LatentBank:
         parts = [self.first[v][start]] + [self.group[v][start + 1 + 4 * i] for i in range(k)]
         return torch.stack(parts, dim=1)
 
+    def firsts(self, vs: np.ndarray, js: np.ndarray) -> torch.Tensor:
+        """(B, 16, h, w): first[vs[b]][js[b]]."""
+        return self.first_all[torch.as_tensor(self.first_off[vs] + js, device=self.first_all.device)]
+
+    def clips(self, vs: np.ndarray, starts: np.ndarray, k: int) -> torch.Tensor:
+        """(B, 16, 1+k, h, w): clip(vs[b], starts[b], k) for every b, in two gathers."""
+        gi = self.group_off[vs][:, None] + starts[:, None] + 1 + 4 * np.arange(k)[None]
+        group = self.group_all[torch.as_tensor(gi.reshape(-1), device=self.group_all.device)]
+        group = group.view(len(vs), k, *group.shape[1:]).transpose(1, 2)
+        return torch.cat([self.firsts(vs, starts)[:, :, None], group], dim=2)
+
 
 def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Tensor:
     """(B, n, 478, 3) landmarks in [0, 1] -> (B, n, grid, grid) 0/1 box of the points `idx` (padded by `pad`)."""
     pts = landmarks[..., list(idx), :2] if idx is not None else landmarks[..., :2]
     lo, hi = pts.amin(-2) - pad, pts.amax(-2) + pad                     # (B, n, 2)
-    c = (torch.arange(grid) + 0.5) / grid
+    c = (torch.arange(grid, device=landmarks.device) + 0.5) / grid
     inx = (c >= lo[..., 0:1]) & (c <= hi[..., 0:1])                      # (B, n, grid) over x
     iny = (c >= lo[..., 1:2]) & (c <= hi[..., 1:2])
     return (iny[..., :, None] & inx[..., None, :]).float()
@@ -148,22 +176,23 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
     (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
     clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
-    the same video and split."""
+    the same video and split. Everything is on the latent bank's device."""
     frames = 1 + 4 * k
-    x0, y, refs, lms = [], [], [], []
-    for _ in range(batch):
+    vs, ss, rs = (np.zeros(batch, np.int64) for _ in range(3))
+    for b in range(batch):
         v = int(gen.choice(len(data.videos), p=data.weights))
-        a, b = data.ranges[v]
-        s = int(gen.integers(a, b - frames + 1))
-        r = s if gen.random() < ref_first else int(gen.integers(a, b))
-        x0.append(bank.clip(v, s, k))
-        ref = torch.stack([bank.first[v][r]] + [bank.zero_group] * k, dim=1)
-        mask = torch.zeros(4, *ref.shape[1:])
-        mask[:, 0] = 1.0
-        y.append(torch.cat([mask, ref]))
-        refs.append(data.videos[v].frames[r])
-        lms.append(data.videos[v].landmarks[s:s + frames])
-    x0, y, refs, lms = torch.stack(x0), torch.stack(y), torch.stack(refs), torch.stack(lms)
+        a, e = data.ranges[v]
+        s = int(gen.integers(a, e - frames + 1))
+        vs[b], ss[b] = v, s
+        rs[b] = s if gen.random() < ref_first else int(gen.integers(a, e))
+    x0 = bank.clips(vs, ss, k)
+    dev = x0.device
+    y = torch.cat([bank.firsts(vs, rs)[:, :, None], bank.zero_group[None, :, None].expand(batch, -1, k, -1, -1)], 2)
+    mask = y.new_zeros(batch, 4, *y.shape[2:])
+    mask[:, :, 0] = 1.0
+    y = torch.cat([mask, y], dim=1)
+    refs = torch.stack([data.videos[v].frames[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
+    lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
     weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
@@ -172,17 +201,20 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
 
 def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generator, drop: float = EMO_DROP,
               u: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
-    """FlashPortrait's training loss on one batch (see the module docstring); u / noise / keep fix the draws."""
-    B = x0.shape[0]
+              keep: torch.Tensor | None = None, autocast: bool = False) -> torch.Tensor:
+    """FlashPortrait's training loss on one batch (see the module docstring); u / noise / keep fix the draws (drawn
+    on the CPU generator `gen`, then moved to x0's device); `autocast` runs the model in bf16 autocast."""
+    B, dev = x0.shape[0], x0.device
     u = torch.rand(B, generator=gen) if u is None else u
-    sigma = shift_sigmas(u.clamp(1e-3, 1.0), SHIFT)
-    noise = torch.randn(x0.shape, generator=gen) if noise is None else noise
+    sigma = shift_sigmas(u.clamp(1e-3, 1.0), SHIFT).to(dev)
+    noise = (torch.randn(x0.shape, generator=gen) if noise is None else noise).to(dev)
     s = sigma.view(B, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     target = noise - x0
-    keep = (torch.rand(B, generator=gen) >= drop).float() if keep is None else keep
-    pred = model(xt, sigma * 1000, y, refs, lms, ip_scale=keep)
+    keep = ((torch.rand(B, generator=gen) >= drop).float() if keep is None else keep).to(dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+        pred = model(xt, sigma * 1000, y, refs, lms, ip_scale=keep)
+    pred = pred.float()
     loss = ((pred - target) ** 2 * weight).mean()
     if pred.shape[2] > 2:
         sub = F.mse_loss(pred[:, :, 1:] - pred[:, :, :-1], target[:, :, 1:] - target[:, :, :-1])
@@ -211,32 +243,47 @@ def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen):
     return st["step"], st.get("log", [])
 
 
-def lr_at(step: int, base: float, warmup: int = 100) -> float:
-    return base * min(1.0, (step + 1) / warmup)
+def lr_at(step: int, base: float, warmup: int = 100, progress: float | None = None) -> float:
+    """Linear warmup over `warmup` steps; with `progress` (fraction of this invocation's time budget spent), then a
+    linear decay to 10% of `base`."""
+    lr = base * min(1.0, (step + 1) / warmup)
+    return lr if progress is None else lr * (1 - 0.9 * min(1.0, progress))
+
+
+def progress(args, t0: float) -> float | None:
+    return (time.time() - t0) / (60 * args.minutes) if args.lr_decay else None
+
+
+def videos_to(data: ClipDataset, device: str) -> None:
+    """Move the training videos to `device` (all of them fit on a GPU: ~0.7 GB), so batches gather there."""
+    for v in data.videos:
+        v.frames, v.landmarks = v.frames.to(device), v.landmarks.to(device)
 
 
 def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
-    vae = MiniVAE(preset.autoencoder)
+    videos_to(data, args.device)
+    vae = MiniVAE(preset.autoencoder).to(args.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
     gen, tgen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     ckpt = run / "vae.ckpt"
     step, log = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        batch = data.sample(args.vae_batch, 5, gen)["video"]
+        batch = data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True)
         if args.vae_crop < batch.shape[-1]:  # the autoencoder is convolutional: random crops train it faster
             c = args.vae_crop
             i, j = (int(v) for v in gen.integers(0, batch.shape[-1] - c + 1, size=2) // 8 * 8)
             batch = batch[..., i:i + c, j:j + c]
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr_vae, 50)
-        loss = vae_loss(vae, batch)
+            g["lr"] = lr_at(step, args.lr_vae, 50, progress(args, t0))
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = vae_loss(vae, batch.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         log.append((step, loss.item(), time.time() - t0))
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             print(f"vae step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
                   flush=True)
         if step % args.save_every == 0:
@@ -250,7 +297,7 @@ def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
 def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     """Stage "decoder": more training of the autoencoder's decoder alone, the encoder (and so the latent space the
     DiT was trained on, with its statistics) frozen. Reads vae.ckpt, writes decoder.ckpt (export prefers it)."""
-    vae = load_trained_vae(run, preset)
+    vae = load_trained_vae(run, preset).to(args.device)
     params = [p for n, p in vae.named_parameters() if not n.startswith(("encoder.", "first_in.", "group_in."))]
     for p in params:
         p.requires_grad_(True)
@@ -261,7 +308,7 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
     step, log = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        video = data.sample(args.vae_batch, 5, gen)["video"]
+        video = data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True)
         if args.vae_crop < video.shape[-1]:
             c = args.vae_crop
             i, j = (int(v) for v in gen.integers(0, video.shape[-1] - c + 1, size=2) // 8 * 8)
@@ -275,7 +322,7 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
         opt.step()
         step += 1
         log.append((step, loss.item(), time.time() - t0))
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             print(f"decoder step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
                   flush=True)
         if step % args.save_every == 0:
@@ -286,20 +333,21 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
 
 def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> MiniVAE:
     """The trained autoencoder; `decoder` True takes the decoder-stage weights when that stage ran."""
-    vae = MiniVAE(preset.autoencoder)
     path = run / "decoder.ckpt" if decoder and (run / "decoder.ckpt").exists() else run / "vae.ckpt"
     st = torch.load(path, map_location="cpu", weights_only=False)
+    vae = MiniVAE(replace(preset.autoencoder, first_as_group="first_in.weight" not in st["model"]))
     vae.load_state_dict(st["model"])
     return vae.eval().requires_grad_(False)
 
 
 def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
-    vae = load_trained_vae(run, preset)
+    vae = load_trained_vae(run, preset).to(args.device)
     t_bank = time.time()
+    videos_to(data, args.device)
     bank = LatentBank(vae, data.videos)
     print(f"latent bank built in {time.time() - t_bank:.0f}s", flush=True)
     torch.manual_seed(args.seed)
-    model = MiniPortrait(preset)
+    model = MiniPortrait(preset).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen, tgen = np.random.default_rng(args.seed + 1), torch.Generator().manual_seed(args.seed + 1)
     ckpt = run / "dit.ckpt"
@@ -309,15 +357,15 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.lr)
-        loss = flow_loss(model, x0, y, refs, lms, weight, tgen)
+            g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
+        loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
         log.append((step, loss.item(), time.time() - t0))
-        if step % 25 == 0:
+        if step % args.log_every == 0:
             print(f"dit step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
                   flush=True)
         if step % args.save_every == 0:
@@ -367,7 +415,11 @@ def training_curves(run: Path, out: Path) -> None:
             curves[stage] = {"steps": steps[len(steps) - len(smooth):].tolist()[::5],
                              "loss_mean25": [round(float(x), 4) for x in smooth[::5]], "final_step": int(steps[-1])}
     out.with_suffix(".json").write_text(json.dumps(curves) + "\n")
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the JSON is the record
+        print("matplotlib is not installed: wrote the curves' JSON only", flush=True)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -403,9 +455,20 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-crop", type=int, default=64)
     ap.add_argument("--lr-vae", type=float, default=1e-3)
     ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--log-every", type=int, default=25, help="print the mean loss every N steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast in the forward passes (GPU)")
+    ap.add_argument("--lr-decay", action="store_true",
+                    help="decay the learning rate linearly to 10%% over this invocation's --minutes")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda needs a CUDA build of torch and a GPU: use --device cpu.")
+    set_fused_kernels(False)   # the Triton norms are inference kernels (no backward): autograd needs the torch ops
+    set_attention_backend("sdpa")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(args.threads)
     preset = get_preset("mini")
     run = Path(args.run)

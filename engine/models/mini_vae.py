@@ -12,13 +12,13 @@ frames' features, then a shared per-frame 2D decoder. A latent depends on its ow
 so streaming decode is exact: `StreamingMiniDecoder` turns a stream's first latent into 1 frame and every later one
 into 4, like the Wan VAE's and TAEHV's streaming decoders.
 
-Known limitation: `first_in` and `group_in` are separate maps, so a stream's first latent and the later ones live in
-different spaces (the Wan VAE's causal convs keep them compatible). A context window that does not start at the
-video's first latent still treats its latent 0 as a "first" latent (the y mask, the per-window tokens), so the DiT
-generates a first-type latent there, which decodes as a washed-out frame through `group_out`. Windows with an
-overlap of 2 or more never emit it (WSWS takes a window's first latent entirely from the previous window); with
-overlap 1 those frames are visibly wrong. The fix is to encode frame 0 through the group path (as a group of four
-copies of itself) so every latent shares one space; it needs the autoencoder and the DiT retrained.
+One latent space (`first_as_group`, the default): frame 0 is encoded as a group of four copies of itself, through
+`group_in`, and a first latent decodes through `group_out` (the last of its four frames' features), so a stream's first
+latent and the later ones live in the same space, as the Wan VAE's causal convs keep them. A context window that does
+not start at the video's first latent treats its latent 0 as a "first" latent (the y mask, the per-window tokens);
+that latent now decodes like any other. The first checkpoints used separate `first_in` / `first_out` maps (two
+spaces: such a window's latent 0 decoded washed out); `first_as_group=False` builds that layout and
+`load_mini_vae` picks it when the file has those keys.
 
 Latents are normalised per channel with `latent_mean` / `latent_std` (buffers in the checkpoint, measured on the
 training set after the autoencoder is trained), as Wan normalises with its fixed statistics.
@@ -26,6 +26,7 @@ training set after the autoencoder is trained), as Wan normalises with its fixed
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -83,21 +84,35 @@ class FrameDecoder(nn.Module):
 
 
 class MiniVAE(nn.Module):
-    """See the module docstring. Keys: encoder.*, first_in, group_in, first_out, group_out, decoder.*,
-    latent_mean, latent_std."""
+    """See the module docstring. Keys: encoder.*, group_in, group_out, decoder.*, latent_mean, latent_std (and
+    first_in, first_out when not `first_as_group`)."""
 
     def __init__(self, cfg: MiniVAEConfig = MiniVAEConfig()):
         super().__init__()
         self.cfg = cfg
         c, z, s = cfg.channels[-1], cfg.z_dim, cfg.temporal_stride
         self.encoder = FrameEncoder(cfg)
-        self.first_in = nn.Conv2d(c, z, 1)
+        if not cfg.first_as_group:
+            self.first_in = nn.Conv2d(c, z, 1)
+            self.first_out = nn.Conv2d(z, c, 1)
         self.group_in = nn.Conv2d(s * c, z, 1)
-        self.first_out = nn.Conv2d(z, c, 1)
         self.group_out = nn.Conv2d(z, s * c, 1)
         self.decoder = FrameDecoder(cfg)
         self.register_buffer("latent_mean", torch.zeros(z))
         self.register_buffer("latent_std", torch.ones(z))
+
+    def encode_first(self, f: torch.Tensor) -> torch.Tensor:
+        """Frame features (N, C, h, w) -> unnormalised latents (N, z, h, w) of those frames as a stream's first."""
+        if self.cfg.first_as_group:
+            return self.group_in(f.repeat(1, self.cfg.temporal_stride, 1, 1))   # four copies, side by side
+        return self.first_in(f)
+
+    def decode_first(self, z: torch.Tensor) -> torch.Tensor:
+        """Unnormalised first latents (N, z, h, w) -> one frame's features (N, C, h, w)."""
+        if self.cfg.first_as_group:
+            s, c = self.cfg.temporal_stride, self.cfg.channels[-1]
+            return self.group_out(z).view(z.shape[0], s, c, *z.shape[2:])[:, -1]
+        return self.first_out(z)
 
     def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent_mean.view(1, -1, 1, 1, 1).float(), self.latent_std.view(1, -1, 1, 1, 1).float()
@@ -110,9 +125,9 @@ class MiniVAE(nn.Module):
         if video.dim() != 5 or (t - 1) % s or h % 8 or w % 8:
             raise ValueError(f"MiniVAE encodes videos of 1+4k frames shaped (B, 3, T, H, W) with H, W multiples of 8;"
                              f" got {tuple(video.shape)}.")
-        f = self.encoder(video.transpose(1, 2).reshape(b * t, 3, h, w).to(self.first_in.weight.dtype))
+        f = self.encoder(video.transpose(1, 2).reshape(b * t, 3, h, w).to(self.group_in.weight.dtype))
         f = f.view(b, t, *f.shape[1:])                                        # (B, T, C, h, w)
-        first = self.first_in(f[:, 0])[:, :, None]                            # (B, z, 1, h, w)
+        first = self.encode_first(f[:, 0])[:, :, None]                        # (B, z, 1, h, w)
         k = (t - 1) // s
         if k == 0:
             return first
@@ -124,10 +139,10 @@ class MiniVAE(nn.Module):
         """Unnormalised latents (B, z, n, h, w) -> (B, 3, f, 8h, 8w); f = 1 + 4(n-1) if `first` else 4n."""
         b, _, n, h, w = z.shape
         s, c = self.cfg.temporal_stride, self.cfg.channels[-1]
-        z = z.to(self.first_out.weight.dtype)
+        z = z.to(self.group_out.weight.dtype)
         feats = []
         if first:
-            feats.append(self.first_out(z[:, :, 0])[:, None])                 # (B, 1, C, h, w)
+            feats.append(self.decode_first(z[:, :, 0])[:, None])              # (B, 1, C, h, w)
             z = z[:, :, 1:]
         if z.shape[2]:
             m = z.shape[2]
@@ -189,7 +204,9 @@ def load_mini_vae(weights_dir: str | os.PathLike | None, cfg: MiniVAEConfig = Mi
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> MiniVAE:
     """Find `mini_vae.pt` under `weights_dir` and load it strictly (WeightsError names the file if missing)."""
     path = find_file(weights_dir, MINI_VAE_FILE, "mini autoencoder (train/train_mini.py writes it)")
+    sd = load_state_dict(path)
+    cfg = replace(cfg, first_as_group="first_in.weight" not in sd)   # the first checkpoints' two-space layout
     with torch.device("meta"):
         model = MiniVAE(cfg)
-    load_into(model, load_state_dict(path), path, dtype=dtype, device=device)
+    load_into(model, sd, path, dtype=dtype, device=device)
     return model.eval().requires_grad_(False)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Train the mini FlashPortrait on one GPU in one command (under 9 minutes), from the repo root:
+#
+#     OUT=/some/dir bash train/gpu_train.sh
+#
+# Reads the packed training cache (`python -m train.data --pack .minicache/mini_data_128.npz`, carried with the repo),
+# trains the autoencoder (VAE_MIN minutes) and then the DiT stage (DIT_MIN minutes) on $DEVICE, and writes
+#     $OUT/mini/        the published layout (transformer.pt, portrait_encoder.pt, mini_vae.pt, mini_expression.pt,
+#                       mini_clip.pt, mini_context.pt): copy these into weights/mini
+#     $OUT/mini_curves.json (+ .png when matplotlib is installed)   the loss curves of both stages
+# Every knob is an environment variable (defaults for one H200); `DEVICE=cpu VAE_MIN=0.2 DIT_MIN=0.2 VAE_BATCH=2
+# BATCH=2` is the CPU dry run. The run folder ($RUN) is resumable: running again continues both stages.
+set -euo pipefail
+: "${OUT:?set OUT to the folder that receives the checkpoint}"
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+CACHE=${CACHE:-.minicache/mini_data_128.npz}
+RUN=${RUN:-runs/gpu_mini}
+DEVICE=${DEVICE:-cuda}
+VAE_MIN=${VAE_MIN:-2}
+DIT_MIN=${DIT_MIN:-5.2}
+VAE_BATCH=${VAE_BATCH:-32}
+VAE_CROP=${VAE_CROP:-128}
+BATCH=${BATCH:-128}
+LR=${LR:-1e-3}
+THREADS=${THREADS:-4}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ ! -f "$CACHE" ]; then
+    echo "No packed training cache at $CACHE: run \`python -m train.data --pack $CACHE\` where the cache is." >&2
+    exit 2
+fi
+common=(--run "$RUN" --cache "$CACHE" --device "$DEVICE" --threads "$THREADS" --lr-decay --log-every 100
+        --save-every 500)
+start=$(date +%s)
+"$PYTHON" -m train.train_mini --stage vae --minutes "$VAE_MIN" --vae-batch "$VAE_BATCH" --vae-crop "$VAE_CROP" \
+    "${common[@]}"
+echo "vae stage: $(( $(date +%s) - start ))s since start"
+"$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" "${common[@]}"
+echo "dit stage: $(( $(date +%s) - start ))s since start"
+mkdir -p "$OUT/mini"
+"$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" --curves "$OUT/mini_curves"
+ls -l "$OUT" "$OUT/mini"
+echo "done in $(( $(date +%s) - start ))s"
