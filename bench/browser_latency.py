@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import shutil
@@ -44,13 +43,15 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, write_result  # noqa: E402
 from bench.stream_latency import start_server  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests"))
+from chromium import DevTools, launch  # noqa: E402  (the browser tests' DevTools client)
+
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                   "--allow-loopback-in-peer-connection", "--disable-features=WebRtcHideLocalIpsWithMdns",
-                  "--autoplay-policy=no-user-gesture-required", "--remote-debugging-address=127.0.0.1",
-                  "--remote-debugging-port=0"]
+                  "--autoplay-policy=no-user-gesture-required"]
 
 
 def write_y4m(video: Path, path: Path, size: int, fps: int, seconds: float) -> int:
@@ -75,51 +76,15 @@ def write_y4m(video: Path, path: Path, size: int, fps: int, seconds: float) -> i
     return count
 
 
-class DevTools:
-    """The smallest DevTools-protocol client: send a command (optionally to a page session), await its result."""
-
-    def __init__(self, ws):
-        self.ws, self.ids, self.pending = ws, itertools.count(1), {}
-        self.reader = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            data = json.loads(msg.data)
-            future = self.pending.pop(data.get("id"), None)
-            if future is not None and not future.done():
-                future.set_result(data)
-
-    async def send(self, method: str, session: str | None = None, **params) -> dict:
-        mid = next(self.ids)
-        self.pending[mid] = asyncio.get_running_loop().create_future()
-        message = {"id": mid, "method": method, "params": params, **({"sessionId": session} if session else {})}
-        await self.ws.send_str(json.dumps(message))
-        reply = await asyncio.wait_for(self.pending[mid], 30)
-        if "error" in reply:
-            raise RuntimeError(f"{method}: {reply['error']}")
-        return reply["result"]
-
-    async def evaluate(self, session: str, expression: str):
-        result = await self.send("Runtime.evaluate", session, expression=expression, returnByValue=True,
-                                 awaitPromise=True)
-        return result["result"].get("value")
-
-
 async def browse(chromium: str, url: str, y4m: Path, seconds: float, profile: Path) -> dict:
     import aiohttp
 
-    proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}",
-                             f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 30
-        while not (port_file.exists() and len(port_file.read_text().split()) == 2):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("Chromium did not open its DevTools port: check that --chromium runs headless.")
-            await asyncio.sleep(0.1)
-        port, path = port_file.read_text().split()
-        async with aiohttp.ClientSession() as http, \
-                http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0) as ws:
+        proc, ws_url = await launch(profile, [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}"], chromium)
+    except RuntimeError as err:
+        raise SystemExit(f"{err}: check that --chromium runs headless.") from None
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
             cdp = DevTools(ws)
             version = (await cdp.send("Browser.getVersion"))["product"]
             target = (await cdp.send("Target.createTarget", url=url + "?autostart"))["targetId"]

@@ -4,7 +4,6 @@ serving. A real cross-origin page in headless Chromium can neither open a sessio
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import aiohttp
 import pytest
@@ -12,11 +11,11 @@ from aiohttp import web
 
 from engine.config import StreamConfig
 from engine.preview import PreviewRenderer, load_reference
+from chromium import CHROMIUM, DevTools, launch
 from live_util import get_stats, running_server, wait_for
 from streaming.guard import AccessPolicy, split_host
 from test_errors import assert_one_sentence
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
 def test_access_policy_by_bind_address():
@@ -133,7 +132,6 @@ ATTACK = """(async () => {
 @pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
 def test_chromium_page_on_another_origin_gets_no_session_and_no_stats(data, tmp_path):
-    from test_browser import DevTools, launch
 
     reference, make = _preview(data)
 
