@@ -41,7 +41,6 @@ thread and 20-47 s with two (OpenMP workers waiting on each other at every op), 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import replace
 import time
 from pathlib import Path
@@ -60,7 +59,7 @@ from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
 from engine.sampler import shift_sigmas
 from kernels.attention import set_backend as set_attention_backend
 from kernels.fused import set_fused_kernels
-from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache, split_range
+from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache
 
 SHIFT = 5.0
 EMO_DROP = 0.1
@@ -260,6 +259,34 @@ def videos_to(data: ClipDataset, device: str) -> None:
         v.frames, v.landmarks = v.frames.to(device), v.landmarks.to(device)
 
 
+def random_crop(video: torch.Tensor, crop: int, gen: np.random.Generator) -> torch.Tensor:
+    """A random crop (..., crop, crop) on the latent grid (multiples of 8) of (..., H, W) frames; the whole frame when
+    crop covers it. The autoencoder is convolutional: crops train it faster."""
+    if crop >= video.shape[-1]:
+        return video
+    i, j = (int(v) for v in gen.integers(0, video.shape[-1] - crop + 1, size=2) // 8 * 8)
+    return video[..., i:i + crop, j:j + crop]
+
+
+def optimizer_step(name: str, loss: torch.Tensor, opt, params, step: int, log: list, t0: float, args, save,
+                   clip: float | None = None) -> int:
+    """Backward, (clip,) step; log the loss, print every args.log_every steps, save(step) every args.save_every.
+    Returns the new step count."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    step += 1
+    log.append((step, loss.item(), time.time() - t0))
+    if step % args.log_every == 0:
+        print(f"{name} step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
+              flush=True)
+    if step % args.save_every == 0:
+        save(step)
+    return step
+
+
 def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     videos_to(data, args.device)
     vae = MiniVAE(preset.autoencoder).to(args.device)
@@ -269,25 +296,14 @@ def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     step, log = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        batch = data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True)
-        if args.vae_crop < batch.shape[-1]:  # the autoencoder is convolutional: random crops train it faster
-            c = args.vae_crop
-            i, j = (int(v) for v in gen.integers(0, batch.shape[-1] - c + 1, size=2) // 8 * 8)
-            batch = batch[..., i:i + c, j:j + c]
+        batch = random_crop(data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True),
+                            args.vae_crop, gen)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr_vae, 50, progress(args, t0))
         with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = vae_loss(vae, batch.float())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        log.append((step, loss.item(), time.time() - t0))
-        if step % args.log_every == 0:
-            print(f"vae step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
-                  flush=True)
-        if step % args.save_every == 0:
-            save_state(ckpt, vae, opt, step, gen, tgen, log)
+        step = optimizer_step("vae", loss, opt, None, step, log, t0, args,
+                              lambda n: save_state(ckpt, vae, opt, n, gen, tgen, log))
     vae.eval()
     latent_statistics(vae, data, np.random.default_rng(0))
     save_state(ckpt, vae, opt, step, gen, tgen, log)
@@ -308,25 +324,14 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
     step, log = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        video = data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True)
-        if args.vae_crop < video.shape[-1]:
-            c = args.vae_crop
-            i, j = (int(v) for v in gen.integers(0, video.shape[-1] - c + 1, size=2) // 8 * 8)
-            video = video[..., i:i + c, j:j + c]
+        video = random_crop(data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True),
+                            args.vae_crop, gen)
         with torch.no_grad():
             raw = vae.encode_raw(video)
         out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw))
         loss = F.l1_loss(out, video) + F.mse_loss(out, video)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        log.append((step, loss.item(), time.time() - t0))
-        if step % args.log_every == 0:
-            print(f"decoder step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
-                  flush=True)
-        if step % args.save_every == 0:
-            save_state(ckpt, vae, opt, step, gen, tgen, log)
+        step = optimizer_step("decoder", loss, opt, None, step, log, t0, args,
+                              lambda n: save_state(ckpt, vae, opt, n, gen, tgen, log))
     save_state(ckpt, vae, opt, step, gen, tgen, log)
     print(f"decoder done at step {step}", flush=True)
 
@@ -359,17 +364,8 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        log.append((step, loss.item(), time.time() - t0))
-        if step % args.log_every == 0:
-            print(f"dit step {step} loss {np.mean([l for _, l, _ in log[-25:]]):.4f} {time.time() - t0:.0f}s",
-                  flush=True)
-        if step % args.save_every == 0:
-            save_state(ckpt, model, opt, step, gen, tgen, log)
+        step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
+                              lambda n: save_state(ckpt, model, opt, n, gen, tgen, log), clip=1.0)
     save_state(ckpt, model, opt, step, gen, tgen, log)
     print(f"dit done at step {step}", flush=True)
 
