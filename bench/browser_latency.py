@@ -44,7 +44,7 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from bench.stream_latency import start_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from chromium import DevTools, launch  # noqa: E402  (the browser tests' DevTools client)
+from chromium import DevTools, launch, open_page, stop  # noqa: E402  (the browser tests' DevTools client)
 
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -87,8 +87,7 @@ async def browse(chromium: str, url: str, y4m: Path, seconds: float, profile: Pa
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
             cdp = DevTools(ws)
             version = (await cdp.send("Browser.getVersion"))["product"]
-            target = (await cdp.send("Target.createTarget", url=url + "?autostart"))["targetId"]
-            page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+            target, page = await open_page(cdp, url + "?autostart")
             start = time.monotonic()
             while time.monotonic() - start < 30:  # the page connects and the first avatar frame arrives
                 state = await cdp.evaluate(page, "typeof flashlive === 'object' ? flashlive.latency().frames : -1")
@@ -108,11 +107,7 @@ async def browse(chromium: str, url: str, y4m: Path, seconds: float, profile: Pa
             await cdp.send("Target.closeTarget", targetId=target)
             cdp.reader.cancel()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     result["browser_delays"] = result.pop("browser")  # the page's getStats view: rtt, jitter buffer, decode
     result.update(browser=version, first_frame_s=round(first_frame_s, 2), seconds=seconds)
     return result
@@ -160,11 +155,7 @@ def main() -> None:
         try:
             page = asyncio.run(browse(args.chromium, url, work / "camera.y4m", args.seconds, work / "profile"))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, 30)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lat = np.array(page["samples"] or [], float)

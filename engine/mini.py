@@ -27,7 +27,7 @@ import torch
 
 from engine.config import ALPAConfig, ModelPreset, get_preset
 from engine.models.mini_expression import landmark_features, load_landmark_expression
-from engine.models.mini_vae import StreamingMiniDecoder, load_mini_vae
+from engine.models.mini_vae import load_mini_vae
 from engine.models.portrait_encoder import group_latent_tokens, window_latent_tokens
 from engine.sampler import Sampler, distilled_schedule, flow_schedule
 from engine.weights import find_file, load_dit, load_into, load_portrait_encoder, load_state_dict

@@ -3,7 +3,9 @@
     proc, ws_url = await launch(profile_dir)                 # fake camera (test pattern), loopback WebRTC allowed
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
         cdp = DevTools(ws)
-        target = (await cdp.send("Target.createTarget", url=url))["targetId"]
+        target, page = await open_page(cdp, url)
+        ...
+    stop(proc)
 
 Nothing is downloaded: Debian's chromium, driven on a loopback websocket (aiohttp).
 """
@@ -76,3 +78,18 @@ async def launch(profile: Path, flags: Sequence[str] = CAMERA_FLAGS, chromium: s
         await asyncio.sleep(0.1)
     proc.kill()
     raise RuntimeError("Chromium did not open its DevTools port within 30 s")
+
+
+async def open_page(cdp: DevTools, url: str) -> tuple[str, str]:
+    """A new tab at `url`, attached: -> (target id for Target.closeTarget, session id for DevTools.send/evaluate)."""
+    target = (await cdp.send("Target.createTarget", url=url))["targetId"]
+    return target, (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+
+
+def stop(proc: subprocess.Popen, wait_s: float = 10) -> None:
+    """End a launched process (Chromium, a server): terminate, then kill if it has not gone within wait_s."""
+    proc.terminate()
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -7,14 +7,13 @@ face_found is False.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 
 import aiohttp
 import pytest
 
 from engine.config import StreamConfig
 from engine.preview import PreviewRenderer, load_reference
-from chromium import CHROMIUM, DevTools, launch
+from chromium import CHROMIUM, DevTools, launch, open_page, stop
 from live_util import get_stats, running_server, wait_for
 
 W, H = 320, 320
@@ -47,8 +46,7 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
             try:
                 async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
                     cdp = DevTools(ws)
-                    target = (await cdp.send("Target.createTarget", url=url))["targetId"]
-                    page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+                    target, page = await open_page(cdp, url)
                     await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
                     await cdp.evaluate(page, "document.getElementById('start').click()")
 
@@ -62,8 +60,7 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
                     stats = await get_stats(url)
 
                     # The OBS page: receive-only, it mirrors the newest camera session.
-                    viewer = (await cdp.send("Target.createTarget", url=url + "viewer"))["targetId"]
-                    vpage = (await cdp.send("Target.attachToTarget", targetId=viewer, flatten=True))["sessionId"]
+                    viewer, vpage = await open_page(cdp, url + "viewer")
 
                     async def viewer_playing():
                         v = await cdp.evaluate(vpage, VIEWER)
@@ -76,11 +73,7 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
                     freed = await wait_for(lambda: _count_is(url, 0), 15)
                     cdp.reader.cancel()
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
             return state, last_page, later, stats, viewer_state, kinds, freed
 
     state, last_page, later, stats, viewer_state, kinds, freed = asyncio.run(scenario())
@@ -130,8 +123,7 @@ def test_page_measures_latency_counts_viewers_apart_and_resets_on_stop(data, tmp
             try:
                 async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
                     cdp = DevTools(ws)
-                    target = (await cdp.send("Target.createTarget", url="about:blank"))["targetId"]
-                    page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+                    target, page = await open_page(cdp, "about:blank")
                     await cdp.send("Emulation.setDeviceMetricsOverride", page, width=1000, height=700,
                                    deviceScaleFactor=1, mobile=False)
                     await cdp.send("Page.navigate", page, url=url)
@@ -161,11 +153,7 @@ def test_page_measures_latency_counts_viewers_apart_and_resets_on_stop(data, tmp
                     await cdp.send("Target.closeTarget", targetId=target)
                     cdp.reader.cancel()
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop(proc)
             return layout, measuring, samples, with_viewer, right_after, later, left
 
     layout, measuring, samples, with_viewer, right_after, later, left = asyncio.run(scenario())

@@ -16,7 +16,7 @@ from torch import nn
 from engine.build import engine_configs, resolve_fp8
 from engine.config import RuntimeConfig, SamplerConfig, WindowConfig, get_preset
 from engine.models.dit import WanModel
-from kernels.fp8 import E4M3, Fp8Linear, quantize, quantize_linears, relative_error
+from kernels.fp8 import E4M3, Fp8Linear, quantize, relative_error
 from kernels.graphs import CompiledStep, StepShape
 
 CPU = RuntimeConfig(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)

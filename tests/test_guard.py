@@ -11,7 +11,7 @@ from aiohttp import web
 
 from engine.config import StreamConfig
 from engine.preview import PreviewRenderer, load_reference
-from chromium import CHROMIUM, DevTools, launch
+from chromium import CHROMIUM, DevTools, launch, open_page, stop
 from live_util import get_stats, running_server, wait_for
 from streaming.guard import AccessPolicy, split_host
 from test_errors import assert_one_sentence
@@ -153,8 +153,7 @@ def test_chromium_page_on_another_origin_gets_no_session_and_no_stats(data, tmp_
                 try:
                     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
                         cdp = DevTools(ws)
-                        target = (await cdp.send("Target.createTarget", url=evil))["targetId"]
-                        page = (await cdp.send("Target.attachToTarget", targetId=target, flatten=True))["sessionId"]
+                        target, page = await open_page(cdp, evil)
                         async def loaded():
                             try:  # the context may still be switching from about:blank
                                 return await cdp.evaluate(page, f"location.href === {evil!r} && "
@@ -166,8 +165,7 @@ def test_chromium_page_on_another_origin_gets_no_session_and_no_stats(data, tmp_
                         results = await cdp.evaluate(page, ATTACK % url)
                         cdp.reader.cancel()
                 finally:
-                    proc.terminate()
-                    proc.wait(10)
+                    stop(proc)
                 await asyncio.sleep(0.5)
                 return results, await get_stats(url)
         finally:

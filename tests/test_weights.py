@@ -14,8 +14,7 @@ from engine.config import get_preset
 from engine.models.dit import WanModel
 from engine.models.portrait_encoder import PortraitEncoder
 from engine.models.dit_keys import wan_to_diffusers
-from engine.weights import (WAN_INDEX, WeightsError, load_dit, load_into, load_portrait_encoder, load_state_dict,
-                            scan_weights)
+from engine.weights import WAN_INDEX, WeightsError, load_dit, load_into, load_portrait_encoder, scan_weights
 
 PRESET = get_preset("tiny")
 CFG = PRESET.dit
