@@ -189,7 +189,7 @@ _TINY = ModelPreset(
 # is one learned tensor (the prompt is fixed), the CLIP tower a small ViT trained jointly.
 _MINI = ModelPreset(
     name="mini",
-    dit=DiTConfig(dim=128, ffn_dim=512, num_heads=2, num_layers=4, text_dim=32, text_len=8, freq_dim=64,
+    dit=DiTConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=8, text_dim=32, text_len=8, freq_dim=64,
                   clip_dim=64, clip_tokens=17, emo_dim=64),
     portrait=PortraitEncoderConfig(out_dim=64, resampler_dim=64, depth=1, heads=2, dim_head=32, ff_mult=2,
                                    mouth_dim=64),

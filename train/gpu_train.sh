@@ -22,6 +22,9 @@ VAE_BATCH=${VAE_BATCH:-32}
 VAE_CROP=${VAE_CROP:-128}
 BATCH=${BATCH:-128}
 LR=${LR:-1e-3}
+INIT_VAE=${INIT_VAE:-}      # a trained mini_vae.pt to start the autoencoder from (VAE_MIN=0: keep it as it is)
+INIT_DIT=${INIT_DIT:-}      # an exported checkpoint folder to continue the DiT stage from (e.g. weights/mini)
+BF16=${BF16:-}              # 1: bf16 autocast in the forward passes
 THREADS=${THREADS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -32,12 +35,15 @@ fi
 common=(--run "$RUN" --cache "$CACHE" --device "$DEVICE" --threads "$THREADS" --lr-decay --log-every 100
         --save-every 500)
 start=$(date +%s)
+[ -n "$BF16" ] && common+=(--bf16)
 "$PYTHON" -m train.train_mini --stage vae --minutes "$VAE_MIN" --vae-batch "$VAE_BATCH" --vae-crop "$VAE_CROP" \
-    "${common[@]}"
+    ${INIT_VAE:+--init-vae "$INIT_VAE"} "${common[@]}"
 echo "vae stage: $(( $(date +%s) - start ))s since start"
-"$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" "${common[@]}"
+"$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" \
+    ${INIT_DIT:+--init-dit "$INIT_DIT"} "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
 mkdir -p "$OUT/mini"
 "$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" --curves "$OUT/mini_curves"
+tar -C "$OUT" -cf "$OUT/mini.tar" mini    # one file: the device tool returns a bounded number of files
 ls -l "$OUT" "$OUT/mini"
 echo "done in $(( $(date +%s) - start ))s"

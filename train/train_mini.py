@@ -293,6 +293,12 @@ def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae, weight_decay=0.0)
     gen, tgen = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
     ckpt = run / "vae.ckpt"
+    if args.init_vae and not ckpt.exists():   # start from a trained autoencoder (then --minutes 0 keeps it as is)
+        trained = torch.load(args.init_vae, map_location="cpu", weights_only=True)
+        if "first_in.weight" in trained:
+            raise SystemExit(f"{args.init_vae} has the old two-space layout (first_in): train the autoencoder "
+                             f"instead of --init-vae.")
+        vae.load_state_dict(trained)
     step, log = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
@@ -356,6 +362,8 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     gen, tgen = np.random.default_rng(args.seed + 1), torch.Generator().manual_seed(args.seed + 1)
     ckpt = run / "dit.ckpt"
+    if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
+        init_from_export(model, Path(args.init_dit))
     step, log = load_state(ckpt, model, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
@@ -368,6 +376,21 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log), clip=1.0)
     save_state(ckpt, model, opt, step, gen, tgen, log)
     print(f"dit done at step {step}", flush=True)
+
+
+def init_from_export(model: MiniPortrait, folder: Path) -> None:
+    """Load an exported checkpoint (the published layout `export` writes) into the DiT stage's model."""
+    def sd(name):
+        path = folder / name
+        if not path.exists():
+            raise SystemExit(f"No {name} in {folder}: --init-dit needs a folder written by --export.")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    for module, name in ((model.dit, "transformer.pt"), (model.portrait, "portrait_encoder.pt"),
+                         (model.expression, "mini_expression.pt"), (model.clip, "mini_clip.pt")):
+        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd(name).items()})
+    with torch.no_grad():
+        model.context.copy_(sd("mini_context.pt")["context"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -386,7 +409,8 @@ def export(run: Path, out: Path, preset: ModelPreset) -> None:
         sd = module_or_sd if isinstance(module_or_sd, dict) else module_or_sd.state_dict()
         torch.save({k: v.detach().clone().contiguous() for k, v in sd.items()}, out / name)
 
-    dump(model.dit, "transformer.pt")
+    # the DiT in half precision (the file is by far the largest; the loaders cast to the runtime dtype)
+    dump({k: v.half() if v.is_floating_point() else v for k, v in model.dit.state_dict().items()}, "transformer.pt")
     dump(model.portrait, "portrait_encoder.pt")
     dump(model.expression, "mini_expression.pt")
     dump(model.clip, "mini_clip.pt")
@@ -405,6 +429,8 @@ def training_curves(run: Path, out: Path) -> None:
         path = run / f"{stage}.ckpt"
         if path.exists():
             log = torch.load(path, map_location="cpu", weights_only=False)["log"]
+            if not log:   # a stage started from trained weights and not trained further (--init-vae, --minutes 0)
+                continue
             steps, losses = np.array([s for s, _, _ in log]), np.array([l for _, l, _ in log])
             k = 25
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) >= k else losses
@@ -450,6 +476,12 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-crop", type=int, default=64)
     ap.add_argument("--lr-vae", type=float, default=1e-3)
+    ap.add_argument("--init-dit", metavar="DIR",
+                    help="dit stage: start from the exported checkpoint in DIR (e.g. weights/mini) instead of "
+                         "random weights")
+    ap.add_argument("--init-vae", metavar="PATH",
+                    help="vae stage: start from this trained mini_vae.pt (e.g. weights/mini/mini_vae.pt) instead of "
+                         "random weights; with --minutes 0 only its latent statistics are recomputed")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25, help="print the mean loss every N steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
