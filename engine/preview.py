@@ -42,9 +42,11 @@ from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
 
-MOUTH_COLOUR = np.array([28, 8, 11], np.float32)  # RGB of the inner mouth at the back of the throat
-MOUTH_FRONT = np.array([84, 28, 34], np.float32)  # ...and of its moist front, near the lips
-TONGUE_COLOUR = np.array([142, 60, 66], np.float32)
+# The mouth interior is a dark cavity: lit as brightly as the lips (a red oval), the face mesh reads it as lips and
+# puts the inner-lip points inside it (an open mouth measured shut), as a viewer would.
+MOUTH_COLOUR = np.array([15, 4, 6], np.float32)  # RGB of the inner mouth at the back of the throat
+MOUTH_FRONT = np.array([40, 12, 15], np.float32)  # ...and of its shaded front, near the lips
+TONGUE_COLOUR = np.array([90, 35, 40], np.float32)
 TEETH_COLOUR = np.array([206, 196, 180], np.float32)
 TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, from the upper lip down...
 TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
@@ -52,7 +54,8 @@ LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the m
 NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
 NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocular units) is this close to the old
 SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
-MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the painted interior is opaque
+MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which teeth and tongue are fully shown
+MOUTH_DARK_OPEN = 0.015  # ...and at which the dark interior is opaque: parted lips show a dark line at once
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
@@ -523,7 +526,7 @@ class PreviewRenderer(ThreadedRenderer):
         ref_open = mouth_opening(self._ref_q)
         open_now = mouth_opening((target - self._ref_origin) / self._ref_axis)
         wider = (open_now - ref_open) / MOUTH_FULL_OPEN
-        strength = float(np.clip(wider, 0.0, 1.0))
+        strength = float(np.clip((open_now - ref_open) / MOUTH_DARK_OPEN, 0.0, 1.0))
         if strength <= 0.02:
             return
         # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
