@@ -57,6 +57,8 @@ SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a close
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which teeth and tongue are fully shown
 MOUTH_DARK_OPEN = 0.015  # ...and at which the dark interior is opaque: parted lips show a dark line at once
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
+TRAVEL = 0.35  # the head's shift (inter-ocular distances) eases off towards this: the face stays in the frame
+ZOOM = 0.25  # ...and its scale change towards this fraction (a driver walking up to the camera)
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
@@ -92,6 +94,18 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     x0 = int(np.clip(round(cx - width / 2), 0, rw - width))
     y0 = int(np.clip(round(cy - height / 2), 0, rh - height))
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
+
+
+def ease_travel(a: complex, g: complex) -> tuple[complex, complex]:
+    """Ease the head's shift g (normalised units) and scale |a| off towards TRAVEL and 1 +- ZOOM, keeping the
+    rotation: a driver who moves around the camera's frame (or whose camera pans) by an inter-ocular distance would
+    push the portrait's face out of its frame, and the background field cannot move that far without smearing."""
+    shift = abs(g)
+    if shift > 1e-9:
+        g *= TRAVEL * np.tanh(shift / TRAVEL) / shift
+    scale = np.log(abs(a))
+    a *= np.exp(ZOOM * np.tanh(scale / ZOOM) - scale)
+    return a, g
 
 
 class PreviewRenderer(ThreadedRenderer):
@@ -257,6 +271,7 @@ class PreviewRenderer(ThreadedRenderer):
         delta = self.expression_gain * (q_now - q_neutral)
         # The same rigid motion in normalised coordinates: q -> a*q + g.
         g = (a * origin + b - origin) / axis
+        a, g = ease_travel(a, g)
         q_target = a * self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now) + g
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts
