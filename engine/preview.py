@@ -33,11 +33,12 @@ import cv2
 import numpy as np
 
 from engine.base import ThreadedRenderer
+from engine.head_pose import fit_rigid, turn, undo_motion
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
                               RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
                               OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
-                              fit_similarity, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
+                              landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
                               strip_triangles, tesselation_triangles)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
@@ -63,6 +64,7 @@ BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
 GAZE_GAIN = 1.0  # iris shift per unit of the driver's iris shift, both relative to their eye corners
+GAZE_SHUT, GAZE_OPEN = 0.35, 0.7  # the iris shift fades in between these eye openings (relative to the open eye)
 IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
 
@@ -96,16 +98,14 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
 
 
-def ease_travel(a: complex, g: complex) -> tuple[complex, complex]:
-    """Ease the head's shift g (normalised units) and scale |a| off towards TRAVEL and 1 +- ZOOM, keeping the
-    rotation: a driver who moves around the camera's frame (or whose camera pans) by an inter-ocular distance would
+def ease_travel(a: float, g: complex) -> tuple[float, complex]:
+    """Ease the head's shift g (normalised units) and scale a off towards TRAVEL and 1 +- ZOOM: a driver who moves around the camera's frame (or whose camera pans) by an inter-ocular distance would
     push the portrait's face out of its frame, and the background field cannot move that far without smearing."""
     shift = abs(g)
     if shift > 1e-9:
         g *= TRAVEL * np.tanh(shift / TRAVEL) / shift
-    scale = np.log(abs(a))
-    a *= np.exp(ZOOM * np.tanh(scale / ZOOM) - scale)
-    return a, g
+    scale = np.log(a)
+    return float(np.exp(ZOOM * np.tanh(scale / ZOOM))), g
 
 
 class PreviewRenderer(ThreadedRenderer):
@@ -133,6 +133,8 @@ class PreviewRenderer(ThreadedRenderer):
             raise ValueError("the face is cut off once the reference is cropped to the output size: pass a portrait "
                              "with the face nearer the centre.")
         ref_depth, ref_pts = ref_pts[:, 2], ref_pts[:, :2]
+        self._ref_depth = ref_depth
+        self._ref_pivot = np.concatenate([ref_pts[STABLE].mean(0), [ref_depth[STABLE].mean()]])  # head turns here
         self._ref_z = complex_points(ref_pts)
         self._ref_origin, self._ref_axis = face_frame(self._ref_z)
         self._ref_q = (self._ref_z - self._ref_origin) / self._ref_axis  # reference landmarks, normalised
@@ -255,24 +257,35 @@ class PreviewRenderer(ThreadedRenderer):
         if max(h, w) > 640:  # the mesh model sees 192x192 anyway; converting a full-HD frame costs more than it
             f = 640 / max(h, w)
             small = cv2.resize(frame_rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        landmarks = landmarks_from(self._mesh.process(small), w, h)
+        landmarks = landmarks_from(self._mesh.process(small), w, h, depth=True)  # (478, 3)
         self.face_found = landmarks is not None
         if landmarks is None:
             self.faces_missed += 1
             return None
         z = complex_points(landmarks)
-        self._update_neutral(z)
+        self._update_neutral(z, landmarks)
         z0, origin, axis = self._neutral
 
-        # Rigid head motion neutral -> now, and the expression that is left once it is undone.
-        a, b = fit_similarity(z0[STABLE], z[STABLE])
-        q_now = ((z - b) / a - origin) / axis  # current landmarks with the head motion removed, normalised
+        # Rigid head motion neutral -> now in 3-D, and the expression that is left once it is undone.
+        p0 = self._neutral_p3
+        s, r, shift = fit_rigid(p0[STABLE], landmarks[STABLE])
+        back = undo_motion(landmarks, s, r, landmarks[STABLE].mean(0), p0[STABLE].mean(0))
+        q_now = (complex_points(back) - origin) / axis  # current landmarks with the head motion removed, normalised
         q_neutral = (z0 - origin) / axis
         delta = self.expression_gain * (q_now - q_neutral)
-        # The same rigid motion in normalised coordinates: q -> a*q + g.
-        g = (a * origin + b - origin) / axis
-        a, g = ease_travel(a, g)
-        q_target = a * self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now) + g
+        q_pre = self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now)
+        # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
+        # (in inter-ocular distances, eased so the face stays in the frame).
+        zz = self._ref_origin + self._ref_axis * q_pre
+        turned = turn(np.stack([zz.real, zz.imag, self._ref_depth], 1), r, self._ref_pivot)
+        scale, g = ease_travel(s, complex(shift[0], shift[1]) / abs(axis))
+        pivot = complex(self._ref_pivot[0], self._ref_pivot[1])
+        moved = pivot + scale * (complex_points(turned) - pivot) + g * abs(self._ref_axis)
+        for c, ia, ib, _ in IRISES:  # gaze: the driver's iris shift between its eye corners, as the image shows it
+            r_ref = (self._ref_z[c] - self._ref_z[ia]) / (self._ref_z[ib] - self._ref_z[ia])
+            shift = (z[c] - z[ia]) / (z[ib] - z[ia]) - (z0[c] - z0[ia]) / (z0[ib] - z0[ia])
+            moved[c] = moved[ia] + (moved[ib] - moved[ia]) * (r_ref + shift)
+        q_target = (moved - self._ref_origin) / self._ref_axis
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts
         if self._filter is not None:
@@ -310,7 +323,7 @@ class PreviewRenderer(ThreadedRenderer):
         eyes = np.array([(q[lo] - q[up]).imag.sum() for up, lo in self._eye_chains])
         return lips, eyes
 
-    def _update_neutral(self, z: np.ndarray) -> None:
+    def _update_neutral(self, z: np.ndarray, p3: np.ndarray) -> None:
         """Keep the driver's neutral face: the first face seen, replaced by a more neutral one (mouth more closed,
         or eyes open where the neutral frame caught a blink) as long as the head is still turned about the same
         way. The first face is often mid-word or mid-blink; measured against it, a closed mouth would squeeze the
@@ -321,13 +334,13 @@ class PreviewRenderer(ThreadedRenderer):
         q = (z - origin) / axis
         lips, eyes = self._gaps(q)
         if self._neutral is None:
-            self._set_neutral(z, lips, eyes)
+            self._set_neutral(z, p3, lips, eyes)
             return
         z0, origin0, axis0 = self._neutral
         opened = self._eyes_open.mean() < 0.5 * eyes.mean() and eye_opening(q) > NEUTRAL_SLACK
         if (lips.mean() < self._neutral_lips.mean() - NEUTRAL_SLACK or opened) and \
                 abs((z[4] - origin) / axis - (z0[4] - origin0) / axis0) < NEUTRAL_POSE:
-            self._set_neutral(z, lips, eyes)
+            self._set_neutral(z, p3, lips, eyes)
             return
         shut = lips.mean() < self._mouth_shut.mean() - 0.25 * NEUTRAL_SLACK
         if shut:
@@ -337,8 +350,9 @@ class PreviewRenderer(ThreadedRenderer):
         if shut or opened:
             self._closure = self._lip_closure()
 
-    def _set_neutral(self, z: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
+    def _set_neutral(self, z: np.ndarray, p3: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
         self._neutral = (z, *face_frame(z))
+        self._neutral_p3 = p3  # (478, 3) the same landmarks with their depths
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
@@ -504,7 +518,7 @@ class PreviewRenderer(ThreadedRenderer):
         r_ref = (self._ref_z[c] - as_) / (bs - as_)
         r_now = (target[c] - at) / (bt - at)
         dr = GAZE_GAIN * complex((r_now - r_ref).real, 0.5 * (r_now - r_ref).imag)
-        dr *= float(np.clip((opening - 0.35) / 0.35, 0.0, 1.0))
+        dr *= float(np.clip((opening - GAZE_SHUT) / (GAZE_OPEN - GAZE_SHUT), 0.0, 1.0))
         if abs(dr) < 0.004:
             return
         et = bt - at
