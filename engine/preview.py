@@ -540,13 +540,24 @@ class PreviewRenderer(ThreadedRenderer):
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         pts = np.stack([outline.real - x0, outline.imag - y0], 1)
         cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        weight = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
+        inside = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         d = np.hypot(xx - centre.real, yy - centre.imag)
         fall = np.clip((reach - d) / max(reach - 1.05 * radius, 1.0), 0.0, 1.0)
-        weight *= fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
-        map_x[y0:y1, x0:x1] -= shift_src.real * weight
-        map_y[y0:y1, x0:x1] -= shift_src.imag * weight
+        weight = inside * fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
+        # Along the eye the iris moves rigidly and the white on either side stretches or squeezes to fill the eye
+        # from corner to corner (an eyeball turning): bending the map around the iris instead would smear the iris
+        # into the white it leaves, and the eye would read as looking half as far.
+        ru = 1.05 * radius / abs(et)  # iris half-width in eye-width units
+        uh = float(np.clip(r_ref.real, ru + 0.02, 1 - ru - 0.02))
+        uc = float(np.clip(uh + dr.real, ru + 0.02, 1 - ru - 0.02))
+        u = (((xx - at.real) + 1j * (yy - at.imag)) / et).real
+        src = np.where(u < uc - ru, u * (uh - ru) / (uc - ru),
+                       np.where(u > uc + ru, 1 - (1 - u) * (1 - uh - ru) / (1 - uc - ru), u + uh - uc))
+        along = (np.clip(src, 0, 1) - np.clip(u, 0, 1)) * inside  # (eye-width units) source minus target
+        across = 1j * dr.imag * (bs - as_)
+        map_x[y0:y1, x0:x1] += along * (bs - as_).real - across.real * weight
+        map_y[y0:y1, x0:x1] += along * (bs - as_).imag - across.imag * weight
 
     def _fill_mouth(self, out: np.ndarray, target: np.ndarray) -> None:
         """Paint the opened part of the mouth, opaque in proportion to how much wider the lips open than in the
