@@ -6,14 +6,17 @@
 
 Per driving frame:
   1. face mesh (478 landmarks, video mode so it tracks) on the driving frame;
-  2. a similarity fitted on stable points (eye corners, nose bridge, forehead) separates the head's rigid motion
-     from the expression; the expression is the residual of every landmark relative to the driver's neutral frame
-     (the first frame with a face, replaced by a more neutral one seen with the head turned the same way), in the
-     driver's normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance);
-     the lids open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
-  3. the same deltas and the same rigid motion, expressed in the reference's normalised face frame, move the
-     reference landmarks to their target positions; a reference smiling with parted lips gets its lower lip moved
-     up by the difference to the driver's neutral gap, so its lips close when the driver's do;
+  2. a 3-D rotation, scale and shift fitted on stable points with the face mesh's depths (eye corners, nose bridge,
+     forehead; engine/head_pose.py) separates the head's rigid motion from the expression; the expression is the
+     residual of every landmark, with that motion undone, relative to the driver's neutral frame (the first frame
+     with a face, replaced by a more neutral one seen with the head turned the same way), in the driver's
+     normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance); the lids
+     open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
+  3. the same deltas, in the reference's normalised face frame, move the reference landmarks; the portrait is then
+     turned by the driver's rotation about its own skull centre with its own depths, scaled and shifted (the shift
+     and scale eased so the face stays in its frame); the irises sit between the eye corners as far along as the
+     driver's do in the image; a reference smiling with parted lips gets its lower lip moved up by the difference
+     to the driver's neutral gap, so its lips close when the driver's do;
   4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
      upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
      to near by the reference's depth, so the folds of a three-quarter face keep its visible side on top); the eye
@@ -21,7 +24,7 @@ Per driving frame:
      line; outside the face, a smooth displacement field interpolated from the face outline that fades to zero
      away from it (the background never tears); the two maps are blended over a feathered band inside the
      outline. The irises move inside the eye openings by the driver's gaze (iris landmarks 468-477 relative to the
-     eye corners). The opened part of the mouth is painted: a shaded interior, tongue, upper and lower teeth.
+     eye corners). The opened part of the mouth is painted (engine/mouth_paint.py): a dark cavity, tongue, teeth.
 A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 
 from engine.base import ThreadedRenderer
 from engine.head_pose import fit_rigid, turn, undo_motion
+from engine.mouth_paint import fill_mouth
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
                               RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
@@ -43,20 +47,9 @@ from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
 
-# The mouth interior is a dark cavity: lit as brightly as the lips (a red oval), the face mesh reads it as lips and
-# puts the inner-lip points inside it (an open mouth measured shut), as a viewer would.
-MOUTH_COLOUR = np.array([15, 4, 6], np.float32)  # RGB of the inner mouth at the back of the throat
-MOUTH_FRONT = np.array([40, 12, 15], np.float32)  # ...and of its shaded front, near the lips
-TONGUE_COLOUR = np.array([90, 35, 40], np.float32)
-TEETH_COLOUR = np.array([206, 196, 180], np.float32)
-TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, from the upper lip down...
-TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
-LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open
 NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
 NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocular units) is this close to the old
 SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
-MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which teeth and tongue are fully shown
-MOUTH_DARK_OPEN = 0.015  # ...and at which the dark interior is opaque: parted lips show a dark line at once
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 TRAVEL = 0.35  # the head's shift (inter-ocular distances) eases off towards this: the face stays in the frame
 ZOOM = 0.25  # ...and its scale change towards this fraction (a driver walking up to the camera)
@@ -446,7 +439,8 @@ class PreviewRenderer(ThreadedRenderer):
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
             self._move_iris(map_x, map_y, target, iris, k, ratio)
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        self._fill_mouth(out, target)
+        fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
+                   mouth_opening((target - self._ref_origin) / self._ref_axis) - mouth_opening(self._ref_q))
         return out
 
     def _exact_map(self, map_x: np.ndarray, map_y: np.ndarray, outline: np.ndarray, tgt: np.ndarray,
@@ -558,63 +552,3 @@ class PreviewRenderer(ThreadedRenderer):
         across = 1j * dr.imag * (bs - as_)
         map_x[y0:y1, x0:x1] += along * (bs - as_).real - across.real * weight
         map_y[y0:y1, x0:x1] += along * (bs - as_).imag - across.imag * weight
-
-    def _fill_mouth(self, out: np.ndarray, target: np.ndarray) -> None:
-        """Paint the opened part of the mouth, opaque in proportion to how much wider the lips open than in the
-        reference: a mouth interior darker towards the throat, a tongue at the bottom, upper teeth under the upper
-        lip (shaded, with gaps between them) and, once wide open, lower teeth above the lower lip."""
-        ref_open = mouth_opening(self._ref_q)
-        open_now = mouth_opening((target - self._ref_origin) / self._ref_axis)
-        wider = (open_now - ref_open) / MOUTH_FULL_OPEN
-        strength = float(np.clip((open_now - ref_open) / MOUTH_DARK_OPEN, 0.0, 1.0))
-        if strength <= 0.02:
-            return
-        # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
-        teeth_strength = 0.9 * float(np.clip(wider - 0.5, 0, 1))
-        lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1))
-        tongue_strength = 0.8 * float(np.clip(wider - 1.0, 0, 1))
-        upper, lower = target[self._lip_upper], target[self._lip_lower]
-        inner = np.concatenate([upper, lower[::-1][1:-1]])
-        x0 = max(int(np.floor(inner.real.min())) - 2, 0)
-        y0 = max(int(np.floor(inner.imag.min())) - 2, 0)
-        x1 = min(int(np.ceil(inner.real.max())) + 3, self.width)
-        y1 = min(int(np.ceil(inner.imag.max())) + 3, self.height)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return
-        crop = out[y0:y1, x0:x1].astype(np.float32)
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        pts = np.stack([inner.real - x0, inner.imag - y0], 1)
-        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) * (strength / 255.0)
-
-        # Mouth coordinates: u from corner (0) to corner (1), t from the upper lip (0) to the lower lip (1).
-        corner, axis = upper[0], upper[-1] - upper[0]
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        w = ((xx + 1j * yy) - corner) / axis
-        u, v = w.real, w.imag
-        wu, wl = (upper - corner) / axis, (lower - corner) / axis
-        ou, ol = np.argsort(wu.real), np.argsort(wl.real)
-        v_up = np.interp(u, wu.real[ou], wu.imag[ou])
-        v_lo = np.interp(u, wl.real[ol], wl.imag[ol])
-        gap = np.maximum(v_lo - v_up, 1e-4)
-        t = np.clip((v - v_up) / gap, 0.0, 1.0)
-        centre = np.clip(1.0 - (2 * u - 1) ** 2, 0.0, 1.0)  # 1 in the middle, 0 at the corners (in shadow)
-        depth = centre * (1.0 - np.abs(2 * t - 1))
-        colour = MOUTH_FRONT + (MOUTH_COLOUR - MOUTH_FRONT) * (0.35 + 0.65 * depth)[..., None]
-        # The tongue: a rounded hump rising from the lower lip, lit from the front.
-        hump = 1.0 - 0.45 * np.clip(1.0 - ((2 * u - 1) / 0.7) ** 2, 0, 1)  # its top edge, in t
-        tongue = tongue_strength * np.clip((t - hump) / 0.12, 0, 1) * np.clip(1.0 - ((2 * u - 1) / 0.8) ** 2, 0, 1)
-        colour += (tongue[..., None] * (0.55 + 0.45 * t[..., None])) * (TONGUE_COLOUR - colour)
-        gap_iod = gap * abs(axis) / abs(self._ref_axis)
-        teeth_depth = np.minimum(TEETH_DEPTH, TEETH_MAX / np.maximum(gap_iod, 1e-4))
-        side = np.sqrt(centre)
-        gaps = 1.0 - 0.3 * np.exp(-(((u * 9.0) % 1.0 - 0.5) / 0.06) ** 2)  # darker lines between the teeth
-        for band, amount in ((t / teeth_depth, teeth_strength), ((1 - t) / (LOWER_TEETH_DEPTH * teeth_depth /
-                                                                             TEETH_DEPTH), lower_strength)):
-            if amount <= 0:
-                continue
-            inside = np.clip((1.0 - band) / 0.25, 0.0, 1.0)  # soft edge towards the mouth's inside
-            shade = (1.0 - 0.35 * np.clip(band, 0, 1)) * gaps * (0.5 + 0.5 * side)
-            colour += (amount * inside * side * side)[..., None] * (TEETH_COLOUR * shade[..., None] - colour)
-        crop += alpha[..., None] * (colour - crop)
-        out[y0:y1, x0:x1] = crop.astype(np.uint8)
