@@ -4,8 +4,9 @@ The face mesh gives every landmark a depth z (pixels, larger = farther from the 
 nodding (pitch) moves its landmarks in 2-D in a way no 2-D similarity can follow: the face narrows on one side,
 the nose slides over the cheek. Fitted as a similarity, that remainder lands in the expression and comes out of a
 warp as a stretched face, which reads as a different pitch and roll. So the head's motion is a 3-D rotation,
-scale and shift (Kabsch/Umeyama on the skull points), the expression is what is left once that is undone, and the
-portrait is turned by the same relative rotation about its own skull centre, with its own depths.
+scale and shift (Kabsch/Umeyama on the skull points), the expression is what the neutral face moved by it does
+not explain, and the portrait is turned by the same relative rotation about its own skull centre, with its own
+depths.
 
 Points are (N, 3) arrays in image axes: x right, y down, z away from the camera.
 """
@@ -26,12 +27,6 @@ def fit_rigid(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.n
     r = (u * fix @ vt).T
     s = float((sv * fix).sum() / max((a * a).sum(), 1e-12))
     return s, r, cd - cs
-
-
-def undo_motion(pts: np.ndarray, s: float, r: np.ndarray, centre_now: np.ndarray,
-                centre_then: np.ndarray) -> np.ndarray:
-    """Take the head motion (s, r) off (N, 3) points: the inverse of p -> s * (p - centre_then) @ r.T + centre_now."""
-    return (pts - centre_now) @ r / s + centre_then
 
 
 def turn(pts: np.ndarray, r: np.ndarray, pivot: np.ndarray) -> np.ndarray:

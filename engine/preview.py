@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from engine.base import ThreadedRenderer
-from engine.head_pose import fit_rigid, turn, undo_motion
+from engine.head_pose import fit_rigid, turn
 from engine.mouth_paint import fill_mouth
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
@@ -255,16 +255,26 @@ class PreviewRenderer(ThreadedRenderer):
         if landmarks is None:
             self.faces_missed += 1
             return None
+        return self.transfer(landmarks, pts)
+
+    def transfer(self, landmarks: np.ndarray, pts: float | None = None) -> np.ndarray:
+        """Target positions (478,) complex of the reference landmarks for the driver's landmarks (478, 3): pixel x,
+        y and the face mesh's depth z. The first call (or the first after reset_neutral) sets the neutral face."""
         z = complex_points(landmarks)
         self._update_neutral(z, landmarks)
         z0, origin, axis = self._neutral
 
-        # Rigid head motion neutral -> now in 3-D, and the expression that is left once it is undone.
+        # Rigid head motion neutral -> now in 3-D.
         p0 = self._neutral_p3
         s, r, shift = fit_rigid(p0[STABLE], landmarks[STABLE])
-        back = undo_motion(landmarks, s, r, landmarks[STABLE].mean(0), p0[STABLE].mean(0))
-        q_now = (complex_points(back) - origin) / axis  # current landmarks with the head motion removed, normalised
         q_neutral = (z0 - origin) / axis
+        # The expression: each landmark's offset from where the neutral face, moved by that motion, would put it
+        # (the neutral's depths, not this frame's: a point's depth is the face mesh's least steady output, and
+        # undoing a turn of the current points would carry its jitter into the expression), turned back into the
+        # neutral face's frame.
+        moved0 = s * (p0 - p0[STABLE].mean(0)) @ r.T + landmarks[STABLE].mean(0)
+        roll = np.exp(-1j * np.arctan2(r[1, 0], r[0, 0]))
+        q_now = q_neutral + (z - complex_points(moved0)) * roll / (s * axis)  # normalised, head motion removed
         delta = self.expression_gain * (q_now - q_neutral)
         q_pre = self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now)
         # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
