@@ -52,7 +52,7 @@ NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocu
 SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 TRAVEL = 0.35  # the head's shift (inter-ocular distances) eases off towards this: the face stays in the frame
-ZOOM = 0.25  # ...and its scale change towards this fraction (a driver walking up to the camera)
+ZOOM = 0.25  # ...and its log-scale change towards this (x1.28 at most: a driver walking up to the camera)
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
@@ -92,8 +92,9 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
 
 
 def ease_travel(a: float, g: complex) -> tuple[float, complex]:
-    """Ease the head's shift g (normalised units) and scale a off towards TRAVEL and 1 +- ZOOM: a driver who moves around the camera's frame (or whose camera pans) by an inter-ocular distance would
-    push the portrait's face out of its frame, and the background field cannot move that far without smearing."""
+    """Ease the head's shift g (normalised units) and scale a off towards TRAVEL and 1 +- ZOOM: a driver who moves
+    around the camera's frame (or whose camera pans) by an inter-ocular distance would push the portrait's face out
+    of its frame, and the background field cannot move that far without smearing. Returns (scale, shift)."""
     shift = abs(g)
     if shift > 1e-9:
         g *= TRAVEL * np.tanh(shift / TRAVEL) / shift
