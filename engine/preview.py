@@ -6,14 +6,17 @@
 
 Per driving frame:
   1. face mesh (478 landmarks, video mode so it tracks) on the driving frame;
-  2. a similarity fitted on stable points (eye corners, nose bridge, forehead) separates the head's rigid motion
-     from the expression; the expression is the residual of every landmark relative to the driver's neutral frame
-     (the first frame with a face, replaced by a more neutral one seen with the head turned the same way), in the
-     driver's normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance);
-     the lids open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
-  3. the same deltas and the same rigid motion, expressed in the reference's normalised face frame, move the
-     reference landmarks to their target positions; a reference smiling with parted lips gets its lower lip moved
-     up by the difference to the driver's neutral gap, so its lips close when the driver's do;
+  2. a 3-D rotation, scale and shift fitted on stable points with the face mesh's depths (eye corners, nose bridge,
+     forehead; engine/head_pose.py) separates the head's rigid motion from the expression; the expression is the
+     residual of every landmark, with that motion undone, relative to the driver's neutral frame (the first frame
+     with a face, replaced by a more neutral one seen with the head turned the same way), in the driver's
+     normalised face frame (origin between the eyes, x along the eye line, unit = inter-ocular distance); the lids
+     open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
+  3. the same deltas, in the reference's normalised face frame, move the reference landmarks; the portrait is then
+     turned by the driver's rotation about its own skull centre with its own depths, scaled and shifted (the shift
+     and scale eased so the face stays in its frame); the irises sit between the eye corners as far along as the
+     driver's do in the image; a reference smiling with parted lips gets its lower lip moved up by the difference
+     to the driver's neutral gap, so its lips close when the driver's do;
   4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
      upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
      to near by the reference's depth, so the folds of a three-quarter face keep its visible side on top); the eye
@@ -21,7 +24,7 @@ Per driving frame:
      line; outside the face, a smooth displacement field interpolated from the face outline that fades to zero
      away from it (the background never tears); the two maps are blended over a feathered band inside the
      outline. The irises move inside the eye openings by the driver's gaze (iris landmarks 468-477 relative to the
-     eye corners). The opened part of the mouth is painted: a shaded interior, tongue, upper and lower teeth.
+     eye corners). The opened part of the mouth is painted (engine/mouth_paint.py): a dark cavity, tongue, teeth.
 A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations
@@ -33,31 +36,28 @@ import cv2
 import numpy as np
 
 from engine.base import ThreadedRenderer
+from engine.head_pose import fit_rigid, turn
+from engine.mouth_paint import fill_mouth
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, RIGHT_EYE_LOWER,
                               RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
                               OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
-                              fit_similarity, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
+                              landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
                               strip_triangles, tesselation_triangles)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
 
-MOUTH_COLOUR = np.array([28, 8, 11], np.float32)  # RGB of the inner mouth at the back of the throat
-MOUTH_FRONT = np.array([84, 28, 34], np.float32)  # ...and of its moist front, near the lips
-TONGUE_COLOUR = np.array([142, 60, 66], np.float32)
-TEETH_COLOUR = np.array([206, 196, 180], np.float32)
-TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, from the upper lip down...
-TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
-LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open
 NEUTRAL_SLACK = 0.03  # a face whose mouth is this much more closed (inter-ocular units) becomes the new neutral
 NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocular units) is this close to the old
 SHUT_GAP = 0.02  # the face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one
-MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which the painted interior is opaque
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
+TRAVEL = 0.35  # the head's shift (inter-ocular distances) eases off towards this: the face stays in the frame
+ZOOM = 0.25  # ...and its log-scale change towards this (x1.28 at most: a driver walking up to the camera)
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
 GAZE_GAIN = 1.0  # iris shift per unit of the driver's iris shift, both relative to their eye corners
+GAZE_SHUT, GAZE_OPEN = 0.35, 0.7  # the iris shift fades in between these eye openings (relative to the open eye)
 IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
 
@@ -91,6 +91,17 @@ def fit_reference(rgb: np.ndarray, width: int, height: int, face_center: np.ndar
     return np.ascontiguousarray(resized[y0:y0 + height, x0:x0 + width])
 
 
+def ease_travel(a: float, g: complex) -> tuple[float, complex]:
+    """Ease the head's shift g (normalised units) and scale a off towards TRAVEL and 1 +- ZOOM: a driver who moves
+    around the camera's frame (or whose camera pans) by an inter-ocular distance would push the portrait's face out
+    of its frame, and the background field cannot move that far without smearing. Returns (scale, shift)."""
+    shift = abs(g)
+    if shift > 1e-9:
+        g *= TRAVEL * np.tanh(shift / TRAVEL) / shift
+    scale = np.log(a)
+    return float(np.exp(ZOOM * np.tanh(scale / ZOOM))), g
+
+
 class PreviewRenderer(ThreadedRenderer):
     """Drives a reference portrait with the face motion of driving frames, on CPU, with no model weights.
 
@@ -116,6 +127,8 @@ class PreviewRenderer(ThreadedRenderer):
             raise ValueError("the face is cut off once the reference is cropped to the output size: pass a portrait "
                              "with the face nearer the centre.")
         ref_depth, ref_pts = ref_pts[:, 2], ref_pts[:, :2]
+        self._ref_depth = ref_depth
+        self._ref_pivot = np.concatenate([ref_pts[STABLE].mean(0), [ref_depth[STABLE].mean()]])  # head turns here
         self._ref_z = complex_points(ref_pts)
         self._ref_origin, self._ref_axis = face_frame(self._ref_z)
         self._ref_q = (self._ref_z - self._ref_origin) / self._ref_axis  # reference landmarks, normalised
@@ -238,23 +251,45 @@ class PreviewRenderer(ThreadedRenderer):
         if max(h, w) > 640:  # the mesh model sees 192x192 anyway; converting a full-HD frame costs more than it
             f = 640 / max(h, w)
             small = cv2.resize(frame_rgb, (round(w * f), round(h * f)), interpolation=cv2.INTER_AREA)
-        landmarks = landmarks_from(self._mesh.process(small), w, h)
+        landmarks = landmarks_from(self._mesh.process(small), w, h, depth=True)  # (478, 3)
         self.face_found = landmarks is not None
         if landmarks is None:
             self.faces_missed += 1
             return None
+        return self.transfer(landmarks, pts)
+
+    def transfer(self, landmarks: np.ndarray, pts: float | None = None) -> np.ndarray:
+        """Target positions (478,) complex of the reference landmarks for the driver's landmarks (478, 3): pixel x,
+        y and the face mesh's depth z. The first call (or the first after reset_neutral) sets the neutral face."""
         z = complex_points(landmarks)
-        self._update_neutral(z)
+        self._update_neutral(z, landmarks)
         z0, origin, axis = self._neutral
 
-        # Rigid head motion neutral -> now, and the expression that is left once it is undone.
-        a, b = fit_similarity(z0[STABLE], z[STABLE])
-        q_now = ((z - b) / a - origin) / axis  # current landmarks with the head motion removed, normalised
+        # Rigid head motion neutral -> now in 3-D.
+        p0 = self._neutral_p3
+        s, r, shift = fit_rigid(p0[STABLE], landmarks[STABLE])
         q_neutral = (z0 - origin) / axis
+        # The expression: each landmark's offset from where the neutral face, moved by that motion, would put it
+        # (the neutral's depths, not this frame's: a point's depth is the face mesh's least steady output, and
+        # undoing a turn of the current points would carry its jitter into the expression), turned back into the
+        # neutral face's frame.
+        moved0 = s * (p0 - p0[STABLE].mean(0)) @ r.T + landmarks[STABLE].mean(0)
+        roll = np.exp(-1j * np.arctan2(r[1, 0], r[0, 0]))
+        q_now = q_neutral + (z - complex_points(moved0)) * roll / (s * axis)  # normalised, head motion removed
         delta = self.expression_gain * (q_now - q_neutral)
-        # The same rigid motion in normalised coordinates: q -> a*q + g.
-        g = (a * origin + b - origin) / axis
-        q_target = a * self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now) + g
+        q_pre = self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now)
+        # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
+        # (in inter-ocular distances, eased so the face stays in the frame).
+        zz = self._ref_origin + self._ref_axis * q_pre
+        turned = turn(np.stack([zz.real, zz.imag, self._ref_depth], 1), r, self._ref_pivot)
+        scale, g = ease_travel(s, complex(shift[0], shift[1]) / abs(axis))
+        pivot = complex(self._ref_pivot[0], self._ref_pivot[1])
+        moved = pivot + scale * (complex_points(turned) - pivot) + g * abs(self._ref_axis)
+        for c, ia, ib, _ in IRISES:  # gaze: the driver's iris shift between its eye corners, as the image shows it
+            r_ref = (self._ref_z[c] - self._ref_z[ia]) / (self._ref_z[ib] - self._ref_z[ia])
+            shift = (z[c] - z[ia]) / (z[ib] - z[ia]) - (z0[c] - z0[ia]) / (z0[ib] - z0[ia])
+            moved[c] = moved[ia] + (moved[ib] - moved[ia]) * (r_ref + shift)
+        q_target = (moved - self._ref_origin) / self._ref_axis
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts
         if self._filter is not None:
@@ -292,7 +327,7 @@ class PreviewRenderer(ThreadedRenderer):
         eyes = np.array([(q[lo] - q[up]).imag.sum() for up, lo in self._eye_chains])
         return lips, eyes
 
-    def _update_neutral(self, z: np.ndarray) -> None:
+    def _update_neutral(self, z: np.ndarray, p3: np.ndarray) -> None:
         """Keep the driver's neutral face: the first face seen, replaced by a more neutral one (mouth more closed,
         or eyes open where the neutral frame caught a blink) as long as the head is still turned about the same
         way. The first face is often mid-word or mid-blink; measured against it, a closed mouth would squeeze the
@@ -303,13 +338,13 @@ class PreviewRenderer(ThreadedRenderer):
         q = (z - origin) / axis
         lips, eyes = self._gaps(q)
         if self._neutral is None:
-            self._set_neutral(z, lips, eyes)
+            self._set_neutral(z, p3, lips, eyes)
             return
         z0, origin0, axis0 = self._neutral
         opened = self._eyes_open.mean() < 0.5 * eyes.mean() and eye_opening(q) > NEUTRAL_SLACK
         if (lips.mean() < self._neutral_lips.mean() - NEUTRAL_SLACK or opened) and \
                 abs((z[4] - origin) / axis - (z0[4] - origin0) / axis0) < NEUTRAL_POSE:
-            self._set_neutral(z, lips, eyes)
+            self._set_neutral(z, p3, lips, eyes)
             return
         shut = lips.mean() < self._mouth_shut.mean() - 0.25 * NEUTRAL_SLACK
         if shut:
@@ -319,8 +354,9 @@ class PreviewRenderer(ThreadedRenderer):
         if shut or opened:
             self._closure = self._lip_closure()
 
-    def _set_neutral(self, z: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
+    def _set_neutral(self, z: np.ndarray, p3: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
         self._neutral = (z, *face_frame(z))
+        self._neutral_p3 = p3  # (478, 3) the same landmarks with their depths
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
@@ -414,7 +450,8 @@ class PreviewRenderer(ThreadedRenderer):
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
             self._move_iris(map_x, map_y, target, iris, k, ratio)
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        self._fill_mouth(out, target)
+        fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
+                   mouth_opening((target - self._ref_origin) / self._ref_axis) - mouth_opening(self._ref_q))
         return out
 
     def _exact_map(self, map_x: np.ndarray, map_y: np.ndarray, outline: np.ndarray, tgt: np.ndarray,
@@ -486,7 +523,7 @@ class PreviewRenderer(ThreadedRenderer):
         r_ref = (self._ref_z[c] - as_) / (bs - as_)
         r_now = (target[c] - at) / (bt - at)
         dr = GAZE_GAIN * complex((r_now - r_ref).real, 0.5 * (r_now - r_ref).imag)
-        dr *= float(np.clip((opening - 0.35) / 0.35, 0.0, 1.0))
+        dr *= float(np.clip((opening - GAZE_SHUT) / (GAZE_OPEN - GAZE_SHUT), 0.0, 1.0))
         if abs(dr) < 0.004:
             return
         et = bt - at
@@ -508,70 +545,21 @@ class PreviewRenderer(ThreadedRenderer):
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
         pts = np.stack([outline.real - x0, outline.imag - y0], 1)
         cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        weight = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
+        inside = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         d = np.hypot(xx - centre.real, yy - centre.imag)
         fall = np.clip((reach - d) / max(reach - 1.05 * radius, 1.0), 0.0, 1.0)
-        weight *= fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
-        map_x[y0:y1, x0:x1] -= shift_src.real * weight
-        map_y[y0:y1, x0:x1] -= shift_src.imag * weight
-
-    def _fill_mouth(self, out: np.ndarray, target: np.ndarray) -> None:
-        """Paint the opened part of the mouth, opaque in proportion to how much wider the lips open than in the
-        reference: a mouth interior darker towards the throat, a tongue at the bottom, upper teeth under the upper
-        lip (shaded, with gaps between them) and, once wide open, lower teeth above the lower lip."""
-        ref_open = mouth_opening(self._ref_q)
-        open_now = mouth_opening((target - self._ref_origin) / self._ref_axis)
-        wider = (open_now - ref_open) / MOUTH_FULL_OPEN
-        strength = float(np.clip(wider, 0.0, 1.0))
-        if strength <= 0.02:
-            return
-        # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
-        teeth_strength = 0.9 * float(np.clip(wider - 0.5, 0, 1))
-        lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1))
-        tongue_strength = 0.8 * float(np.clip(wider - 1.0, 0, 1))
-        upper, lower = target[self._lip_upper], target[self._lip_lower]
-        inner = np.concatenate([upper, lower[::-1][1:-1]])
-        x0 = max(int(np.floor(inner.real.min())) - 2, 0)
-        y0 = max(int(np.floor(inner.imag.min())) - 2, 0)
-        x1 = min(int(np.ceil(inner.real.max())) + 3, self.width)
-        y1 = min(int(np.ceil(inner.imag.max())) + 3, self.height)
-        if x1 - x0 < 2 or y1 - y0 < 2:
-            return
-        crop = out[y0:y1, x0:x1].astype(np.float32)
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        pts = np.stack([inner.real - x0, inner.imag - y0], 1)
-        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        alpha = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) * (strength / 255.0)
-
-        # Mouth coordinates: u from corner (0) to corner (1), t from the upper lip (0) to the lower lip (1).
-        corner, axis = upper[0], upper[-1] - upper[0]
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        w = ((xx + 1j * yy) - corner) / axis
-        u, v = w.real, w.imag
-        wu, wl = (upper - corner) / axis, (lower - corner) / axis
-        ou, ol = np.argsort(wu.real), np.argsort(wl.real)
-        v_up = np.interp(u, wu.real[ou], wu.imag[ou])
-        v_lo = np.interp(u, wl.real[ol], wl.imag[ol])
-        gap = np.maximum(v_lo - v_up, 1e-4)
-        t = np.clip((v - v_up) / gap, 0.0, 1.0)
-        centre = np.clip(1.0 - (2 * u - 1) ** 2, 0.0, 1.0)  # 1 in the middle, 0 at the corners (in shadow)
-        depth = centre * (1.0 - np.abs(2 * t - 1))
-        colour = MOUTH_FRONT + (MOUTH_COLOUR - MOUTH_FRONT) * (0.35 + 0.65 * depth)[..., None]
-        # The tongue: a rounded hump rising from the lower lip, lit from the front.
-        hump = 1.0 - 0.45 * np.clip(1.0 - ((2 * u - 1) / 0.7) ** 2, 0, 1)  # its top edge, in t
-        tongue = tongue_strength * np.clip((t - hump) / 0.12, 0, 1) * np.clip(1.0 - ((2 * u - 1) / 0.8) ** 2, 0, 1)
-        colour += (tongue[..., None] * (0.55 + 0.45 * t[..., None])) * (TONGUE_COLOUR - colour)
-        gap_iod = gap * abs(axis) / abs(self._ref_axis)
-        teeth_depth = np.minimum(TEETH_DEPTH, TEETH_MAX / np.maximum(gap_iod, 1e-4))
-        side = np.sqrt(centre)
-        gaps = 1.0 - 0.3 * np.exp(-(((u * 9.0) % 1.0 - 0.5) / 0.06) ** 2)  # darker lines between the teeth
-        for band, amount in ((t / teeth_depth, teeth_strength), ((1 - t) / (LOWER_TEETH_DEPTH * teeth_depth /
-                                                                             TEETH_DEPTH), lower_strength)):
-            if amount <= 0:
-                continue
-            inside = np.clip((1.0 - band) / 0.25, 0.0, 1.0)  # soft edge towards the mouth's inside
-            shade = (1.0 - 0.35 * np.clip(band, 0, 1)) * gaps * (0.5 + 0.5 * side)
-            colour += (amount * inside * side * side)[..., None] * (TEETH_COLOUR * shade[..., None] - colour)
-        crop += alpha[..., None] * (colour - crop)
-        out[y0:y1, x0:x1] = crop.astype(np.uint8)
+        weight = inside * fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
+        # Along the eye the iris moves rigidly and the white on either side stretches or squeezes to fill the eye
+        # from corner to corner (an eyeball turning): bending the map around the iris instead would smear the iris
+        # into the white it leaves, and the eye would read as looking half as far.
+        ru = 1.05 * radius / abs(et)  # iris half-width in eye-width units
+        uh = float(np.clip(r_ref.real, ru + 0.02, 1 - ru - 0.02))
+        uc = float(np.clip(uh + dr.real, ru + 0.02, 1 - ru - 0.02))
+        u = (((xx - at.real) + 1j * (yy - at.imag)) / et).real
+        src = np.where(u < uc - ru, u * (uh - ru) / (uc - ru),
+                       np.where(u > uc + ru, 1 - (1 - u) * (1 - uh - ru) / (1 - uc - ru), u + uh - uc))
+        along = (np.clip(src, 0, 1) - np.clip(u, 0, 1)) * inside  # (eye-width units) source minus target
+        across = 1j * dr.imag * (bs - as_)
+        map_x[y0:y1, x0:x1] += along * (bs - as_).real - across.real * weight
+        map_y[y0:y1, x0:x1] += along * (bs - as_).imag - across.imag * weight

@@ -1,0 +1,122 @@
+"""Motion transfer of the preview renderer, as the face mesh reads it back (bench/motion_transfer.py in small):
+head rotation, head travel, the open mouth. Real portraits and driving frames from ../shared/data, CPU."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import data_file, video_frames
+from engine.face_mesh import STABLE, detect_landmarks, landmarks_from, mp_face_mesh
+from engine.head_pose import angles, fit_rigid, turn
+from engine.preview import TRAVEL, PreviewRenderer, load_reference
+from test_preview import mouth_opening
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _rotation(roll: float, yaw: float, pitch: float) -> np.ndarray:
+    """Rotation in image axes (x right, y down, z away) from degrees, as angles() reads it back."""
+    r, y, p = np.radians([roll, yaw, pitch])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    return rz @ ry @ rx
+
+
+def test_fit_rigid_recovers_a_known_motion():
+    """A real face's 3-D landmarks turned, scaled and shifted by known amounts: fit_rigid gives them back exactly,
+    and turn() about the centroid reproduces the motion."""
+    pts = detect_landmarks(load_reference(str(data_file("reference", "fp_case3.png"))), depth=True)
+    r = _rotation(4.0, -18.0, 7.0)
+    centre = pts[STABLE].mean(0)
+    moved = 1.2 * (pts - centre) @ r.T + centre + np.array([15.0, -8.0, 3.0])
+    s, r_fit, shift = fit_rigid(pts[STABLE], moved[STABLE])
+    assert s == pytest.approx(1.2, abs=1e-9) and np.allclose(r_fit, r, atol=1e-9)
+    assert np.allclose(shift, [15.0, -8.0, 3.0], atol=1e-9)
+    for roll, yaw, pitch in ((4.0, 0, 0), (0, -18.0, 0), (0, 0, 7.0)):  # one axis at a time: read back as set
+        assert np.allclose(angles(_rotation(roll, yaw, pitch)), (roll, yaw, pitch), atol=1e-9)
+    assert np.allclose(turn(pts, r, centre), (moved - shift - centre) / 1.2 + centre, atol=1e-6)
+
+
+def test_depth_jitter_stays_out_of_the_expression():
+    """The driver turns 15 degrees (yaw) and the face mesh's depths of the non-skull points jitter by 3 px: the
+    avatar's landmarks are exactly those of the steady turn. Undoing the turn on the current points carried that
+    jitter into the expression (up to 4 px at this yaw)."""
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    centre = driver[STABLE].mean(0)
+    turned = (driver - centre) @ _rotation(0.0, 15.0, 0.0).T + centre
+    jitter = turned.copy()
+    others = np.setdiff1d(np.arange(len(driver)), STABLE)
+    jitter[others, 2] += np.random.default_rng(0).normal(0.0, 3.0, len(others))
+    targets = []
+    for points in (turned, jitter):
+        renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+        renderer.close()
+        renderer.transfer(driver, 0.0)  # the neutral face
+        targets.append(renderer.transfer(points, 0.04))
+    assert np.abs(targets[1] - targets[0]).max() < 1e-6
+    moved = np.abs(targets[0] - renderer._ref_z)[:468].max()
+    assert moved > 5.0, "the turn did not move the avatar"
+
+
+def _poses(frames: list[np.ndarray]) -> np.ndarray:
+    """(n, 3) roll, yaw, pitch (degrees) of each frame's head relative to the first, from a video-mode face mesh."""
+    pts = []
+    with mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+        for f in frames:
+            pts.append(landmarks_from(mesh.process(f), f.shape[1], f.shape[0], depth=True))
+    assert all(p is not None for p in pts), "the face mesh lost the face"
+    return np.array([angles(fit_rigid(pts[0][STABLE], p[STABLE])[1]) for p in pts])
+
+
+def test_a_turned_head_stays_level():
+    """lp_d12 turns its head about 19 degrees (yaw) with little nod or tilt: the avatar turns as far and neither
+    nods nor tilts. Fitted as a 2-D similarity, the turn's foreshortening went into the expression and the warped
+    face read about 4.6 degrees of pitch and 3.4 of roll off the driver's."""
+    frames = video_frames("lp_d12.mp4", 56)
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case2.png"))))
+    outs = [renderer.process(f, i / 25)[0][0] for i, f in enumerate(frames)]
+    renderer.close()
+    drv, out = _poses(frames), _poses(outs)
+    turned = np.abs(drv[:, 1]) > 12
+    assert turned.sum() >= 10, "the driving clip no longer turns its head"
+    assert np.abs(out[turned, 1] - drv[turned, 1]).mean() < 3.0  # the yaw itself transfers
+    assert np.abs(out[turned, 2] - drv[turned, 2]).mean() < 2.0, "the turn came out as pitch"
+    assert np.abs(out[turned, 0] - drv[turned, 0]).mean() < 2.0, "the turn came out as roll"
+
+
+def test_head_travel_keeps_the_face_in_frame():
+    """The driver's face moves 1.5 inter-ocular distances across its frame (a camera pan): the portrait's face moves
+    the same way but by less than TRAVEL plus a margin, so it stays in its frame."""
+    frame = cv2.copyMakeBorder(video_frames("lp_d0.mp4", 1)[0], 0, 0, 0, 512, cv2.BORDER_REPLICATE)  # room to move
+    pts = detect_landmarks(frame)
+    shift = 1.5 * np.linalg.norm(pts[263] - pts[33])
+    moved = cv2.warpAffine(frame, np.float32([[1, 0, shift], [0, 1, 0]]), frame.shape[1::-1],
+                           borderMode=cv2.BORDER_REPLICATE)
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    try:
+        still = renderer.drive(frame, 0.0)
+        renderer.drive(moved, 0.04)  # the tracking face mesh loses a face that jumps; it finds it again next frame
+        target = renderer.drive(moved, 0.08)
+    finally:
+        renderer.close()
+    iod = abs(renderer._ref_axis)
+    travel = (target[:468].mean() - still[:468].mean()) / iod
+    assert travel.real > 0.2, "the face did not follow the driver"
+    assert abs(travel) < TRAVEL + 0.05, f"the face travelled {abs(travel):.2f} inter-ocular distances"
+
+
+@pytest.mark.parametrize("reference", ["lp_s12.jpg", "fp_case1.png"])
+def test_an_open_mouth_reads_open(reference):
+    """The portrait's jaw dropped by 0.2 inter-ocular distances: the face mesh reads the mouth open by most of that.
+    A mouth interior lit like the lips (the moustached lp_s12, the three-quarter fp_case1) was read as lips, the
+    mouth as open by 0.08-0.12."""
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", reference))), smoothing=False)
+    renderer.close()
+    base = mouth_opening(detect_landmarks(renderer.reference))
+    drop = 0.2
+    q = renderer._ref_q + 1j * drop * renderer._close_w  # the points below the lips follow the lower lip down
+    out = renderer.warp(renderer._ref_origin + renderer._ref_axis * q)
+    got = mouth_opening(detect_landmarks(out)) - base
+    assert got > 0.65 * drop, got
