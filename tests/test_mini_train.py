@@ -112,7 +112,7 @@ def test_mini_one_training_step_lowers_the_loss(clip):
     g = torch.Generator().manual_seed(0)
     fixed = {"u": torch.tensor([0.3, 0.7]), "noise": torch.randn(x0.shape, generator=g),
              "keep": torch.tensor([1.0, 0.0])}                                       # one sample drops the NFEB
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)   # 1e-3 overshoots from random init at dim 256
     before = flow_loss(model, x0, y, refs, lms, weight, g, **fixed)
     opt.zero_grad()
     before.backward()
