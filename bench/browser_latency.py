@@ -44,7 +44,7 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from bench.stream_latency import start_server  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
-from chromium import DevTools, launch, open_page, stop  # noqa: E402  (the browser tests' DevTools client)
+from chromium import ChromiumError, chromium, open_page, stop  # noqa: E402  (the browser tests' DevTools client)
 
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -76,38 +76,35 @@ def write_y4m(video: Path, path: Path, size: int, fps: int, seconds: float) -> i
     return count
 
 
-async def browse(chromium: str, url: str, y4m: Path, seconds: float, profile: Path) -> dict:
-    import aiohttp
-
+async def browse(binary: str, url: str, y4m: Path, seconds: float, profile: Path) -> dict:
     try:
-        proc, ws_url = await launch(profile, [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}"], chromium)
-    except RuntimeError as err:
+        async with chromium(profile, [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}"], binary) as cdp:
+            return await measure(cdp, url, seconds)
+    except ChromiumError as err:
         raise SystemExit(f"{err}: check that --chromium runs headless.") from None
-    try:
-        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-            cdp = DevTools(ws)
-            version = (await cdp.send("Browser.getVersion"))["product"]
-            target, page = await open_page(cdp, url + "?autostart")
-            start = time.monotonic()
-            while time.monotonic() - start < 30:  # the page connects and the first avatar frame arrives
-                state = await cdp.evaluate(page, "typeof flashlive === 'object' ? flashlive.latency().frames : -1")
-                if state and state > 0:
-                    break
-                await asyncio.sleep(0.25)
-            first_frame_s = time.monotonic() - start
-            await asyncio.sleep(seconds)
-            result = await cdp.evaluate(page, """(async () => {
-              const m = flashlive.latency(), s = await flashlive.readStats();
-              return {samples: m.samples, measuring: m.measuring, can_probe: flashlive.canProbe(),
-                      message: document.getElementById('message').textContent,
-                      shown: document.getElementById('latency').textContent,
-                      label: document.getElementById('latency-label').textContent,
-                      session: s.mine, browser: s.browser};
-            })()""")
-            await cdp.send("Target.closeTarget", targetId=target)
-            cdp.reader.cancel()
-    finally:
-        stop(proc)
+
+
+async def measure(cdp, url: str, seconds: float) -> dict:
+    """Open the camera page (autostart), wait for the first avatar frame, read the page's own latency figures."""
+    version = (await cdp.send("Browser.getVersion"))["product"]
+    target, page = await open_page(cdp, url + "?autostart")
+    start = time.monotonic()
+    while time.monotonic() - start < 30:  # the page connects and the first avatar frame arrives
+        state = await cdp.evaluate(page, "typeof flashlive === 'object' ? flashlive.latency().frames : -1")
+        if state and state > 0:
+            break
+        await asyncio.sleep(0.25)
+    first_frame_s = time.monotonic() - start
+    await asyncio.sleep(seconds)
+    result = await cdp.evaluate(page, """(async () => {
+      const m = flashlive.latency(), s = await flashlive.readStats();
+      return {samples: m.samples, measuring: m.measuring, can_probe: flashlive.canProbe(),
+              message: document.getElementById('message').textContent,
+              shown: document.getElementById('latency').textContent,
+              label: document.getElementById('latency-label').textContent,
+              session: s.mine, browser: s.browser};
+    })()""")
+    await cdp.send("Target.closeTarget", targetId=target)
     result["browser_delays"] = result.pop("browser")  # the page's getStats view: rtt, jitter buffer, decode
     result.update(browser=version, first_frame_s=round(first_frame_s, 2), seconds=seconds)
     return result

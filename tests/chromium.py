@@ -1,11 +1,8 @@
 """Headless Chromium over the DevTools protocol, for the browser tests and bench/browser_latency.py.
 
-    proc, ws_url = await launch(profile_dir)                 # fake camera (test pattern), loopback WebRTC allowed
-    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-        cdp = DevTools(ws)
+    async with chromium(profile_dir) as cdp:                 # fake camera (test pattern), loopback WebRTC allowed
         target, page = await open_page(cdp, url)
         ...
-    stop(proc)
 
 Nothing is downloaded: Debian's chromium, driven on a loopback websocket (aiohttp).
 """
@@ -17,7 +14,8 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
@@ -25,6 +23,10 @@ CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "
 CAMERA_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--use-fake-device-for-media-stream=fps=30",
                 "--use-fake-ui-for-media-stream", "--allow-loopback-in-peer-connection",
                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--disable-background-networking", "--no-first-run")
+
+
+class ChromiumError(RuntimeError):
+    """Chromium did not start or did not open its DevTools port."""
 
 
 class DevTools:
@@ -74,10 +76,28 @@ async def launch(profile: Path, flags: Sequence[str] = CAMERA_FLAGS, chromium: s
             port, path = port_file.read_text().split()
             return proc, f"ws://127.0.0.1:{port}{path}"
         if proc.poll() is not None:
-            raise RuntimeError(f"Chromium exited with {proc.returncode} before opening DevTools")
+            raise ChromiumError(f"Chromium exited with {proc.returncode} before opening DevTools")
         await asyncio.sleep(0.1)
     proc.kill()
-    raise RuntimeError("Chromium did not open its DevTools port within 30 s")
+    raise ChromiumError("Chromium did not open its DevTools port within 30 s")
+
+
+@asynccontextmanager
+async def chromium(profile: Path, flags: Sequence[str] = CAMERA_FLAGS, binary: str | None = None,
+                   ) -> AsyncIterator[DevTools]:
+    """Headless Chromium (`launch`) driven over its DevTools websocket; stopped on exit, also on errors."""
+    import aiohttp
+
+    proc, ws_url = await launch(profile, flags, binary)
+    try:
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+            cdp = DevTools(ws)
+            try:
+                yield cdp
+            finally:
+                cdp.reader.cancel()
+    finally:
+        stop(proc)
 
 
 async def open_page(cdp: DevTools, url: str) -> tuple[str, str]:

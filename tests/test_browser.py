@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import pytest
 
 from engine.config import StreamConfig
 from engine.preview import PreviewRenderer, load_reference
-from chromium import CHROMIUM, DevTools, launch, open_page, stop
+from chromium import CHROMIUM, chromium, open_page
 from live_util import get_stats, running_server, wait_for
 
 W, H = 320, 320
@@ -42,38 +41,32 @@ def test_chromium_plays_avatar_and_frees_session(data, tmp_path):
     async def scenario():
         async with running_server(StreamConfig(port=0, width=W, height=H, fps=25), make, reference,
                                   renderer_name="preview") as (server, url):
-            proc, ws_url = await launch(tmp_path / "profile")
-            try:
-                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-                    cdp = DevTools(ws)
-                    target, page = await open_page(cdp, url)
-                    await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
-                    await cdp.evaluate(page, "document.getElementById('start').click()")
+            async with chromium(tmp_path / "profile") as cdp:
+                target, page = await open_page(cdp, url)
+                await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
+                await cdp.evaluate(page, "document.getElementById('start').click()")
 
-                    async def playing():
-                        state = await cdp.evaluate(page, PLAYBACK)
-                        return state if state["frames"] >= 25 and state["time"] > 0.5 and not state["paused"] \
-                            else None
-                    state = await wait_for(playing, 45, interval=0.5)
-                    last_page = await cdp.evaluate(page, PLAYBACK)
-                    later = await wait_for(lambda: _advanced(cdp, page, last_page), 10)
-                    stats = await get_stats(url)
+                async def playing():
+                    state = await cdp.evaluate(page, PLAYBACK)
+                    return state if state["frames"] >= 25 and state["time"] > 0.5 and not state["paused"] \
+                        else None
+                state = await wait_for(playing, 45, interval=0.5)
+                last_page = await cdp.evaluate(page, PLAYBACK)
+                later = await wait_for(lambda: _advanced(cdp, page, last_page), 10)
+                stats = await get_stats(url)
 
-                    # The OBS page: receive-only, it mirrors the newest camera session.
-                    viewer, vpage = await open_page(cdp, url + "viewer")
+                # The OBS page: receive-only, it mirrors the newest camera session.
+                viewer, vpage = await open_page(cdp, url + "viewer")
 
-                    async def viewer_playing():
-                        v = await cdp.evaluate(vpage, VIEWER)
-                        return v if v and v["frames"] >= 10 and v["time"] > 0.2 else None
-                    viewer_state = await wait_for(viewer_playing, 30, interval=0.5)
-                    kinds = sorted(s["kind"] for s in (await get_stats(url))["sessions"])
+                async def viewer_playing():
+                    v = await cdp.evaluate(vpage, VIEWER)
+                    return v if v and v["frames"] >= 10 and v["time"] > 0.2 else None
+                viewer_state = await wait_for(viewer_playing, 30, interval=0.5)
+                kinds = sorted(s["kind"] for s in (await get_stats(url))["sessions"])
 
-                    await cdp.send("Target.closeTarget", targetId=target)
-                    await cdp.send("Target.closeTarget", targetId=viewer)
-                    freed = await wait_for(lambda: _count_is(url, 0), 15)
-                    cdp.reader.cancel()
-            finally:
-                stop(proc)
+                await cdp.send("Target.closeTarget", targetId=target)
+                await cdp.send("Target.closeTarget", targetId=viewer)
+                freed = await wait_for(lambda: _count_is(url, 0), 15)
             return state, last_page, later, stats, viewer_state, kinds, freed
 
     state, last_page, later, stats, viewer_state, kinds, freed = asyncio.run(scenario())
@@ -119,41 +112,35 @@ def test_page_measures_latency_counts_viewers_apart_and_resets_on_stop(data, tmp
     async def scenario():
         async with running_server(StreamConfig(port=0, width=W, height=H, fps=25), make, reference,
                                   renderer_name="preview") as (server, url):
-            proc, ws_url = await launch(tmp_path / "profile")
-            try:
-                async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-                    cdp = DevTools(ws)
-                    target, page = await open_page(cdp, "about:blank")
-                    await cdp.send("Emulation.setDeviceMetricsOverride", page, width=1000, height=700,
-                                   deviceScaleFactor=1, mobile=False)
-                    await cdp.send("Page.navigate", page, url=url)
-                    await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
-                    layout = await cdp.evaluate(page, PAGE_STATE)
-                    await cdp.evaluate(page, "document.getElementById('start').click()")
+            async with chromium(tmp_path / "profile") as cdp:
+                target, page = await open_page(cdp, "about:blank")
+                await cdp.send("Emulation.setDeviceMetricsOverride", page, width=1000, height=700,
+                               deviceScaleFactor=1, mobile=False)
+                await cdp.send("Page.navigate", page, url=url)
+                await wait_for(lambda: cdp.evaluate(page, "!!document.getElementById('start')"), 20)
+                layout = await cdp.evaluate(page, PAGE_STATE)
+                await cdp.evaluate(page, "document.getElementById('start').click()")
 
-                    async def measured():
-                        state = await cdp.evaluate(page, PAGE_STATE)
-                        return state if "measured" in state["label"] and "p95" in state["fields"][3] else None
-                    measuring = await wait_for(measured, 45, interval=0.5)
-                    samples = await cdp.evaluate(page, "flashlive.latency()")
+                async def measured():
+                    state = await cdp.evaluate(page, PAGE_STATE)
+                    return state if "measured" in state["label"] and "p95" in state["fields"][3] else None
+                measuring = await wait_for(measured, 45, interval=0.5)
+                samples = await cdp.evaluate(page, "flashlive.latency()")
 
-                    viewer = (await cdp.send("Target.createTarget", url=url + "viewer"))["targetId"]
+                viewer = (await cdp.send("Target.createTarget", url=url + "viewer"))["targetId"]
 
-                    async def counted():
-                        state = await cdp.evaluate(page, PAGE_STATE)
-                        return state if "viewer" in state["sessions"] else None
-                    with_viewer = await wait_for(counted, 30, interval=0.5)
+                async def counted():
+                    state = await cdp.evaluate(page, PAGE_STATE)
+                    return state if "viewer" in state["sessions"] else None
+                with_viewer = await wait_for(counted, 30, interval=0.5)
 
-                    await cdp.evaluate(page, "document.getElementById('stop').click()")
-                    right_after = await cdp.evaluate(page, PAGE_STATE)
-                    await asyncio.sleep(2.5)  # a stats poll in flight at Stop must not bring old figures back
-                    later = await cdp.evaluate(page, PAGE_STATE)
-                    left = await wait_for(lambda: _cameras_are(url, 0), 15)
-                    await cdp.send("Target.closeTarget", targetId=viewer)
-                    await cdp.send("Target.closeTarget", targetId=target)
-                    cdp.reader.cancel()
-            finally:
-                stop(proc)
+                await cdp.evaluate(page, "document.getElementById('stop').click()")
+                right_after = await cdp.evaluate(page, PAGE_STATE)
+                await asyncio.sleep(2.5)  # a stats poll in flight at Stop must not bring old figures back
+                later = await cdp.evaluate(page, PAGE_STATE)
+                left = await wait_for(lambda: _cameras_are(url, 0), 15)
+                await cdp.send("Target.closeTarget", targetId=viewer)
+                await cdp.send("Target.closeTarget", targetId=target)
             return layout, measuring, samples, with_viewer, right_after, later, left
 
     layout, measuring, samples, with_viewer, right_after, later, left = asyncio.run(scenario())

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from engine.config import StreamConfig
 from engine.preview import PreviewRenderer, load_reference
-from chromium import CHROMIUM, DevTools, launch, open_page, stop
+from chromium import CHROMIUM, chromium, open_page
 from live_util import get_stats, running_server, wait_for
 from streaming.guard import AccessPolicy, split_host
 from test_errors import assert_one_sentence
@@ -149,23 +149,17 @@ def test_chromium_page_on_another_origin_gets_no_session_and_no_stats(data, tmp_
         try:
             async with running_server(StreamConfig(port=0, width=128, height=128), make, reference,
                                       renderer_name="preview") as (server, url):
-                proc, ws_url = await launch(tmp_path / "profile")
-                try:
-                    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
-                        cdp = DevTools(ws)
-                        target, page = await open_page(cdp, evil)
-                        async def loaded():
-                            try:  # the context may still be switching from about:blank
-                                return await cdp.evaluate(page, f"location.href === {evil!r} && "
-                                                                "document.readyState === 'complete'")
-                            except RuntimeError:
-                                return False
+                async with chromium(tmp_path / "profile") as cdp:
+                    target, page = await open_page(cdp, evil)
+                    async def loaded():
+                        try:  # the context may still be switching from about:blank
+                            return await cdp.evaluate(page, f"location.href === {evil!r} && "
+                                                            "document.readyState === 'complete'")
+                        except RuntimeError:
+                            return False
 
-                        assert await wait_for(loaded, 20), "the other origin's page did not load"
-                        results = await cdp.evaluate(page, ATTACK % url)
-                        cdp.reader.cancel()
-                finally:
-                    stop(proc)
+                    assert await wait_for(loaded, 20), "the other origin's page did not load"
+                    results = await cdp.evaluate(page, ATTACK % url)
                 await asyncio.sleep(0.5)
                 return results, await get_stats(url)
         finally:
