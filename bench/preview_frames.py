@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS  # noqa: E402
 from bench.motion_transfer import DATA, landmarks3d, signals  # noqa: E402
 from engine.preview import PreviewRenderer, load_reference  # noqa: E402
+from train.data import read_video  # noqa: E402
 
 LABELS = ["mouth shut", "mouth open", "blink", "gaze left", "gaze right", "head turn"]
 
@@ -34,14 +35,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=224)
     args = ap.parse_args()
 
-    cap = cv2.VideoCapture(str(DATA / "driving" / args.driving))
-    fps = cap.get(cv2.CAP_PROP_FPS) or 25.0
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    frames, fps = read_video(DATA / "driving" / args.driving)
     sig = signals(landmarks3d(frames))
     pick = [int(np.nanargmin(sig["mouth"])), int(np.nanargmax(sig["mouth"])), int(np.nanargmin(sig["eyes"])),
             int(np.nanargmin(sig["gaze"])), int(np.nanargmax(sig["gaze"])), int(np.nanargmax(np.abs(sig["yaw"])))]
