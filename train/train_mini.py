@@ -379,18 +379,15 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
 
 
 def init_from_export(model: MiniPortrait, folder: Path) -> None:
-    """Load an exported checkpoint (the published layout `export` writes) into the DiT stage's model."""
-    def sd(name):
-        path = folder / name
-        if not path.exists():
-            raise SystemExit(f"No {name} in {folder}: --init-dit needs a folder written by --export.")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """Start the DiT stage's model from an exported checkpoint (the published layout `export` writes), read by the
+    renderer's own loader (engine.mini.load_mini)."""
+    from engine.mini import load_mini
 
-    for module, name in ((model.dit, "transformer.pt"), (model.portrait, "portrait_encoder.pt"),
-                         (model.expression, "mini_expression.pt"), (model.clip, "mini_clip.pt")):
-        module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd(name).items()})
+    trained = load_mini(folder, model.preset)
+    for name in ("dit", "portrait", "expression", "clip"):
+        getattr(model, name).load_state_dict(getattr(trained, name).state_dict())
     with torch.no_grad():
-        model.context.copy_(sd("mini_context.pt")["context"])
+        model.context.copy_(trained.context)
 
 
 # ------------------------------------------------------------------------------------------------------------------
