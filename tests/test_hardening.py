@@ -238,10 +238,11 @@ def test_flashportrait_warm_up_prints_progress_before_it_is_warm():
 
 
 CLIENT = """
-import asyncio, sys, fractions
-import av, aiohttp, numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+import asyncio, sys
+import av
+from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
 from streaming.ice import offer_loopback_candidates
+from tests.live_util import post_offer
 
 class Camera(VideoStreamTrack):
     def __init__(self, frames):
@@ -262,11 +263,7 @@ async def main(url, path):
     offer_loopback_candidates(pc)
     got = asyncio.get_running_loop().create_future()
     pc.on("track", lambda t: got.done() or got.set_result(t))
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
-            answer = await r.json()
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+    await post_offer(url, pc)
     track = await asyncio.wait_for(got, 15)
     for _ in range(30):
         await asyncio.wait_for(track.recv(), 15)

@@ -124,9 +124,9 @@ def test_half_open_offer_is_freed_after_the_handshake_timeout(reference):
 
 KILLED_CLIENT = textwrap.dedent("""
     import asyncio, sys
-    import aiohttp
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+    from aiortc import RTCConfiguration, RTCPeerConnection, VideoStreamTrack
     from streaming.ice import offer_loopback_candidates
+    from tests.live_util import post_offer
 
     async def connect(url, camera):
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -137,11 +137,7 @@ KILLED_CLIENT = textwrap.dedent("""
         offer_loopback_candidates(pc)
         got = asyncio.get_running_loop().create_future()
         pc.on("track", lambda t: got.done() or got.set_result(t))
-        await pc.setLocalDescription(await pc.createOffer())
-        async with aiohttp.ClientSession() as http:
-            async with http.post(url + "offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
-                answer = await r.json()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        await post_offer(url, pc)
         track = await asyncio.wait_for(got, 10)
         await asyncio.wait_for(track.recv(), 10)
         return pc, track
