@@ -7,7 +7,8 @@
 Crop: one fixed square per video, centred on the face mesh's box in the first frame with a face, 2.2x the box's
 longer side (clipped to the frame), resized to `size` (INTER_AREA). Landmarks: mediapipe face mesh (478 refined
 points) in video mode on the crop at 2x `size`, normalised to [0, 1] crop coordinates (z in the same x scale); a
-frame without a face carries the previous frame's landmarks (found = False).
+frame without a face carries the previous frame's landmarks (found = False). The mirrored crops are tracked too
+(`landmarks_flip`: what the mesh reads on the flipped frames, for train/augment.py's mirrored view).
 
 Packed form (`python -m train.data --pack FILE`): the same cache as one .npz that travels (a GPU machine, under
 30 MB): frames JPEG-encoded (quality 95), landmarks float16. `load_cache` reads either a cache folder or that file.
@@ -112,13 +113,21 @@ def build_cache(videos: list[str | Path], cache_dir: str | Path = DEFAULT_CACHE,
     for v in videos:
         v = Path(v)
         out = cache_dir / f"{v.stem}_{size}.npz"
+        if out.exists() and "landmarks_flip" not in np.load(out).files:   # a cache from before the mirrored view
+            z = dict(np.load(out))
+            z["landmarks_flip"] = track_landmarks(np.ascontiguousarray(z["frames"][:, :, ::-1]))[0]
+            tmp = out.with_suffix(".tmp.npz")
+            np.savez(tmp, **z)
+            tmp.rename(out)
         if not out.exists():
             frames, fps = read_video(v)
             square = face_square(frames)
             crops = crop_frames(frames, square, size)
             lm, found = track_landmarks(crops)
+            lm_flip = track_landmarks(np.ascontiguousarray(crops[:, :, ::-1]))[0]
             tmp = out.with_suffix(".tmp.npz")
-            np.savez(tmp, frames=crops, landmarks=lm, found=found, fps=fps, square=np.asarray(square))
+            np.savez(tmp, frames=crops, landmarks=lm, found=found, fps=fps, square=np.asarray(square),
+                     landmarks_flip=lm_flip)
             tmp.rename(out)
             print(f"cached {v.name}: {len(crops)} frames, crop {square}, faces {found.mean():.2f}", flush=True)
         index[v.stem] = out.name
@@ -133,11 +142,14 @@ class Video:
     landmarks: torch.Tensor   # (T, 478, 3)
     found: np.ndarray         # (T,)
     fps: float
+    landmarks_flip: torch.Tensor | None = None   # (T, 478, 3) of the left-right flipped frames, when cached
 
 
-def _video(name: str, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarray, fps) -> Video:
+def _video(name: str, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarray, fps,
+           landmarks_flip: np.ndarray | None = None) -> Video:
     t = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps))
+    flip = None if landmarks_flip is None else torch.from_numpy(landmarks_flip.astype(np.float32))
+    return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps), flip)
 
 
 def load_cache(cache: str | Path = DEFAULT_CACHE, size: int = 128) -> list[Video]:
@@ -151,7 +163,7 @@ def load_cache(cache: str | Path = DEFAULT_CACHE, size: int = 128) -> list[Video
     videos = []
     for name, file in json.loads(index_path.read_text()).items():
         z = np.load(cache / file)
-        videos.append(_video(name, z["frames"], z["landmarks"], z["found"], z["fps"]))
+        videos.append(_video(name, z["frames"], z["landmarks"], z["found"], z["fps"], z.get("landmarks_flip")))
     return videos
 
 
@@ -171,6 +183,8 @@ def pack_cache(cache_dir: str | Path, out: str | Path, size: int = 128, quality:
         arrays[f"{name}.jpeg"] = np.concatenate(jpgs)
         arrays[f"{name}.offsets"] = np.cumsum([0] + [len(j) for j in jpgs]).astype(np.int64)
         arrays[f"{name}.landmarks"] = z["landmarks"].astype(np.float16)
+        if "landmarks_flip" in z.files:
+            arrays[f"{name}.landmarks_flip"] = z["landmarks_flip"].astype(np.float16)
         for key in ("found", "fps", "square"):
             arrays[f"{name}.{key}"] = z[key]
         names.append(name)
@@ -190,7 +204,8 @@ def load_packed(path: str | Path, size: int = 128) -> list[Video]:
     for name in z["names"].tolist():
         buf, off = z[f"{name}.jpeg"], z[f"{name}.offsets"]
         frames = np.stack([cv2.imdecode(buf[a:b], cv2.IMREAD_COLOR)[:, :, ::-1] for a, b in zip(off[:-1], off[1:])])
-        videos.append(_video(name, frames, z[f"{name}.landmarks"], z[f"{name}.found"], z[f"{name}.fps"]))
+        videos.append(_video(name, frames, z[f"{name}.landmarks"], z[f"{name}.found"], z[f"{name}.fps"],
+                             z.get(f"{name}.landmarks_flip")))
     return videos
 
 

@@ -23,9 +23,12 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
   run with ip_scale 0, which is exactly the renderer's no-emotion guidance branch (zero tokens through the NFEB
   normalisation would add mean(base) instead of nothing);
-  loss: MSE weighted by (1 + face mask + lip mask) in latent space (FlashPortrait also draws face-only and lip-only
+  loss: MSE weighted by (1 + face mask + lip mask + eye mask) in latent space (FlashPortrait also draws face-only and lip-only
   weightings; one fixed weighting keeps the small run's loss comparable across steps), plus its motion sub-loss
   (frame differences of prediction vs target, ratio 0.25).
+Against overfitting (`--augment`, train/augment.py): every video also mirrored and zoomed, pixels and landmarks
+together; `--val-every` logs the same loss on fixed held-out clips (the last 20% of every video, never trained on),
+so the curves show when the model stops generalising rather than only that its training loss falls.
 The text context is one learned (text_len, text_dim) tensor (the prompt is fixed); the CLIP tower is a small ViT
 trained jointly. Latents of every frame position are precomputed once with the trained autoencoder, so a DiT step
 touches no pixels.
@@ -59,6 +62,7 @@ from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
 from engine.sampler import shift_sigmas
 from kernels.attention import set_backend as set_attention_backend
 from kernels.fused import set_fused_kernels
+from train.augment import augmented_videos
 from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache
 
 SHIFT = 5.0
@@ -66,6 +70,9 @@ EMO_DROP = 0.1
 MOTION_SUB_LOSS = 0.25
 # face-mesh index sets for the loss masks: the face oval and the outer lip contour
 LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+# the two eyes' lid contours (each its own box): the held-out eye-opening error was the mini's worst part
+EYES = ((33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173),
+        (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398))
 
 
 class MiniPortrait(nn.Module):
@@ -195,6 +202,7 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
     weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
+    weight = weight + sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
     return x0, y, refs, lms, weight[:, None]
 
 
@@ -224,10 +232,12 @@ def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generato
 # ------------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------------
-def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log) -> None:
+def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log, val=None) -> None:
+    """`val`: the held-out losses so far, (step, loss) pairs (DiT stage with --val-every)."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
-                "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log}, tmp)
+                "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log,
+                "val": val or []}, tmp)
     tmp.rename(path)
 
 
@@ -351,12 +361,40 @@ def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> M
     return vae.eval().requires_grad_(False)
 
 
+class HeldOut:
+    """Fixed clips of the held-out split (identity view) and fixed draws (noise level, noise, expression kept):
+    the flow loss on them is comparable from step to step and between runs."""
+
+    def __init__(self, vae: MiniVAE, videos: list[Video], clips: int, k: int = 3, seed: int = 1234):
+        data = ClipDataset(videos, "test")
+        self.bank = LatentBank(vae, videos)
+        gen = np.random.default_rng(seed)
+        self.batch = dit_batch(self.bank, data, clips, k - 1, gen, ref_first=0.5)
+        tgen = torch.Generator().manual_seed(seed)
+        self.u = torch.rand(clips, generator=tgen)
+        self.noise = torch.randn(self.batch[0].shape, generator=tgen)
+        self.keep = torch.ones(clips)
+
+    @torch.no_grad()
+    def loss(self, model: "MiniPortrait", autocast: bool) -> float:
+        was = model.training
+        model.eval()
+        out = flow_loss(model, *self.batch, None, u=self.u, noise=self.noise, keep=self.keep, autocast=autocast)
+        model.train(was)
+        return float(out)
+
+
 def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     vae = load_trained_vae(run, preset).to(args.device)
     t_bank = time.time()
+    held_out = None
+    if args.val_every:
+        held_out = HeldOut(vae, data.videos, args.val_clips)
+    if args.augment:
+        data = ClipDataset(augmented_videos(data.videos), "train")
     videos_to(data, args.device)
     bank = LatentBank(vae, data.videos)
-    print(f"latent bank built in {time.time() - t_bank:.0f}s", flush=True)
+    print(f"latent bank of {len(data.videos)} videos built in {time.time() - t_bank:.0f}s", flush=True)
     torch.manual_seed(args.seed)
     model = MiniPortrait(preset).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -365,16 +403,23 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
         init_from_export(model, Path(args.init_dit))
     step, log = load_state(ckpt, model, opt, gen, tgen)
+    val = torch.load(ckpt, map_location="cpu", weights_only=False).get("val", []) if ckpt.exists() else []
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        if held_out is not None and step % args.val_every == 0 and (not val or val[-1][0] != step):
+            val.append((step, held_out.loss(model, args.bf16)))
+            print(f"dit step {step} held-out loss {val[-1][1]:.4f}", flush=True)
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
-                              lambda n: save_state(ckpt, model, opt, n, gen, tgen, log), clip=1.0)
-    save_state(ckpt, model, opt, step, gen, tgen, log)
+                              lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
+    if held_out is not None:
+        val.append((step, held_out.loss(model, args.bf16)))
+        print(f"dit step {step} held-out loss {val[-1][1]:.4f}", flush=True)
+    save_state(ckpt, model, opt, step, gen, tgen, log, val)
     print(f"dit done at step {step}", flush=True)
 
 
@@ -425,7 +470,8 @@ def training_curves(run: Path, out: Path) -> None:
     for stage in ("vae", "dit", "decoder"):
         path = run / f"{stage}.ckpt"
         if path.exists():
-            log = torch.load(path, map_location="cpu", weights_only=False)["log"]
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            log = state["log"]
             if not log:   # a stage started from trained weights and not trained further (--init-vae, --minutes 0)
                 continue
             steps, losses = np.array([s for s, _, _ in log]), np.array([l for _, l, _ in log])
@@ -433,6 +479,9 @@ def training_curves(run: Path, out: Path) -> None:
             smooth = np.convolve(losses, np.ones(k) / k, mode="valid") if len(losses) >= k else losses
             curves[stage] = {"steps": steps[len(steps) - len(smooth):].tolist()[::5],
                              "loss_mean25": [round(float(x), 4) for x in smooth[::5]], "final_step": int(steps[-1])}
+            if state.get("val"):
+                curves[stage]["held_out"] = {"steps": [int(s) for s, _ in state["val"]],
+                                             "loss": [round(float(v), 4) for _, v in state["val"]]}
     out.with_suffix(".json").write_text(json.dumps(curves) + "\n")
     try:
         import matplotlib
@@ -445,8 +494,11 @@ def training_curves(run: Path, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4))
     for ax, (stage, c) in zip(np.atleast_1d(axes), curves.items()):
-        ax.plot(c["steps"], c["loss_mean25"])
-        ax.set_title(f"{stage} loss (mean of 25 steps)")
+        ax.plot(c["steps"], c["loss_mean25"], label="training (mean of 25 steps)")
+        if "held_out" in c:
+            ax.plot(c["held_out"]["steps"], c["held_out"]["loss"], "o-", label="held-out clips (fixed draws)")
+            ax.legend()
+        ax.set_title(f"{stage} loss")
         ax.set_xlabel("step")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -479,6 +531,11 @@ def main(argv=None) -> None:
     ap.add_argument("--init-vae", metavar="PATH",
                     help="vae stage: start from this trained mini_vae.pt (e.g. weights/mini/mini_vae.pt) instead of "
                          "random weights; with --minutes 0 only its latent statistics are recomputed")
+    ap.add_argument("--augment", action="store_true",
+                    help="dit stage: train on every video's mirrored and zoomed views too (train/augment.py)")
+    ap.add_argument("--val-every", type=int, default=0,
+                    help="dit stage: log the loss on fixed held-out clips every N steps (0: never)")
+    ap.add_argument("--val-clips", type=int, default=64, help="held-out clips of --val-every")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--log-every", type=int, default=25, help="print the mean loss every N steps")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: see the module docstring)")
