@@ -8,6 +8,8 @@ themselves (128x128 crops from the training cache; `python -m train.data` builds
     mini     engine/mini.render_clip: offline step-major WSWS (window 3 latent frames, overlap 2), --steps flow
              steps, emotion guidance --emo-cfg (two passes per step, one batch)
     static   the reference frame repeated (what a frozen avatar scores)
+    autoencoder  the ground-truth frames through the mini's own autoencoder (encode, decode): not a method but the
+             ceiling of any output the mini decodes, so the gap between mini and static can be read against it
     preview  engine/preview.PreviewRenderer driven by the ground-truth frames (mesh warp of the reference)
 Metrics per frame, averaged over all held-out frames but each segment's first (the reference itself):
     psnr, ssim (Gaussian 11x11, sigma 1.5, on luma)
@@ -125,6 +127,18 @@ def frame_step_seam(video: np.ndarray, windows, stride: int = 4) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------------------------------
+def round_trip(vae, truth: np.ndarray) -> np.ndarray:
+    """(T, S, S, 3) uint8 frames through the autoencoder (encode, decode) in one clip of 1 + 4k frames (the last
+    frame repeated up to that length), the first T frames back as uint8."""
+    t = len(truth)
+    n = 1 + 4 * max(1, -(-(t - 1) // 4))
+    padded = np.concatenate([truth, np.repeat(truth[-1:], n - t, 0)])
+    video = torch.from_numpy(padded).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1)
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video))[0, :, :t]
+    return ((out.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def render_preview(reference: np.ndarray, driving: np.ndarray) -> np.ndarray:
     from engine.preview import PreviewRenderer
 
@@ -205,7 +219,7 @@ def main(argv=None):
     settings = RenderSettings(steps=args.steps, emo_cfg=args.emo_cfg, window=args.window, overlap=args.overlap)
     reader = MeshReader()
     all_rows = {m: {"psnr": [], "ssim": [], "expr": [], "parts": [], "missed": []} for m in ("mini", "static",
-                                                                                            "preview")}
+                                                                                            "preview", "autoencoder")}
     per_video, curves, seams = {}, {}, []
     longest = max(videos, key=lambda v: len(v.frames) - split_range(len(v.frames), "test")[0]).name
     samples = {}
@@ -232,7 +246,7 @@ def main(argv=None):
         out = render_clip(models, reference, v.landmarks[a:b].numpy(), settings)
         t_render += time.perf_counter() - t0
         outputs = {"mini": out.frames, "static": np.repeat(reference[None], len(truth), 0),
-                   "preview": render_preview(reference, truth)}
+                   "preview": render_preview(reference, truth), "autoencoder": round_trip(models.vae, truth)}
         per_video[v.name] = {"frames": int(b - a)}
         for m, frames in outputs.items():
             rows = score(frames, truth, truth_pts, static_err, reader)
@@ -244,7 +258,8 @@ def main(argv=None):
                              "expression_error": [round(float(x), 4) for x in rows["expr"]]}
         # temporal roughness: mean |frame step| of the output over that of the ground truth
         steps_of = lambda x: float(np.abs(np.diff(x.astype(np.float32), axis=0)).mean())  # noqa: E731
-        jitter = {m: steps_of(f) / max(steps_of(truth), 1e-6) for m, f in outputs.items() if m != "static"}
+        jitter = {m: steps_of(f) / max(steps_of(truth), 1e-6) for m, f in outputs.items()
+                  if m in ("mini", "preview")}
         if v.name == longest:
             # with stride 1 every latent boundary is a window boundary, so seams are measured on a second render
             # of the longest segment with windows of --seam-window latent frames and overlap 1 (stride W - 1)
@@ -268,6 +283,8 @@ def main(argv=None):
         "preview_expression_error_ratio": preview["expression_error"] / static["expression_error"],
         "preview_psnr_gain_db": preview["psnr"] - static["psnr"],
         "targets": {"expression_error_ratio": "<= 0.6", "psnr_gain_db": ">= 1"},
+        "autoencoder_ceiling": {"expression_error_ratio": res["autoencoder"]["expression_error"]
+                                / static["expression_error"], "psnr_gain_db": res["autoencoder"]["psnr"] - static["psnr"]},
         "methods": res,
         "seam_jump": seams[0],
         "temporal_step_vs_truth": {m: float(np.mean([pv["temporal_step_vs_truth"][m] for pv in per_video.values()]))
