@@ -34,9 +34,7 @@ sees held tokens. L = 0 lags the expression by one latent frame. Offline WSWS al
 Pacing. A window hands out 4S frames at once; the renderer keeps them in its output queue and `pull()` releases
 frame j at (push time of driving frame j) + playout delay, the delay being a robust high percentile of the recent
 windows' first-frame waits that forgets a backlog once it is gone (engine/playout.py), so the sinks receive a steady
-stream at the input rate; they add no buffer of their own on top. Each window also reports how long its input had
-been ready before it started (`_queued`): until the session has caught up with its first windows, the playout
-delay learns the waits without that queue, so the backlog behind a slow start does not set the delay.
+stream at the input rate; they add no buffer of their own on top.
 Start. The controller starts on the best-quality budget the engine's warm-up timings (one DiT call, one decode)
 predict to keep up within the latency target, so the first windows do not build a backlog.
 Under a `latency_target_ms` the controller may drop the lookahead to 0 (see Lookahead) when the configured one cannot
@@ -173,7 +171,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._frame_index = 0                        # driving frames processed
         self._last_frame_tokens: torch.Tensor | None = None  # (24, C): the previous latent's last frame
         self._tokens: dict[int, torch.Tensor] = {}  # global latent index -> (97, C)
-        self._ready: dict[int, tuple[float, float]] = {}  # latent -> (its last frame's input queue s, clock at tokens)
         self._have = 0                               # latent frames with tokens
         self._pending: collections.deque = collections.deque()  # (pts, push time) of frames not yet emitted
         self._all_pts: list[float] = []              # offline: every frame's pts
@@ -282,22 +279,11 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._released = new_base
         self._new_roller(new_base)
 
-    def _queued(self, started: float) -> float:
-        """Seconds this window's input was ready before it started: the input queue of the driving frame that
-        completed its last latent (frames behind the expression thread) + the wait of those tokens for the window
-        thread (a window still running). 0 for a renderer that keeps up; the playout delay does not learn it while a
-        session's first backlog drains (engine/playout.py)."""
-        need = self._base + self.roller.window_start + self._budget.stride + self._lookahead()
-        input_queue, tokens_at = self._ready.get(min(need, self._have) - 1, (0.0, started))
-        return input_queue + max(0.0, started - tokens_at)
-
     def _run_window(self) -> list:
         eng = self.engine
-        started = self.clock()
         self._catch_up()
         while not self.roller.ready():
             self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
-        queued = self._queued(started)
         t0 = time.perf_counter()
         full0, pred0 = self.cached.full_passes, self.cached.predicted_passes
         # On CUDA the window runs on the engine's own stream: the expression thread's small kernels (FanEncoder,
@@ -321,7 +307,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
             first_needed = self._base + self.roller.window_start
             for g in [g for g in list(self._tokens) if g < first_needed - 1]:
                 del self._tokens[g]
-                self._ready.pop(g, None)
             out = []
             for frame in frames:
                 pts, stamp = self._pending.popleft()
@@ -330,7 +315,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("decode_ms", 1e3 * (t2 - t1))
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
-                self.playout.observe(self.clock() - out[0][1], queued)  # the chunk's first frame waited longest
+                self.playout.observe(self.clock() - out[0][1])  # the chunk's first frame waited longest
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
@@ -352,8 +337,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         Started (`start()`), windows run on the renderer's window thread and their frames reach `pull()` directly,
         so this returns [] and the next driving frame's expression overlaps the window's GPU work. Called directly
         (not started), the windows run here and their frames are returned."""
-        now = self.clock()
-        pts, stamp = pts if isinstance(pts, tuple) else (pts, now)
+        pts, stamp = pts if isinstance(pts, tuple) else (pts, self.clock())
         if self._t_first is None:
             self._t_first = stamp  # budget change times count from the session's first driving frame
         if self._window_failed:
@@ -372,7 +356,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         j = self._frame_index
         self._frame_index += 1
         if j % TIME_STRIDE == 0:  # frame 4i completes latent i
-            self._add_latent(j // TIME_STRIDE, input_queue=max(0.0, now - stamp))
+            self._add_latent(j // TIME_STRIDE)
         if self._window_thread is not None:
             with self._window_cv:
                 self._window_cv.notify()
@@ -412,9 +396,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return self
 
     @torch.no_grad()
-    def _add_latent(self, i: int, input_queue: float = 0.0) -> None:
-        """Tokens of latent i from the features of its frames (frame 0 for i = 0, frames 4i-3..4i otherwise);
-        `input_queue`: seconds its last frame waited in the input queue (see `_queued`)."""
+    def _add_latent(self, i: int) -> None:
+        """Tokens of latent i from the features of its frames (frame 0 for i = 0, frames 4i-3..4i otherwise)."""
         eng = self.engine
         feats = torch.from_numpy(np.stack(self._feats)).to(eng.device, eng.dtype)[None]     # (1, n, 554)
         self._feats = []
@@ -430,7 +413,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
         if eng.stream is not None:  # the window thread reads these on the engine's stream: finish them first
             torch.cuda.current_stream(eng.device).synchronize()
         self._tokens[i] = lat
-        self._ready[i] = (input_queue, self.clock())  # before _have: the window thread may start on it at once
         self._have = i + 1
 
     # --- output ----------------------------------------------------------------------------------------------------
@@ -447,7 +429,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             frame, pts, stamp = self._out[0]
         except IndexError:
             return None
-        if self.pace and not self.playout.due(stamp, self.clock()):
+        if self.pace and self.clock() < stamp + self.playout.delay:
             return None
         self._out.popleft()
         self.frames_pulled += 1
@@ -529,7 +511,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
         # free the session state: rolling latents, stores, ALPA caches, decoder memory, tokens, queued frames
         self.roller = self.cached = self.sampler = self.decoder = self._emo = None
         self._tokens.clear()
-        self._ready.clear()
         self._feats, self._all_feats = [], []
         self._pending.clear()
         self._out.clear()
@@ -557,7 +538,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "realtime_factor": None if self.rtf is None else round(self.rtf, 3),
             "backlog_frames": self.backlog_frames(), "skipped_behind": self.skipped_behind,
             "playout_delay_ms": round(1e3 * self.playout.delay, 1), "playout_settled": self.playout.settled,
-            "playout_backlog_windows": self.playout.backlog_windows,
             "face_found": self.face_found, "faces_missed": self.faces_missed,
             # for benches (bench/stream_latency.py): the controller's budget and how often it changed
             "full_passes_per_window": b.full_passes(), "budget_changes": self.controller.changes,

@@ -6,13 +6,11 @@ Nothing here depends on the machine's speed: the engine's warm-up timings (`engi
 `windows_cost`), so the controller decides the same on a fast and on a slow CI machine.
 
 Properties: the playout delay is a robust statistic of recent first-frame waits (one slow window moves it not at
-all, a lasting change moves it) that comes down within 8 windows once a backlog is gone, and does not learn the
-queue behind a slow first window (the renderer measures it; tests/test_playout.py has the stream-level
-properties); under a latency target the controller drops the lookahead when the configured one cannot meet it, and
-then the first window runs as soon as latent 0 has its tokens; seeded with the engine's warm-up timings the
-controller starts on a budget that keeps up (the unseeded one starts on the full budget and must cut); under a
-latency target the lag is capped at what the target lasts; AvatarTrack keeps at most one frame of slack in front of
-a renderer that paces its own output.
+all, a lasting change moves it) that comes down within 8 windows once a backlog is gone; under a latency target the
+controller drops the lookahead when the configured one cannot meet it, and then the first window runs as soon as
+latent 0 has its tokens; seeded with the engine's warm-up timings the controller starts on a budget that keeps up
+(the unseeded one starts on the full budget and must cut); under a latency target the lag is capped at what the
+target lasts; AvatarTrack keeps at most one frame of slack in front of a renderer that paces its own output.
 """
 from __future__ import annotations
 
@@ -170,45 +168,6 @@ def test_renderer_playout_delay_returns_to_the_typical_wait_after_one_slow_windo
     assert max(waits) == pytest.approx(typical + 0.5, abs=1e-6), "the slow window was not measured"
     after = delays[slow - 1:]  # from the slow window on
     assert max(after) < typical + 0.15, f"delays {after} after one slow window, typical wait {typical:.3f} s"
-
-
-def test_renderer_learns_the_waits_behind_a_slow_first_window_without_their_queue(reference, clip, engine):
-    """On a virtual clock: frame j arrives at j / FPS but is processed once the window before it has finished (the
-    windows run inside process()); windows cost their injected 85 ms, the first one 0.6 s more (one-off costs), so
-    the next ones queue until that backlog has drained. The renderer measures each window's queue and the playout
-    delay does not learn it: the delay comes down with the backlog and is the typical wait once caught up (learnt
-    whole, the backlog's 0.8 s waits held it there for 8 windows more)."""
-    now = [0.0]
-    r = make(reference, engine, lookahead=1, pace=False, clock=lambda: now[0])  # windows run inside process()
-    window_s, _ = window_cost_s(Budget(1, engine.live_steps, 1), SLOW)
-    decode, calls, delays = r.decoder.decode, [0], []
-
-    def decode_costing_the_window(latents):
-        calls[0] += 1
-        now[0] += window_s + (0.6 if calls[0] == 1 else 0.0)
-        return decode(latents)
-
-    r.decoder.decode = decode_costing_the_window
-    try:
-        for j in range(4 * 14 + 5):
-            now[0] = max(now[0], j / FPS)  # frame j is processed now, its push stamp is when it arrived
-            before = r.windows
-            r.process(clip[j % len(clip)], (j / FPS, j / FPS))
-            if r.windows > before:
-                delays.append(r.playout.delay)
-        stats = r.stats()
-    finally:
-        r.close()
-    typical = 7 / FPS + window_s  # lookahead 1: a window's first frame waits for 7 more driving frames
-    steady = typical + 0.25 / FPS
-    caught_up = next((k for k, d in enumerate(delays) if k and d < steady + 1e-6), None)  # 0.6 s / 75 ms later
-    assert caught_up is not None and caught_up <= 9, delays
-    assert max(delays[caught_up:]) == pytest.approx(steady, abs=1e-6), delays
-    assert max(r.playout.waits) == pytest.approx(typical, abs=1e-6), "the backlog's queue was learnt"
-    assert delays[1] > typical + 0.3  # the backlog's frames are paced: its first windows waited ~0.8 s
-    assert all(b <= a + 1e-9 for a, b in zip(delays[1:caught_up], delays[2:caught_up + 1]))
-    assert stats["playout_backlog_windows"] >= 4 and not r.playout.behind
-    assert delays[0] == 0.0  # the session's first window is not learnt: its frame goes out when ready
 
 
 def test_controller_drops_the_lookahead_only_under_a_latency_target():
