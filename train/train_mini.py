@@ -23,7 +23,7 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
   run with ip_scale 0, which is exactly the renderer's no-emotion guidance branch (zero tokens through the NFEB
   normalisation would add mean(base) instead of nothing);
-  loss: MSE weighted by (1 + face mask + LIP_WEIGHT lip mask + EYE_WEIGHT eye masks) in latent space (FlashPortrait also draws face-only and lip-only
+  loss: MSE weighted by (1 + face mask + lip mask + eye mask) in latent space (FlashPortrait also draws face-only and lip-only
   weightings; one fixed weighting keeps the small run's loss comparable across steps), plus its motion sub-loss
   (frame differences of prediction vs target, ratio 0.25).
 Against overfitting (`--augment`, train/augment.py): every video also mirrored and zoomed, pixels and landmarks
@@ -71,8 +71,6 @@ MOTION_SUB_LOSS = 0.25
 # face-mesh index sets for the loss masks: the face oval and the outer lip contour
 LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 # the two eyes' lid contours (each its own box): the held-out eye-opening error was the mini's worst part
-LIP_WEIGHT = 4.0  # the mouth box is ~2 of 256 latent positions; at weight 1 the held-out mouth error (0.11) stayed
-EYE_WEIGHT = 2.0  # near the static frame's (0.14) while the autoencoder's own round trip reaches 0.05
 EYES = ((33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173),
         (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398))
 
@@ -203,8 +201,8 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
-    weight = 1 + region_mask(per_latent, None, grid, 0.02) + LIP_WEIGHT * region_mask(per_latent, LIPS, grid, 0.03)
-    weight = weight + EYE_WEIGHT * sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
+    weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
+    weight = weight + sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
     return x0, y, refs, lms, weight[:, None]
 
 
