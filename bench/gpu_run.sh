@@ -87,6 +87,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --server-jitter-buffer aiortc --name stream_latency_fp_1.3b_${GPU}_aiortc_both ;;
     stream_baseline) cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
+      mkdir -p .baseline/tests && cp tests/avatar_probe.py .baseline/tests/  # the bench's frame stamps
       stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \
         --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_${GPU}_baseline \
@@ -106,6 +107,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
         --server-args "--preset 14b --random-weights --low-vram" --seconds 23 --name stream_latency_fp_14b_${GPU}_24g ;;
     stream14_baseline) echo "stream14_baseline: the old server (bf16 pair, fp32 init of 14B): expect ~2-3 min warm-up"
       cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
+      mkdir -p .baseline/tests && cp tests/avatar_probe.py .baseline/tests/  # the bench's frame stamps
       stage stream14_baseline 400 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         FLASHLIVE_COMMIT=${FLASHLIVE_BASELINE_COMMIT:-baseline} python3 bench/stream_latency.py \
         --renderer flashportrait --driving $(realpath "$VIDEO") --server-args '--preset 14b --random-weights' --seconds 23 \
