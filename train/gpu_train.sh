@@ -28,6 +28,8 @@ BF16=${BF16:-}              # 1: bf16 autocast in the forward passes
 AUGMENT=${AUGMENT:-}        # 1: train the DiT on mirrored and zoomed views too (train/augment.py)
 VAL_EVERY=${VAL_EVERY:-250} # DiT steps between held-out losses (0: none)
 VAL_CLIPS=${VAL_CLIPS:-64}  # held-out clips of each such loss
+LIP_WEIGHT=${LIP_WEIGHT:-1} # loss weight of the mouth box (DiT stage)
+EYE_WEIGHT=${EYE_WEIGHT:-1} # loss weight of each eye box
 THREADS=${THREADS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -43,7 +45,7 @@ start=$(date +%s)
     ${INIT_VAE:+--init-vae "$INIT_VAE"} "${common[@]}"
 echo "vae stage: $(( $(date +%s) - start ))s since start"
 "$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" \
-    ${INIT_DIT:+--init-dit "$INIT_DIT"} ${AUGMENT:+--augment} --val-every "$VAL_EVERY" --val-clips "$VAL_CLIPS" "${common[@]}"
+    ${INIT_DIT:+--init-dit "$INIT_DIT"} ${AUGMENT:+--augment} --val-every "$VAL_EVERY" --val-clips "$VAL_CLIPS" --lip-weight "$LIP_WEIGHT" --eye-weight "$EYE_WEIGHT" "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
 mkdir -p "$OUT/mini"
 "$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" --curves "$OUT/mini_curves"

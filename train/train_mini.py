@@ -23,9 +23,9 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
   run with ip_scale 0, which is exactly the renderer's no-emotion guidance branch (zero tokens through the NFEB
   normalisation would add mean(base) instead of nothing);
-  loss: MSE weighted by (1 + face mask + lip mask + eye mask) in latent space (FlashPortrait also draws face-only and lip-only
-  weightings; one fixed weighting keeps the small run's loss comparable across steps), plus its motion sub-loss
-  (frame differences of prediction vs target, ratio 0.25).
+  loss: MSE weighted by (1 + face mask + --lip-weight x lip mask + --eye-weight x eye masks) in latent space
+  (FlashPortrait also draws face-only and lip-only weightings; one fixed weighting keeps the small run's loss
+  comparable across steps), plus its motion sub-loss (frame differences of prediction vs target, ratio 0.25).
 Against overfitting (`--augment`, train/augment.py): every video also mirrored and zoomed, pixels and landmarks
 together; `--val-every` logs the same loss on fixed held-out clips (the last 20% of every video, never trained on),
 so the curves show when the model stops generalising rather than only that its training loss falls.
@@ -178,7 +178,7 @@ def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Te
 
 
 def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator,
-              ref_first: float = 0.0):
+              ref_first: float = 0.0, lip_weight: float = 1.0, eye_weight: float = 1.0):
     """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
     (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
     clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
@@ -201,8 +201,8 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
-    weight = 1 + region_mask(per_latent, None, grid, 0.02) + region_mask(per_latent, LIPS, grid, 0.03)
-    weight = weight + sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
+    weight = 1 + region_mask(per_latent, None, grid, 0.02) + lip_weight * region_mask(per_latent, LIPS, grid, 0.03)
+    weight = weight + eye_weight * sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
     return x0, y, refs, lms, weight[:, None]
 
 
@@ -410,7 +410,8 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
             val.append((step, held_out.loss(model, args.bf16)))
             print(f"dit step {step} held-out loss {val[-1][1]:.4f}", flush=True)
         k = int(gen.choice(args.latents)) - 1
-        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first)
+        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first, args.lip_weight,
+                                             args.eye_weight)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
@@ -533,6 +534,10 @@ def main(argv=None) -> None:
                          "random weights; with --minutes 0 only its latent statistics are recomputed")
     ap.add_argument("--augment", action="store_true",
                     help="dit stage: train on every video's mirrored and zoomed views too (train/augment.py)")
+    ap.add_argument("--lip-weight", type=float, default=1.0,
+                    help="dit stage: weight of the mouth box in the loss (the committed checkpoint: 1; the held-out "
+                         "mouth error stayed near a frozen frame's, so a heavier term is the next thing to try)")
+    ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
     ap.add_argument("--val-every", type=int, default=0,
                     help="dit stage: log the loss on fixed held-out clips every N steps (0: never)")
     ap.add_argument("--val-clips", type=int, default=64, help="held-out clips of --val-every")
