@@ -60,6 +60,11 @@ stage() {  # name, seconds, command...
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" bench/results; fi
 }
 
+today_bench_into_baseline() {  # today's metrics against the old server: the bench and its frame stamps
+  mkdir -p .baseline/bench .baseline/tests
+  cp bench/stream_latency.py bench/common.py .baseline/bench/ && cp tests/avatar_probe.py .baseline/tests/
+}
+
 for s in "$@"; do
   case $s in
     env) stage env 120 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
@@ -86,8 +91,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
     stream_aiortc_both) stage stream_aiortc_both 300 python3 bench/stream_latency.py --renderer flashportrait \
         --driving "$VIDEO" --server-args "--preset 1.3b --random-weights" --seconds 20 --client-jitter-buffer aiortc \
         --server-jitter-buffer aiortc --name stream_latency_fp_1.3b_${GPU}_aiortc_both ;;
-    stream_baseline) cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
-      mkdir -p .baseline/tests && cp tests/avatar_probe.py .baseline/tests/  # the bench's frame stamps
+    stream_baseline) today_bench_into_baseline
       stage stream_baseline 300 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         python3 bench/stream_latency.py --renderer flashportrait --driving ../$VIDEO --client-jitter-buffer aiortc \
         --server-args '--preset 1.3b --random-weights' --seconds 20 --name stream_latency_fp_1.3b_${GPU}_baseline \
@@ -106,8 +110,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
       stage stream14_24g 400 python3 bench/stream_latency.py --renderer flashportrait --driving "$VIDEO" \
         --server-args "--preset 14b --random-weights --low-vram" --seconds 23 --name stream_latency_fp_14b_${GPU}_24g ;;
     stream14_baseline) echo "stream14_baseline: the old server (bf16 pair, fp32 init of 14B): expect ~2-3 min warm-up"
-      cp bench/stream_latency.py bench/common.py .baseline/bench/  # today's metrics, old server
-      mkdir -p .baseline/tests && cp tests/avatar_probe.py .baseline/tests/  # the bench's frame stamps
+      today_bench_into_baseline
       stage stream14_baseline 400 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         FLASHLIVE_COMMIT=${FLASHLIVE_BASELINE_COMMIT:-baseline} python3 bench/stream_latency.py \
         --renderer flashportrait --driving $(realpath "$VIDEO") --server-args '--preset 14b --random-weights' --seconds 23 \

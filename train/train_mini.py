@@ -242,14 +242,15 @@ def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen,
 
 
 def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen):
+    """Restore a stage's checkpoint into module, optimizer and generators; (step, log, held-out log)."""
     if not path.exists():
-        return 0, []
+        return 0, [], []
     st = torch.load(path, map_location="cpu", weights_only=False)
     module.load_state_dict(st["model"])
     opt.load_state_dict(st["opt"])
     np_gen.bit_generator.state = st["np_gen"]
     torch_gen.set_state(st["torch_gen"])
-    return st["step"], st.get("log", [])
+    return st["step"], st.get("log", []), st.get("val", [])
 
 
 def lr_at(step: int, base: float, warmup: int = 100, progress: float | None = None) -> float:
@@ -309,7 +310,7 @@ def train_vae(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
             raise SystemExit(f"{args.init_vae} has the old two-space layout (first_in): train the autoencoder "
                              f"instead of --init-vae.")
         vae.load_state_dict(trained)
-    step, log = load_state(ckpt, vae, opt, gen, tgen)
+    step, log, _ = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         batch = random_crop(data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True),
@@ -337,7 +338,7 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
     opt = torch.optim.AdamW(params, lr=args.lr_vae / 2, weight_decay=0.0)
     gen, tgen = np.random.default_rng(args.seed + 2), torch.Generator().manual_seed(args.seed + 2)
     ckpt = run / "decoder.ckpt"
-    step, log = load_state(ckpt, vae, opt, gen, tgen)
+    step, log, _ = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         video = random_crop(data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True),
@@ -363,13 +364,12 @@ def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> M
 
 class HeldOut:
     """Fixed clips of the held-out split (identity view) and fixed draws (noise level, noise, expression kept):
-    the flow loss on them is comparable from step to step and between runs."""
+    the flow loss on them is comparable from step to step and between runs. `videos` are the first videos of `bank`
+    (augmented_videos puts the identity view first), so the clips gather from the training bank."""
 
-    def __init__(self, vae: MiniVAE, videos: list[Video], clips: int, k: int = 3, seed: int = 1234):
-        data = ClipDataset(videos, "test")
-        self.bank = LatentBank(vae, videos)
+    def __init__(self, bank: LatentBank, videos: list[Video], clips: int, k: int = 3, seed: int = 1234):
         gen = np.random.default_rng(seed)
-        self.batch = dit_batch(self.bank, data, clips, k - 1, gen, ref_first=0.5)
+        self.batch = dit_batch(bank, ClipDataset(videos, "test"), clips, k - 1, gen, ref_first=0.5)
         tgen = torch.Generator().manual_seed(seed)
         self.u = torch.rand(clips, generator=tgen)
         self.noise = torch.randn(self.batch[0].shape, generator=tgen)
@@ -387,14 +387,13 @@ class HeldOut:
 def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     vae = load_trained_vae(run, preset).to(args.device)
     t_bank = time.time()
-    held_out = None
-    if args.val_every:
-        held_out = HeldOut(vae, data.videos, args.val_clips)
+    videos = data.videos
     if args.augment:
-        data = ClipDataset(augmented_videos(data.videos), "train")
+        data = ClipDataset(augmented_videos(videos), "train")
     videos_to(data, args.device)
     bank = LatentBank(vae, data.videos)
     print(f"latent bank of {len(data.videos)} videos built in {time.time() - t_bank:.0f}s", flush=True)
+    held_out = HeldOut(bank, data.videos[:len(videos)], args.val_clips) if args.val_every else None
     torch.manual_seed(args.seed)
     model = MiniPortrait(preset).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -402,8 +401,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     ckpt = run / "dit.ckpt"
     if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
         init_from_export(model, Path(args.init_dit))
-    step, log = load_state(ckpt, model, opt, gen, tgen)
-    val = torch.load(ckpt, map_location="cpu", weights_only=False).get("val", []) if ckpt.exists() else []
+    step, log, val = load_state(ckpt, model, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         if held_out is not None and step % args.val_every == 0 and (not val or val[-1][0] != step):
