@@ -91,6 +91,7 @@ LAYER_CACHE_LIMIT = 8 * 2**30  # offline: above this, ALPA caches the DiT output
 # controller picks when needed; with lookahead 1 a frame waits at most 7 driving frames (280 ms) for its tokens,
 # so glass-to-glass stays near 0.5 s. (W 4 / S 2 costs ~30% less per frame but waits 11 frames.)
 LIVE_WINDOW = WindowConfig(context_size=3, context_overlap=2)
+TRACE_WINDOWS = 40  # the first windows of a session, timed one by one in stats()["start_trace"] (the start-up)
 
 
 class FlashPortraitRenderer(ThreadedRenderer):
@@ -192,6 +193,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.skipped_behind = 0
         self._t_first: float | None = None           # push time of the first driving frame
         self._window_failed = False
+        self.start_trace: list[dict] = []            # the first TRACE_WINDOWS windows (see _trace_window)
+        self._latent_at: dict[int, float] = {}       # clock() when latent i's tokens existed (first windows only)
+        self.start_expression_ms: list[float] = []   # expression time of the first 4 TRACE_WINDOWS driving frames
         self._window_thread: threading.Thread | None = None
         self._window_cv = threading.Condition()
         self._stop_windows = False
@@ -284,6 +288,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._catch_up()
         while not self.roller.ready():
             self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
+        c0 = self.clock()
+        needed = self._base + self.roller.window_start + self._budget.stride + self._lookahead() - 1
+        pairs0 = self.guide.pairs if self.guide is not None else 0
         t0 = time.perf_counter()
         full0, pred0 = self.cached.full_passes, self.cached.predicted_passes
         # On CUDA the window runs on the engine's own stream: the expression thread's small kernels (FanEncoder,
@@ -316,6 +323,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
                 self.playout.observe(self.clock() - out[0][1])  # the chunk's first frame waited longest
+            if len(self.start_trace) < TRACE_WINDOWS:
+                self._trace_window(c0, needed, t1 - t0, t2 - t1, out, pairs0)
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
             # the frames just made are not queued yet: they count in the backlog (not pulled)
@@ -323,6 +332,21 @@ class FlashPortraitRenderer(ThreadedRenderer):
             if new is not None:
                 self._apply_budget(new)
         return out
+
+    def _trace_window(self, c0: float, needed: int, dit_s: float, decode_s: float, out: list, pairs0: int) -> None:
+        """One row of `start_trace` (milliseconds from the session's first driving frame): when the window's last
+        needed tokens existed (`ready`), when it started and ended, its DiT and decode time, full / predicted passes
+        and guidance pairs, its first frame's wait and the playout delay after it, the backlog left."""
+        first = self._t_first if self._t_first is not None else c0
+        ms = lambda t: None if t is None else round(1e3 * (t - first), 1)  # noqa: E731
+        self.start_trace.append({
+            "window": self.windows - 1, "ready_ms": ms(self._latent_at.get(needed)), "start_ms": ms(c0),
+            "end_ms": ms(self.clock()), "dit_ms": round(1e3 * dit_s, 1), "decode_ms": round(1e3 * decode_s, 1),
+            "full": self.last_window_passes, "predicted": self.last_window_predicted,
+            "pairs": (self.guide.pairs - pairs0) if self.guide is not None else None, "frames": len(out),
+            "wait_ms": round(1e3 * (self.clock() - out[0][1]), 1) if out else None,
+            "delay_ms": round(1e3 * self.playout.delay, 1), "backlog": self.backlog_frames()})
+        self._latent_at = {i: t for i, t in self._latent_at.items() if i > needed}
 
     def _ema(self, key: str, value: float) -> None:
         self.t[key] = value if self.t[key] == 0 else 0.8 * self.t[key] + 0.2 * value
@@ -347,6 +371,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self.faces_missed += not result.face_found
         self.face_found = result.face_found
         self._ema("expression_ms", 1e3 * (time.perf_counter() - t0))
+        if len(self.start_expression_ms) < 4 * TRACE_WINDOWS:
+            self.start_expression_ms.append(round(1e3 * (time.perf_counter() - t0), 1))
         if self.offline:
             self._all_feats.append(result.features)
             self._all_pts.append(pts)
@@ -414,6 +440,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
             torch.cuda.current_stream(eng.device).synchronize()
         self._tokens[i] = lat
         self._have = i + 1
+        if len(self.start_trace) < TRACE_WINDOWS:
+            self._latent_at[i] = self.clock()
 
     # --- output ----------------------------------------------------------------------------------------------------
     def _emit(self, outputs) -> None:
@@ -546,5 +574,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
             "budget": {"interval": b.interval, "steps": b.steps, "stride": b.stride,
                        "lookahead": self._lookahead()},
             "controller": self.controller.stats(), **self.engine.stats(),
-            "guidance": None if self.guide is None else self.guide.stats()})
+            "guidance": None if self.guide is None else self.guide.stats(),
+            "start_trace": list(self.start_trace), "start_expression_ms": list(self.start_expression_ms)})
         return out
