@@ -20,6 +20,7 @@
 #   stream14_baseline   the same bench against the checkout exported to .baseline/ (git archive of main before issue
 #                       14; it has no --fp8 / --low-vram / --emo-refresh): ..._14b_<gpu>_baseline.json. Set
 #                       FLASHLIVE_BASELINE_COMMIT to its commit (the result's env.git_commit).
+#                       BASELINE_TAG is appended to its name (..._baseline<TAG>.json).
 #   A 14b server's warm-up: random init of the 14B DiT on the GPU (~5-10 s) + CLIP / VAE / encoders (~5 s) + one
 #   compiled block per step shape (FP8 pair and FP8 single: ~60-90 s each cold, a few seconds from this machine's
 #   Inductor cache once an earlier stage compiled the same graph) + CUDA graph capture (~5 s): ~2.5-3.5 min cold,
@@ -114,7 +115,7 @@ for m in (\"aiortc\", \"av\", \"mediapipe\", \"cv2\", \"pynvml\", \"onnxruntime\
       stage stream14_baseline 400 bash -c "cd .baseline && PYTHONPATH=$SITES$PWD/.baseline \
         FLASHLIVE_COMMIT=${FLASHLIVE_BASELINE_COMMIT:-baseline} python3 bench/stream_latency.py \
         --renderer flashportrait --driving $(realpath "$VIDEO") --server-args '--preset 14b --random-weights' --seconds 23 \
-        --name stream_latency_fp_14b_${GPU}_baseline && cp bench/results/stream_latency_fp_14b_${GPU}_baseline.* \
+        --name stream_latency_fp_14b_${GPU}_baseline${BASELINE_TAG:-} && cp bench/results/stream_latency_fp_14b_${GPU}_baseline${BASELINE_TAG:-}.* \
         ../bench/results/" ;;
     parallel) stage parallel 400 torchrun --standalone --nproc_per_node "$(nvidia-smi -L | wc -l)" bench/dit_parallel.py --preset 14b ;;
     load_memory) stage load_memory 400 python3 bench/load_memory.py --preset 1.3b --device cuda ;;

@@ -455,6 +455,9 @@ def run_pts(args) -> None:
         "server_latency_ms": session.get("latency_ms"), "repeats": session.get("repeats"),
         "repeats_fraction": round(session["repeats"] / frames_out, 4) if frames_out and session.get("repeats")
         is not None else None,
+        # ticks before the first avatar frame (the idle portrait: the start-up, which ttff_s measures); servers before
+        # 2026-12-02 counted them in repeats
+        "waiting": session.get("waiting"),
         "skipped": session.get("skipped"), "frames_out": frames_out,
         # budget changes in the --changes-window seconds after the first --warmup seconds of the stream (from the
         # controller state sampled at every received frame); the renderer's own count where it reports one
@@ -486,7 +489,7 @@ def run_pts(args) -> None:
     print(f"{payload['renderer']:<14}{str(payload['device'])[:27]:<28}{payload['fps']:>7}{payload['p50_ms']!s:>9}"
           f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}{payload['p95_after_warmup_ms']!s:>19}")
     print(f"preset {payload['preset']}, emo_cfg {payload['emo_cfg']}, repeats {payload['repeats']} of "
-          f"{payload['frames_out']} sent, budget changes {payload['budget_changes']}, final budget "
+          f"{payload['frames_out']} sent (+ {payload['waiting']} waiting for the first frame), budget changes {payload['budget_changes']}, final budget "
           f"{payload['final_budget']}, full passes per window {payload['full_passes_per_window']}, peak GPU "
           f"{payload['peak_gpu_gib']} GiB, fp8 {payload['fp8']}, emo_refresh {payload['emo_refresh']}")
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -367,7 +367,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         if self._window_failed:
             return []  # nothing would render it: keep no state
         t0 = time.perf_counter()
-        result = self.extractor.push(frame)
+        with self._expression_stream():
+            result = self.extractor.push(frame)
         self.faces_missed += not result.face_found
         self.face_found = result.face_found
         self._ema("expression_ms", 1e3 * (time.perf_counter() - t0))
@@ -382,7 +383,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         j = self._frame_index
         self._frame_index += 1
         if j % TIME_STRIDE == 0:  # frame 4i completes latent i
-            self._add_latent(j // TIME_STRIDE)
+            with self._expression_stream():
+                self._add_latent(j // TIME_STRIDE)
         if self._window_thread is not None:
             with self._window_cv:
                 self._window_cv.notify()
@@ -391,6 +393,12 @@ class FlashPortraitRenderer(ThreadedRenderer):
         while self._window_ready():
             out.extend(frame_pts for frame_pts, _ in self._run_window())
         return out
+
+    def _expression_stream(self):
+        """On CUDA, the engine's high-priority expression stream (its kernels run between a window's DiT kernels,
+        see engine/flashportrait.py), else nothing."""
+        stream = getattr(self.engine, "expression_stream", None)
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _window_loop(self) -> None:
         """The window thread: run a window whenever enough latent frames of tokens exist."""

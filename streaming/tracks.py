@@ -5,7 +5,9 @@
     frame = await track.recv()         # the same as an av.VideoFrame, for an aiortc RTCRtpSender
 
 Every tick takes the next rendered frame from a small playout buffer; when the renderer is behind (buffer empty)
-the last frame is sent again and counted in `repeats`, so a stall is visible in the stats, never silent. Frames
+the last frame is sent again and counted in `repeats`, so a stall is visible in the stats, never silent. Ticks
+before the first rendered frame show the idle portrait and are counted in `waiting` instead: the session's start,
+which the time to first frame measures, not a renderer that fell behind. Frames
 that overflow the playout buffer are dropped oldest-first (counted in `skipped`), which keeps latency bounded when
 the renderer produces faster than the output fps. A buffer that has not once been empty after a tick for a whole
 second holds a standing queue: frames that only add latency (a burst at the start, a renderer that got faster),
@@ -137,6 +139,7 @@ class AvatarTrack(PacedTrack):
         self.last_image = fit_image(idle, width, height) if idle is not None else np.zeros((height, width, 3), np.uint8)
         self.fresh = 0  # ticks that sent a newly rendered frame
         self.repeats = 0  # ticks that sent the previous frame again because the renderer was behind
+        self.waiting = 0  # ticks before the first rendered frame (the idle portrait was sent)
         self.skipped = 0  # rendered frames dropped because the playout buffer was full or held a standing queue
         self.drained = 0  # of those, dropped to end a standing queue
         self._standing = 0  # consecutive ticks that left a frame in the buffer
@@ -156,7 +159,10 @@ class AvatarTrack(PacedTrack):
     def _image(self) -> np.ndarray:
         self._drain()
         if not self._buffer:
-            self.repeats += 1
+            if self.fresh:
+                self.repeats += 1
+            else:
+                self.waiting += 1
             return self.last_image
         image, pts = self._buffer.popleft()
         self._standing = self._standing + 1 if self._buffer else 0
@@ -176,7 +182,7 @@ class AvatarTrack(PacedTrack):
 
     def stats(self) -> dict:
         return {"fps_out": round(self.fps_out.rate(), 2), "frames_out": self.frames_out, "fresh": self.fresh,
-                "repeats": self.repeats, "skipped": self.skipped, "drained": self.drained,
+                "repeats": self.repeats, "waiting": self.waiting, "skipped": self.skipped, "drained": self.drained,
                 "playout_queue": len(self._buffer),
                 "latency_ms": round(self.latency_ms, 1)}
 

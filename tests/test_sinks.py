@@ -153,7 +153,7 @@ def test_avatar_track_paces_repeats_and_bounds_the_playout_buffer():
     async def scenario():
         shown = []
         t0 = time.monotonic()
-        shown.append(await track.next_image())       # nothing rendered yet: the idle portrait, a repeat
+        shown.append(await track.next_image())       # nothing rendered yet: the idle portrait, waiting (no repeat)
         renderer.ready += [frame(1), frame(2), frame(3), frame(4)]  # a burst: 2 fit the playout buffer
         for _ in range(4):
             shown.append(await track.next_image())
@@ -164,7 +164,7 @@ def test_avatar_track_paces_repeats_and_bounds_the_playout_buffer():
     shown, elapsed = asyncio.run(scenario())
     values = [int(img[0, 0, 0]) for img in shown]
     assert values == [7, 3, 4, 4, 4, 5], values  # oldest of the burst dropped, the last frame held while behind
-    assert (track.fresh, track.repeats, track.skipped) == (3, 3, 2)
+    assert (track.fresh, track.repeats, track.waiting, track.skipped) == (3, 2, 1, 2)
     assert elapsed >= 5 / 100 * 0.9, "six frames at 100 fps must take about 50 ms"
 
 
