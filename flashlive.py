@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from engine.build import idle_image, load_reference, renderer_factory
+from engine.build import idle_image, load_reference, renderer_factory, warm_start
 
 ROOT = Path(__file__).resolve().parent
 RENDERERS = ("preview", "flashportrait")
@@ -134,14 +134,10 @@ def cmd_serve(args) -> int:
     idle = idle_image(args.renderer, make, reference, cfg.width, cfg.height)
     info = {}  # labels at the top of /stats and on the page
     if args.renderer == "flashportrait":
-        import time
-
         print(f"FlashLive: warming up the flashportrait engine (preset {args.preset}, {device}"
               f"{', random weights' if args.random_weights else ''}): loading, compiling and timing can take "
               "minutes; progress follows.", flush=True)
-        t0 = time.perf_counter()
-        make().close()  # warm start: the shared engine loads, compiles and captures before the first peer
-        warm = time.perf_counter() - t0
+        warm = warm_start(make)  # the shared engine loads, compiles, captures and rehearses before the first peer
         from engine.distributed import world_size
 
         from engine.build import engine_configs

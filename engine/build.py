@@ -96,6 +96,23 @@ def renderer_factory(args, reference, width: int, height: int, input_queue: int 
     return make, device
 
 
+def warm_start(make) -> float:
+    """Build one session and close it before any peer connects: the shared engine loads, compiles, captures and
+    times itself; on CUDA the session also rehearses a few live windows (FlashPortraitRenderer.rehearse: every
+    kernel of the live path launched once, so no stream pays CUDA's lazy loading). Returns seconds."""
+    import time
+
+    t0 = time.perf_counter()
+    session = make()
+    try:
+        engine = getattr(session, "engine", None)
+        if engine is not None and getattr(engine, "device", None) is not None and engine.device.type == "cuda":
+            session.rehearse()
+    finally:
+        session.close()
+    return time.perf_counter() - t0
+
+
 def idle_image(renderer: str, make_renderer, reference: np.ndarray, width: int, height: int) -> np.ndarray:
     """The portrait as the avatar frames it, shown until the first avatar frame. For preview, one renderer is built
     up front so a bad reference fails before the server starts; a model renderer is not loaded twice for this."""

@@ -22,7 +22,6 @@ The per-peer session that runs windows on it is `engine/renderer.py` (FlashPortr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -183,13 +182,7 @@ class FlashPortraitEngine:
                              f"--context-size and --context-overlap accordingly.")
         self.reference = fit_reference(reference, width, height)
         self.lock = threading.RLock()  # GPU work of the sessions sharing this engine, one at a time
-        cuda = self.device.type == "cuda"
-        self.stream = torch.cuda.Stream(self.device) if cuda else None  # rolling windows, at the lowest priority (0)
-        # The per-frame expression path (PD-FGC encoder, PortraitEncoder) at a higher priority: a CUDA graph's
-        # kernels are all queued at once, and at equal priority each of the encoder's many small kernels waited
-        # behind a DiT kernel, so a frame's expression took as long as the window's whole DiT call (~200 ms at
-        # 14b, measured: stats()["start_expression_ms"]) and the next window's tokens came that much later.
-        self.expression_stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # rolling windows
         self.loaded = False
         self.quality: dict | None = None  # measured budget quality for the controller's ladder (see _load_mini)
         self.warm_up_s: float | None = None
@@ -286,12 +279,6 @@ class FlashPortraitEngine:
                 times.append(time.perf_counter() - t0)
             return sorted(times[1:])[len(times[1:]) // 2]
 
-        # Timed where the windows run (the engine's stream): the caching allocator keeps blocks per stream, so this
-        # also takes the first window's allocations (cudaMalloc) out of it.
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return self._costs(median_s)
-
-    def _costs(self, median_s) -> dict:
         x = torch.randn(self.step.x.shape, device=self.device, generator=torch.Generator(self.device).manual_seed(0))
         pair_s = median_s(lambda: self.step(x, 1000.0, self.step.emo, self.ip_scale_step))
         costs = {"pair_pass_s": pair_s}

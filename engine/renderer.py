@@ -367,8 +367,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         if self._window_failed:
             return []  # nothing would render it: keep no state
         t0 = time.perf_counter()
-        with self._expression_stream():
-            result = self.extractor.push(frame)
+        result = self.extractor.push(frame)
         self.faces_missed += not result.face_found
         self.face_found = result.face_found
         self._ema("expression_ms", 1e3 * (time.perf_counter() - t0))
@@ -383,8 +382,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
         j = self._frame_index
         self._frame_index += 1
         if j % TIME_STRIDE == 0:  # frame 4i completes latent i
-            with self._expression_stream():
-                self._add_latent(j // TIME_STRIDE)
+            self._add_latent(j // TIME_STRIDE)
         if self._window_thread is not None:
             with self._window_cv:
                 self._window_cv.notify()
@@ -393,12 +391,6 @@ class FlashPortraitRenderer(ThreadedRenderer):
         while self._window_ready():
             out.extend(frame_pts for frame_pts, _ in self._run_window())
         return out
-
-    def _expression_stream(self):
-        """On CUDA, the engine's high-priority expression stream (its kernels run between a window's DiT kernels,
-        see engine/flashportrait.py), else nothing."""
-        stream = getattr(self.engine, "expression_stream", None)
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def _window_loop(self) -> None:
         """The window thread: run a window whenever enough latent frames of tokens exist."""
@@ -450,6 +442,29 @@ class FlashPortraitRenderer(ThreadedRenderer):
         self._have = i + 1
         if len(self.start_trace) < TRACE_WINDOWS:
             self._latent_at[i] = self.clock()
+
+    def rehearse(self, windows: int | None = None) -> int:
+        """Run `windows` live windows (default: enough for a pair, a single pass and a prediction: 2 x the guidance
+        refresh, at least 4) with the reference portrait as the driving video, here and now, unpaced; returns the
+        windows run. For the warm start (engine/build.warm_start), on a session that is closed afterwards.
+
+        Why. CUDA loads a kernel's module at its first launch (lazy loading, the default since CUDA 12), and loading
+        synchronizes the context. The first windows of the first session launched the live path's eager kernels
+        (guidance, ALPA, decode, expression) for the first time while a window's DiT graph ran: measured on an
+        H200 at 14b, a driving frame's expression waited 207 ms behind window 0's whole DiT call and 109 ms behind
+        window 1's (stats()["start_expression_ms"] in bench/results/stream_latency_fp_14b_h200_trace_943afdf.json),
+        the next windows' tokens came that much later, and the playout delay kept that start-up for ~2 s."""
+        if self._window_thread is not None or self.offline:
+            raise RuntimeError("rehearse() runs windows on the caller's thread: call it on a live session that was "
+                               "not started, before closing it.")
+        refresh = self.engine.emo_refresh if self.guide is not None else 1
+        windows = max(4, 2 * refresh) if windows is None else windows
+        frame = self.reference
+        for j in range(TIME_STRIDE * (windows + self.W + 2) + 1):  # bounded: a window needs stride + lookahead
+            if self.windows >= windows:
+                break
+            self.process(frame, j / self.fps)
+        return self.windows
 
     # --- output ----------------------------------------------------------------------------------------------------
     def _emit(self, outputs) -> None:

@@ -237,6 +237,57 @@ def test_close_frees_session_state(reference, driving):
     assert r._window_thread is None and r._thread is None
 
 
+def test_rehearsal_runs_live_windows_and_leaves_the_next_session_as_if_none_had_run(reference, driving):
+    """The warm start's rehearsal (engine/build.warm_start, on CUDA) runs real live windows on the reference: DiT
+    passes full and predicted, decode, expression; a session opened after it renders exactly what a session opened
+    before it did (the rehearsal leaves nothing behind in the shared engine)."""
+    def frames_of(session):
+        out = []
+        for j, frame in enumerate(driving[:21]):
+            out += session.process(frame, j / 25)
+        session.close()
+        return np.stack([f for f, _ in out])
+
+    before = frames_of(make(reference))
+    rehearsal = make(reference)
+    assert rehearsal.rehearse(3) == 3
+    assert len(rehearsal.start_trace) == 3 and rehearsal.full_passes >= 3 and rehearsal.predicted_passes >= 3
+    assert rehearsal.frames_out == 0 and rehearsal.backlog_frames() > 0  # its frames were made, then dropped
+    rehearsal.close()
+    started = make(reference).start()
+    try:
+        with pytest.raises(RuntimeError, match="not started"):
+            started.rehearse()
+    finally:
+        started.close()
+    after = frames_of(make(reference))
+    assert before.shape == after.shape and before.shape[0] >= 8
+    assert np.array_equal(before, after)
+
+
+def test_warm_start_rehearses_on_cuda_only():
+    from types import SimpleNamespace
+
+    from engine.build import warm_start
+
+    calls = []
+
+    class Session:
+        def __init__(self, device):
+            self.engine = SimpleNamespace(device=torch.device(device))
+
+        def rehearse(self):
+            calls.append("rehearse")
+
+        def close(self):
+            calls.append("close")
+
+    assert warm_start(lambda: Session("cpu")) >= 0 and calls == ["close"]
+    calls.clear()
+    warm_start(lambda: Session("cuda"))
+    assert calls == ["rehearse", "close"]
+
+
 class RecordingRenderer(FlashPortraitRenderer):
     """Records the pts of every driving frame it renders and of every avatar frame the track pulls."""
 
