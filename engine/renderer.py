@@ -448,12 +448,14 @@ class FlashPortraitRenderer(ThreadedRenderer):
         refresh, at least 4) with the reference portrait as the driving video, here and now, unpaced; returns the
         windows run. For the warm start (engine/build.warm_start), on a session that is closed afterwards.
 
-        Why. CUDA loads a kernel's module at its first launch (lazy loading, the default since CUDA 12), and loading
-        synchronizes the context. The first windows of the first session launched the live path's eager kernels
-        (guidance, ALPA, decode, expression) for the first time while a window's DiT graph ran: measured on an
-        H200 at 14b, a driving frame's expression waited 207 ms behind window 0's whole DiT call and 109 ms behind
-        window 1's (stats()["start_expression_ms"] in bench/results/stream_latency_fp_14b_h200_trace_943afdf.json),
-        the next windows' tokens came that much later, and the playout delay kept that start-up for ~2 s."""
+        Why. The first launch of a kernel in a process is slow and stalls other threads' GPU work (CUDA loads modules
+        lazily, the default since CUDA 12, and loading synchronizes the context). Without a rehearsal the first
+        session launched the live path's eager kernels (guidance, ALPA, decode) for the first time while a window's
+        DiT graph ran: on an H200 at 14b a driving frame's expression waited 197 ms behind window 0's DiT call and
+        107 ms behind window 1's (stats()["start_expression_ms"], bench/results/stream_latency_fp_14b_h200_trace_
+        943afdf.json), the next windows' tokens came that much later, and the playout delay kept that start for
+        ~2 s. With it, 26 ms (stream_latency_fp_14b_h200.json).
+        """
         if self._window_thread is not None or self.offline:
             raise RuntimeError("rehearse() runs windows on the caller's thread: call it on a live session that was "
                                "not started, before closing it.")
