@@ -189,3 +189,20 @@ def test_mini_dit_batch_gathers_the_clips_of_its_draws():
         # the bank's latents are the autoencoder's: a clip's latents equal encoding its frames
         full = vae.encode(videos[v].frames[s:s + 9].transpose(0, 1)[None])[0]
         torch.testing.assert_close(x0[b], full, atol=1e-4, rtol=1e-4)
+
+
+def test_mini_keep_best_holds_the_weights_at_the_lowest_held_out_loss(tmp_path):
+    """`--val-every` keeps the DiT stage's weights at its held-out minimum (dit_best.pt) for `--export --best`:
+    a later, higher (or equal) held-out loss leaves them alone."""
+    from train.train_mini import export, keep_best
+
+    layer, path, val, saved = torch.nn.Linear(2, 2), tmp_path / "dit_best.pt", [], []
+    for step, loss in [(0, 0.59), (250, 0.42), (500, 0.47), (750, 0.42), (1000, 0.45)]:
+        layer.weight.data.fill_(step)
+        val.append((step, loss))
+        saved.append(keep_best(path, layer, val))
+    assert saved == [True, True, False, False, False]
+    best = torch.load(path, weights_only=False)
+    assert best["step"] == 250 and best["held_out_loss"] == 0.42 and torch.all(best["model"]["weight"] == 250)
+    with pytest.raises(SystemExit, match="--val-every"):
+        export(tmp_path / "empty_run", tmp_path / "out", None, best=True)

@@ -30,6 +30,7 @@ VAL_EVERY=${VAL_EVERY:-250} # DiT steps between held-out losses (0: none)
 VAL_CLIPS=${VAL_CLIPS:-64}  # held-out clips of each such loss
 LIP_WEIGHT=${LIP_WEIGHT:-1} # loss weight of the mouth box (DiT stage)
 EYE_WEIGHT=${EYE_WEIGHT:-1} # loss weight of each eye box
+BEST=${BEST:-}              # 1: export the DiT at its lowest held-out loss (needs VAL_EVERY > 0), not its last step
 THREADS=${THREADS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -48,7 +49,7 @@ echo "vae stage: $(( $(date +%s) - start ))s since start"
     ${INIT_DIT:+--init-dit "$INIT_DIT"} ${AUGMENT:+--augment} --val-every "$VAL_EVERY" --val-clips "$VAL_CLIPS" --lip-weight "$LIP_WEIGHT" --eye-weight "$EYE_WEIGHT" "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
 mkdir -p "$OUT/mini"
-"$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" --curves "$OUT/mini_curves"
+"$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" ${BEST:+--best} --curves "$OUT/mini_curves"
 tar -C "$OUT" -cf "$OUT/mini.tar" mini    # one file: the device tool returns a bounded number of files
 ls -l "$OUT" "$OUT/mini"
 echo "done in $(( $(date +%s) - start ))s"

@@ -68,6 +68,8 @@ from train.data import DEFAULT_CACHE, ClipDataset, Video, load_cache
 SHIFT = 5.0
 EMO_DROP = 0.1
 MOTION_SUB_LOSS = 0.25
+BEST_DIT = "dit_best.pt"  # the dit stage's weights at its lowest held-out loss so far (keep_best)
+
 # face-mesh index sets for the loss masks: the face oval and the outer lip contour
 LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
 # the two eyes' lid contours (each its own box): the held-out eye-opening error was the mini's worst part
@@ -253,6 +255,18 @@ def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen):
     return st["step"], st.get("log", []), st.get("val", [])
 
 
+def keep_best(path: Path, module: nn.Module, val) -> bool:
+    """Save `module`'s weights to `path` when the newest held-out loss of `val` ((step, loss) pairs) is the lowest so
+    far (`export --best` writes them: stopping at the held-out minimum); True when it saved."""
+    step, loss = val[-1]
+    if any(earlier <= loss for _, earlier in val[:-1]):
+        return False
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": module.state_dict(), "step": step, "held_out_loss": loss}, tmp)
+    tmp.rename(path)
+    return True
+
+
 def lr_at(step: int, base: float, warmup: int = 100, progress: float | None = None) -> float:
     """Linear warmup over `warmup` steps; with `progress` (fraction of this invocation's time budget spent), then a
     linear decay to 10% of `base`."""
@@ -406,7 +420,8 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         if held_out is not None and step % args.val_every == 0 and (not val or val[-1][0] != step):
             val.append((step, held_out.loss(model, args.bf16)))
-            print(f"dit step {step} held-out loss {val[-1][1]:.4f}", flush=True)
+            best = keep_best(run / BEST_DIT, model, val)
+            print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first, args.lip_weight,
                                              args.eye_weight)
@@ -415,9 +430,10 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
-    if held_out is not None:
+    if held_out is not None and (not val or val[-1][0] != step):
         val.append((step, held_out.loss(model, args.bf16)))
-        print(f"dit step {step} held-out loss {val[-1][1]:.4f}", flush=True)
+        best = keep_best(run / BEST_DIT, model, val)
+        print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
     save_state(ckpt, model, opt, step, gen, tgen, log, val)
     print(f"dit done at step {step}", flush=True)
 
@@ -437,13 +453,21 @@ def init_from_export(model: MiniPortrait, folder: Path) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------------------------
-def export(run: Path, out: Path, preset: ModelPreset) -> None:
+def export(run: Path, out: Path, preset: ModelPreset, best: bool = False) -> None:
     """Write the published layout: transformer.pt (Wan keys + emo_k/v_proj), portrait_encoder.pt (proj_model.,
     mouth_proj_model., emo_proj_model.), and the mini's own mini_vae.pt, mini_expression.pt, mini_clip.pt,
-    mini_context.pt."""
+    mini_context.pt. `best`: the DiT stage's weights at its lowest held-out loss (<run>/dit_best.pt, written with
+    --val-every) instead of its last."""
+    source = run / (BEST_DIT if best else "dit.ckpt")
+    if not source.exists():
+        raise SystemExit(f"No {source.name} in {run}: " + ("train the dit stage with --val-every first."
+                                                           if best else "train the dit stage first."))
     out.mkdir(parents=True, exist_ok=True)
     model = MiniPortrait(preset)
-    model.load_state_dict(torch.load(run / "dit.ckpt", map_location="cpu", weights_only=False)["model"])
+    state = torch.load(source, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    if best:
+        print(f"exporting the dit stage at step {state['step']}, held-out loss {state['held_out_loss']:.4f}")
     vae = load_trained_vae(run, preset, decoder=True)
 
     def dump(module_or_sd, name):
@@ -511,6 +535,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stage", choices=["vae", "dit", "decoder"],
                     help="train this stage (resumes from <run>/<stage>.ckpt)")
     ap.add_argument("--export", metavar="DIR", help="write the trained checkpoint in the published layout to DIR")
+    ap.add_argument("--best", action="store_true",
+                    help="with --export: the dit stage at its lowest held-out loss (needs --val-every), not its last")
     ap.add_argument("--run", default="runs/mini", help="training state folder")
     ap.add_argument("--curves", metavar="PATH", help="write the loss curves (PATH.json, PATH.png)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
@@ -562,7 +588,7 @@ def main(argv=None) -> None:
         data = ClipDataset(load_cache(args.cache), "train")
         {"vae": train_vae, "dit": train_dit, "decoder": train_decoder}[args.stage](args, preset, data, run)
     if args.export:
-        export(run, Path(args.export), preset)
+        export(run, Path(args.export), preset, best=args.best)
     if args.curves:
         training_curves(run, Path(args.curves))
 
