@@ -536,8 +536,8 @@ def main(argv=None) -> None:
                     help="train this stage (resumes from <run>/<stage>.ckpt)")
     ap.add_argument("--export", metavar="DIR", help="write the trained checkpoint in the published layout to DIR")
     ap.add_argument("--best", action="store_true",
-                    help="with --export: the dit stage at its lowest held-out loss (needs --val-every), not its last (tried once: "
-                         "worse on the held-out quality measures, quality_mini_best50.json)")
+                    help="with --export: the dit stage at its lowest held-out loss (needs --val-every), not its "
+                         "last (tried once: worse on the held-out quality measures, quality_mini_best50.json)")
     ap.add_argument("--run", default="runs/mini", help="training state folder")
     ap.add_argument("--curves", metavar="PATH", help="write the loss curves (PATH.json, PATH.png)")
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
