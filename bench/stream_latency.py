@@ -494,7 +494,8 @@ def run_pts(args) -> None:
     print(f"{payload['renderer']:<14}{str(payload['device'])[:27]:<28}{payload['fps']:>7}{payload['p50_ms']!s:>9}"
           f"{payload['p95_ms']!s:>9}{payload['ttff_s']:>8}{payload['p95_after_warmup_ms']!s:>19}")
     print(f"preset {payload['preset']}, emo_cfg {payload['emo_cfg']}, repeats {payload['repeats']} of "
-          f"{payload['frames_out']} sent (+ {payload['waiting']} waiting for the first frame), budget changes {payload['budget_changes']}, final budget "
+          f"{payload['frames_out']} sent (+ {payload['waiting']} waiting for the first frame), budget changes "
+          f"{payload['budget_changes']}, final budget "
           f"{payload['final_budget']}, full passes per window {payload['full_passes_per_window']}, peak GPU "
           f"{payload['peak_gpu_gib']} GiB, fp8 {payload['fp8']}, emo_refresh {payload['emo_refresh']}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
