@@ -253,6 +253,9 @@ def test_rehearsal_runs_live_windows_and_leaves_the_next_session_as_if_none_had_
     assert rehearsal.rehearse(3) == 3
     assert len(rehearsal.start_trace) == 3 and rehearsal.full_passes >= 3 and rehearsal.predicted_passes >= 3
     assert rehearsal.frames_out == 0 and rehearsal.backlog_frames() > 0  # its frames were made, then dropped
+    for row in rehearsal.stats()["start_trace"]:  # each window timed: its tokens existed before it started
+        assert row["ready_ms"] <= row["start_ms"] <= row["end_ms"] and row["frames"] >= 1
+        assert row["full"] + row["predicted"] == 4 and row["wait_ms"] >= row["dit_ms"] > 0
     rehearsal.close()
     started = make(reference).start()
     try:
