@@ -98,8 +98,16 @@ def renderer_factory(args, reference, width: int, height: int, input_queue: int 
 
 def warm_start(make) -> float:
     """Build one session and close it before any peer connects: the shared engine loads, compiles, captures and
-    times itself; on CUDA the session also rehearses a few live windows (FlashPortraitRenderer.rehearse: every
-    kernel of the live path launched once, so no stream pays CUDA's lazy loading). Returns seconds."""
+    times itself; on CUDA the session also rehearses a few live windows (FlashPortraitRenderer.rehearse). Returns
+    seconds.
+
+    Why the rehearsal. The first launch of a kernel in a process is slow and stalls other threads' GPU work (CUDA
+    loads modules lazily, the default since CUDA 12, and loading synchronizes the context). Without it the first
+    session launched the live path's eager kernels (guidance, ALPA, decode) for the first time while a window's DiT
+    graph ran: on an H200 at 14b a driving frame's expression waited 197 ms behind window 0's DiT call and 107 ms
+    behind window 1's (the renderer's start_expression_ms in bench/results/stream_latency_fp_14b_h200_trace_
+    943afdf.json), the next windows' tokens came that much later, and the playout delay kept that start for ~2 s
+    (p95 455-675 ms over five runs). With it: 26 ms, p95 418 ms (stream_latency_fp_14b_h200.json)."""
     import time
 
     t0 = time.perf_counter()

@@ -334,9 +334,8 @@ class FlashPortraitRenderer(ThreadedRenderer):
         return out
 
     def _trace_window(self, c0: float, needed: int, dit_s: float, decode_s: float, out: list, pairs0: int) -> None:
-        """One row of `start_trace` (milliseconds from the session's first driving frame): when the window's last
-        needed tokens existed (`ready`), when it started and ended, its DiT and decode time, full / predicted passes
-        and guidance pairs, its first frame's wait and the playout delay after it, the backlog left."""
+        """One row of `start_trace`, in ms from the session's first driving frame: when the window's last needed
+        tokens existed, its start and end, DiT / decode time, passes, pairs, first frame's wait, delay after, backlog."""
         first = self._t_first if self._t_first is not None else c0
         ms = lambda t: None if t is None else round(1e3 * (t - first), 1)  # noqa: E731
         self.start_trace.append({
@@ -444,18 +443,9 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._latent_at[i] = self.clock()
 
     def rehearse(self, windows: int | None = None) -> int:
-        """Run `windows` live windows (default: enough for a pair, a single pass and a prediction: 2 x the guidance
-        refresh, at least 4) with the reference portrait as the driving video, here and now, unpaced; returns the
-        windows run. For the warm start (engine/build.warm_start), on a session that is closed afterwards.
-
-        Why. The first launch of a kernel in a process is slow and stalls other threads' GPU work (CUDA loads modules
-        lazily, the default since CUDA 12, and loading synchronizes the context). Without a rehearsal the first
-        session launched the live path's eager kernels (guidance, ALPA, decode) for the first time while a window's
-        DiT graph ran: on an H200 at 14b a driving frame's expression waited 197 ms behind window 0's DiT call and
-        107 ms behind window 1's (stats()["start_expression_ms"], bench/results/stream_latency_fp_14b_h200_trace_
-        943afdf.json), the next windows' tokens came that much later, and the playout delay kept that start for
-        ~2 s. With it, 26 ms (stream_latency_fp_14b_h200.json).
-        """
+        """Run `windows` live windows (default 2 x the guidance refresh, at least 4: a pair, single passes and
+        predictions) on the reference portrait as the driving video, here and now, unpaced; returns the windows run.
+        For the warm start (engine/build.warm_start says why), on a session that is closed afterwards."""
         if self._window_thread is not None or self.offline:
             raise RuntimeError("rehearse() runs windows on the caller's thread: call it on a live session that was "
                                "not started, before closing it.")
