@@ -23,8 +23,9 @@
 #                       BASELINE_TAG is appended to its name (..._baseline<TAG>.json).
 #   A 14b server's warm-up: random init of the 14B DiT on the GPU (~5-10 s) + CLIP / VAE / encoders (~5 s) + one
 #   compiled block per step shape (FP8 pair and FP8 single: ~60-90 s each cold, a few seconds from this machine's
-#   Inductor cache once an earlier stage compiled the same graph) + CUDA graph capture (~5 s): ~2.5-3.5 min cold,
-#   ~1 min warm; then 23 s of stream and ~10 s to close. The stage prints the measured warm-up ("warm after").
+#   Inductor cache once an earlier stage compiled the same graph) + CUDA graph capture (~5 s) + the warm start's
+#   rehearsal of a few live windows (~1 s): ~2.5-3.5 min cold, ~1 min warm; then 23 s of stream and ~10 s to close.
+#   The stage prints the measured warm-up ("warm after").
 # Results go to bench/results/ and, where $OUT is set, a tarball of them to $OUT.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
