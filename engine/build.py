@@ -113,8 +113,8 @@ def warm_start(make) -> float:
     t0 = time.perf_counter()
     session = make()
     try:
-        engine = getattr(session, "engine", None)
-        if engine is not None and getattr(engine, "device", None) is not None and engine.device.type == "cuda":
+        device = getattr(getattr(session, "engine", None), "device", None)  # the preview renderer has no engine
+        if device is not None and device.type == "cuda":
             session.rehearse()
     finally:
         session.close()

@@ -289,8 +289,10 @@ class FlashPortraitRenderer(ThreadedRenderer):
         while not self.roller.ready():
             self.roller.push(None)  # conditioning lives in self._tokens, by global latent index
         c0 = self.clock()
-        needed = self._base + self.roller.window_start + self._budget.stride + self._lookahead() - 1
-        pairs0 = self.guide.pairs if self.guide is not None else 0
+        tracing = len(self.start_trace) < TRACE_WINDOWS
+        if tracing:
+            needed = self._base + self.roller.window_start + self._budget.stride + self._lookahead() - 1
+            pairs0 = self.guide.pairs if self.guide is not None else 0
         t0 = time.perf_counter()
         full0, pred0 = self.cached.full_passes, self.cached.predicted_passes
         # On CUDA the window runs on the engine's own stream: the expression thread's small kernels (FanEncoder,
@@ -323,7 +325,7 @@ class FlashPortraitRenderer(ThreadedRenderer):
             self._ema("window_ms", 1e3 * (t2 - t0))
             if out:
                 self.playout.observe(self.clock() - out[0][1])  # the chunk's first frame waited longest
-            if len(self.start_trace) < TRACE_WINDOWS:
+            if tracing:
                 self._trace_window(c0, needed, t1 - t0, t2 - t1, out, pairs0)
             rtf = (len(out) / self.fps) / max(t2 - t0, 1e-9)
             self.rtf = rtf if self.rtf is None else 0.8 * self.rtf + 0.2 * rtf
@@ -336,14 +338,14 @@ class FlashPortraitRenderer(ThreadedRenderer):
     def _trace_window(self, c0: float, needed: int, dit_s: float, decode_s: float, out: list, pairs0: int) -> None:
         """One row of `start_trace`, in ms from the session's first driving frame: when the window's last needed
         tokens existed, its start and end, DiT / decode time, passes, pairs, first frame's wait, delay after, backlog."""
-        first = self._t_first if self._t_first is not None else c0
+        first, now = (self._t_first if self._t_first is not None else c0), self.clock()
         ms = lambda t: None if t is None else round(1e3 * (t - first), 1)  # noqa: E731
         self.start_trace.append({
             "window": self.windows - 1, "ready_ms": ms(self._latent_at.get(needed)), "start_ms": ms(c0),
-            "end_ms": ms(self.clock()), "dit_ms": round(1e3 * dit_s, 1), "decode_ms": round(1e3 * decode_s, 1),
+            "end_ms": ms(now), "dit_ms": round(1e3 * dit_s, 1), "decode_ms": round(1e3 * decode_s, 1),
             "full": self.last_window_passes, "predicted": self.last_window_predicted,
             "pairs": (self.guide.pairs - pairs0) if self.guide is not None else None, "frames": len(out),
-            "wait_ms": round(1e3 * (self.clock() - out[0][1]), 1) if out else None,
+            "wait_ms": round(1e3 * (now - out[0][1]), 1) if out else None,
             "delay_ms": round(1e3 * self.playout.delay, 1), "backlog": self.backlog_frames()})
         self._latent_at = {i: t for i, t in self._latent_at.items() if i > needed}
 

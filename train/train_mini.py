@@ -236,10 +236,15 @@ def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generato
 # ------------------------------------------------------------------------------------------------------------------
 def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log, val=None) -> None:
     """`val`: the held-out losses so far, (step, loss) pairs (DiT stage with --val-every)."""
+    save_atomic(path, {"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
+                       "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log,
+                       "val": val or []})
+
+
+def save_atomic(path: Path, obj) -> None:
+    """torch.save to a temporary file, then rename: an interrupted run never leaves a half-written checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
-                "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log,
-                "val": val or []}, tmp)
+    torch.save(obj, tmp)
     tmp.rename(path)
 
 
@@ -261,9 +266,7 @@ def keep_best(path: Path, module: nn.Module, val) -> bool:
     step, loss = val[-1]
     if any(earlier <= loss for _, earlier in val[:-1]):
         return False
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": module.state_dict(), "step": step, "held_out_loss": loss}, tmp)
-    tmp.rename(path)
+    save_atomic(path, {"model": module.state_dict(), "step": step, "held_out_loss": loss})
     return True
 
 
@@ -416,12 +419,17 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
         init_from_export(model, Path(args.init_dit))
     step, log, val = load_state(ckpt, model, opt, gen, tgen)
-    t0 = time.time()
-    while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        if held_out is not None and step % args.val_every == 0 and (not val or val[-1][0] != step):
+
+    def held_out_loss() -> None:  # once per step at most; the best weights so far kept for `export --best`
+        if held_out is not None and (not val or val[-1][0] != step):
             val.append((step, held_out.loss(model, args.bf16)))
             best = keep_best(run / BEST_DIT, model, val)
             print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
+
+    t0 = time.time()
+    while step < args.steps and time.time() - t0 < 60 * args.minutes:
+        if held_out is not None and step % args.val_every == 0:
+            held_out_loss()
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first, args.lip_weight,
                                              args.eye_weight)
@@ -430,10 +438,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
-    if held_out is not None and (not val or val[-1][0] != step):
-        val.append((step, held_out.loss(model, args.bf16)))
-        best = keep_best(run / BEST_DIT, model, val)
-        print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
+    held_out_loss()
     save_state(ckpt, model, opt, step, gen, tgen, log, val)
     print(f"dit done at step {step}", flush=True)
 
