@@ -277,6 +277,8 @@ class PreviewRenderer(ThreadedRenderer):
         roll = np.exp(-1j * np.arctan2(r[1, 0], r[0, 0]))
         q_now = q_neutral + (z - complex_points(moved0)) * roll / (s * axis)  # normalised, head motion removed
         delta = self.expression_gain * (q_now - q_neutral)
+        delta[STABLE] = 0.0  # bone (nose bridge, forehead, temples, eye corners): what is left there after the fit
+        # is the mesh's error, mostly cross-talk from the jaw, which the warp would show as a turn of the head
         q_pre = self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now)
         # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
         # (in inter-ocular distances, eased so the face stays in the frame).
