@@ -135,8 +135,9 @@ def test_flashportrait_streams_every_frame_in_order_and_frees_the_session(data):
     onset = {k: t for t, k in reversed(shown) if k is not None}
     gaps = np.array([onset[k + 1] - onset[k] for k in sorted(onset) if k + 1 in onset and k + 1 < len(frames)])
     steady = np.mean(np.abs(gaps - 1 / DRIVE_FPS) <= 1 / FPS_OUT)
-    # bursts (a window's frames handed out at once) give ~0 here; 0.8 leaves room for a busy 2-core CI machine
-    assert steady >= 0.8, f"only {100 * steady:.0f} % of frames appeared one driving period after the previous one"
+    # bursts (a window's frames handed out at once) give at most 1 / (frames per window) here, ~0.1-0.25; 0.6
+    # leaves room for a 2-core machine running other jobs too (0.75 seen with a second test run beside this one)
+    assert steady >= 0.6, f"only {100 * steady:.0f} % of frames appeared one driving period after the previous one"
     latency = np.array([onset[k] - camera.sent[k] for k in sorted(onset) if k in camera.sent])
     print(f"{len(received)} frames at {fps:.1f} fps; latency median {np.median(latency) * 1e3:.0f} ms, "
           f"{100 * steady:.0f} % steady; repeats {session['repeats']}, windows {rs['windows']}")
