@@ -191,6 +191,70 @@ def test_mini_dit_batch_gathers_the_clips_of_its_draws():
         torch.testing.assert_close(x0[b], full, atol=1e-4, rtol=1e-4)
 
 
+def test_mini_references_are_rarely_the_clip_and_never_near_it():
+    """Half the clips referencing their own first frame taught the committed checkpoint to copy the reference
+    (its x0 prediction moved 20-24% of the way toward a reference 240 frames away): the training draws keep
+    `--ref-first` (default 0.1) of the clips on their first frame and every other reference `--ref-gap` frames
+    away from the clip."""
+    from train.data import ClipDataset, Video
+    from train.train_mini import LatentBank, dit_batch, other_reference, parse_args
+
+    args = parse_args(["--stage", "dit"])
+    assert args.ref_first <= 0.1 and args.ref_gap >= 13          # 13: the longest clip (4 latents) in frames
+    torch.manual_seed(0)
+    videos = [Video(f"v{i}", torch.rand(n, 3, 32, 32) * 2 - 1, torch.rand(n, 478, 3), np.ones(n, bool), 25.0)
+              for i, n in enumerate((60, 90))]
+    data = ClipDataset(videos, "train")
+    bank = LatentBank(MiniVAE(PRESET.autoencoder).eval(), videos)
+    gap, n = 10, 9
+    _, _, refs, lms, _ = dit_batch(bank, data, 48, 2, np.random.default_rng(3), 0.0, ref_gap=gap)
+    for b in range(48):
+        v, s = next((v, s) for v, vid in enumerate(videos) for s in range(len(vid.landmarks) - n + 1)
+                    if torch.equal(lms[b], vid.landmarks[s:s + n]))
+        r = next(r for r in range(len(videos[v].frames)) if torch.equal(refs[b], videos[v].frames[r]))
+        assert r < s - gap or r >= s + n + gap, (s, r)
+        assert r < data.ranges[v][1]                                                 # and inside the split
+    gen = np.random.default_rng(0)
+    draws = {other_reference(gen, 0, 40, 10, 9, 8) for _ in range(400)}
+    assert draws == set(range(0, 2)) | set(range(27, 40))                            # all of them, uniformly reachable
+    assert {other_reference(gen, 0, 20, 5, 9, 8) for _ in range(200)} == set(range(20))   # none that far: anywhere
+
+
+def test_mini_training_and_rendering_condition_a_window_alike(clip):
+    """A window of the renderer (engine/mini.render_clip) starting at latent 1 is conditioned exactly as a training
+    clip that starts at its first frame (train/train_mini.py): tokens, y, CLIP features, the DiT's output."""
+    from engine.mini import MiniModels
+    from engine.models.portrait_encoder import group_latent_tokens
+    from train.data import Video
+    from train.train_mini import LatentBank, MiniPortrait
+
+    torch.manual_seed(0)
+    model = MiniPortrait(PRESET).eval()
+    vae = MiniVAE(PRESET.autoencoder).eval()
+    frames = torch.cat([clip["video"][0].transpose(0, 1), clip["ref"]])            # 9 clip frames + the reference
+    lms = torch.cat([clip["landmarks"][0], clip["ref_landmarks"]])
+    bank = LatentBank(vae, [Video("c", frames, lms, np.ones(10, bool), 25.0)])
+    models = MiniModels(PRESET, model.dit, model.portrait, model.expression, model.clip, vae, model.context.detach())
+    with torch.no_grad():
+        # training: the clip of frames 4..8 (2 latents), reference frame 9 (bank latent, zeros after it)
+        tok_train = model.tokens(lms[None, 4:9])
+        y_train = torch.cat([bank.firsts(np.array([0]), np.array([9]))[:, :, None], bank.zero_group[None, :, None]], 2)
+        # rendering: the whole clip's tokens grouped globally, the window [1, 3) rebuilt; y from the reference image
+        tok_render = window_latent_tokens(group_latent_tokens(models.frame_tokens(lms[:9]).flatten(0, 1)[None])[0, 1:3],
+                                          1, PRESET.portrait.tokens_per_frame)[None]
+        y_render = vae.encode_reference(clip["ref"], 2)
+        torch.testing.assert_close(tok_render, tok_train)
+        torch.testing.assert_close(y_render, y_train, atol=1e-5, rtol=1e-5)
+        mask = torch.zeros(1, 4, 2, *y_train.shape[-2:])
+        mask[:, :, 0] = 1
+        x, t = torch.randn(1, 16, 2, *y_train.shape[-2:]), torch.tensor([700.0])
+        ip = torch.ones(1)
+        trained = model(x, t, torch.cat([mask, y_train], 1), clip["ref"], lms[None, 4:9], ip_scale=ip)
+        clip_fea = models.clip(models.clip.preprocess(clip["ref"]))
+        rendered = models.dit(x, t, models.context, clip_fea, torch.cat([mask, y_render], 1), tok_render, ip_scale=ip)
+    torch.testing.assert_close(rendered, trained, atol=1e-4, rtol=1e-4)
+
+
 def test_mini_keep_best_holds_the_weights_at_the_lowest_held_out_loss(tmp_path):
     """`--val-every` keeps the DiT stage's weights at its held-out minimum (dit_best.pt) for `--export --best`:
     a later, higher (or equal) held-out loss leaves them alone."""

@@ -15,9 +15,14 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   flow matching as Wan: x_t = (1 - s) x0 + s noise, target noise - x0, s = shift(u) with u uniform and shift 5
   (uniform draws on the shifted grid, as `--uniform_sampling` does), timestep 1000 s;
   y = [mask 4 | latent of (reference, zeros...)]: the mask flags latent 0 as the given image, as Wan I2V builds it;
-  the reference is a frame of the same video (self-reenactment): the clip's own first frame for half the samples
-  (as Wan / FlashPortrait's I2V clips: latent 0 is the given image, which teaches the copy path from y), another
-  frame of the video for the other half (what later windows and a real reference image look like);
+  the reference is a frame of the same video (self-reenactment): the clip's own first frame for 10% of the samples
+  (`--ref-first`; as Wan / FlashPortrait's I2V clips: latent 0 is the given image, which teaches the copy path from
+  y), else a frame of the video at least 16 frames from the clip (`--ref-gap`: what later windows and a real
+  reference image look like). Why not half, as before: in a 9-13 frame clip that starts at the reference, copying
+  the reference explains 75% of the later latents' variance (33% for a far one), and at high noise the model cannot
+  tell the two cases apart, so it learned to hedge: the committed checkpoint's x0 prediction moves 20-24% of the
+  way toward the reference even when that is 240 frames away (37% when it is the first frame), a ghost of the
+  reference's face and mouth over the driven one, which pulls the rendered expression toward the static frame;
   expression tokens per clip: latent 0 gets its own first frame's 24 tokens + 73 zeros, latent i >= 1 the 97 tokens
   [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens);
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
@@ -179,12 +184,25 @@ def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Te
     return (iny[..., :, None] & inx[..., None, :]).float()
 
 
+def other_reference(gen: np.random.Generator, a: int, e: int, s: int, frames: int, gap: int | None) -> int:
+    """A reference frame of the split [a, e) for the clip [s, s + frames): uniform over the frames at least `gap`
+    frames away from the clip (uniform over the whole split when `gap` is None or no frame is that far)."""
+    if gap is None:
+        return int(gen.integers(a, e))
+    left, right = max(0, s - gap - a), max(0, e - (s + frames + gap))
+    if left + right == 0:
+        return int(gen.integers(a, e))
+    j = int(gen.integers(0, left + right))
+    return a + j if j < left else s + frames + gap + (j - left)
+
+
 def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator,
-              ref_first: float = 0.0, lip_weight: float = 1.0, eye_weight: float = 1.0):
+              ref_first: float = 0.0, lip_weight: float = 1.0, eye_weight: float = 1.0, ref_gap: int | None = None):
     """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
     (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
     clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
-    the same video and split. Everything is on the latent bank's device."""
+    the same video and split, at least `ref_gap` frames from the clip (`other_reference`; None: anywhere, the clip
+    included). Everything is on the latent bank's device."""
     frames = 1 + 4 * k
     vs, ss, rs = (np.zeros(batch, np.int64) for _ in range(3))
     for b in range(batch):
@@ -192,7 +210,7 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
         a, e = data.ranges[v]
         s = int(gen.integers(a, e - frames + 1))
         vs[b], ss[b] = v, s
-        rs[b] = s if gen.random() < ref_first else int(gen.integers(a, e))
+        rs[b] = s if gen.random() < ref_first else other_reference(gen, a, e, s, frames, ref_gap)
     x0 = bank.clips(vs, ss, k)
     dev = x0.device
     y = torch.cat([bank.firsts(vs, rs)[:, :, None], bank.zero_group[None, :, None].expand(batch, -1, k, -1, -1)], 2)
@@ -386,6 +404,7 @@ class HeldOut:
 
     def __init__(self, bank: LatentBank, videos: list[Video], clips: int, k: int = 3, seed: int = 1234):
         gen = np.random.default_rng(seed)
+        # the draws of every earlier run (references anywhere, half the clips' own first frames): comparable curves
         self.batch = dit_batch(bank, ClipDataset(videos, "test"), clips, k - 1, gen, ref_first=0.5)
         tgen = torch.Generator().manual_seed(seed)
         self.u = torch.rand(clips, generator=tgen)
@@ -432,7 +451,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
             held_out_loss()
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first, args.lip_weight,
-                                             args.eye_weight)
+                                             args.eye_weight, args.ref_gap)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
         loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
@@ -535,7 +554,7 @@ def training_curves(run: Path, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stage", choices=["vae", "dit", "decoder"],
                     help="train this stage (resumes from <run>/<stage>.ckpt)")
@@ -550,8 +569,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10**9, help="total steps of the stage")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latents", type=int, nargs="+", default=[3, 4], help="latent frames per clip (drawn)")
-    ap.add_argument("--ref-first", type=float, default=0.5,
-                    help="probability that a clip's reference is its own first frame (else another frame)")
+    ap.add_argument("--ref-first", type=float, default=0.1,
+                    help="probability that a clip's reference is its own first frame (else another frame; the "
+                         "checkpoints up to weights/mini of 2026-12 used 0.5, which teaches copying the reference)")
+    ap.add_argument("--ref-gap", type=int, default=16,
+                    help="frames between a clip and a reference that is not its first frame (at least)")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--vae-batch", type=int, default=4)
     ap.add_argument("--vae-crop", type=int, default=64)
@@ -579,7 +601,11 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast in the forward passes (GPU)")
     ap.add_argument("--lr-decay", action="store_true",
                     help="decay the learning rate linearly to 10%% over this invocation's --minutes")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs a CUDA build of torch and a GPU: use --device cpu.")
     set_fused_kernels(False)   # the Triton norms are inference kernels (no backward): autograd needs the torch ops
