@@ -602,6 +602,14 @@ def run_live14(args) -> int:
         row("fp8_single_b1", single_ms, flops1, True, extra)
         if cuda:
             payload["checks"]["fp8_single"] = call_checks(eng.step1, x[:1], t, e1, 1.0)
+            if args.profile:  # where a pass's time goes: GEMM / attention / fused elementwise / other
+                try:
+                    prof = profile_kernels(lambda: eng.step1(x[:1], t, e1, 1.0))
+                except Exception as e:  # a profiler problem must not cost the timings
+                    prof = {"error": f"{type(e).__name__}: {e}"[:300]}
+                payload["profile_fp8_single"] = prof
+                print("fp8_single_b1 kernel ms per pass:", {k: round(v, 2) for k, v in
+                                                           prof.get("ms_per_step_by_category", {}).items()})
         pair_ms = rows[-2]["ms"]
         for n in sorted({1, 2, 3, 4, refresh}):  # the economy's average per expression full pass, from the rows
             ms = (pair_ms + (n - 1) * single_ms) / n
