@@ -11,9 +11,10 @@ noise levels u (shifted as in training):
                 toward the reference latent (0: not at all, 1: the reference itself), with the reference = the
                 clip's first frame and = the split's frame farthest from the clip. A beta well above 0 for the far
                 reference is a ghost of the reference in every rendered frame.
-The committed checkpoint of 2026-12 (trained with half the clips referencing their own first frame): swap raises the
-loss 2.5x, also in the mouth box, ip_scale 0 1.6-2.2x (the tokens are used); beta 0.38-0.39 (first frame) and
-0.21-0.25 (the far frame; expression_probe_mini.json).
+The checkpoint trained with half the clips referencing their own first frame: swap raises the loss 2.5x, also in the
+mouth box, ip_scale 0 1.6-2.2x (the tokens are used); beta 0.38-0.39 (first frame) and 0.21-0.25 (the far frame;
+expression_probe_mini_ref05.json). The committed one, continued with `--ref-first 0.1 --ref-gap 16`: swap 4x,
+ip_scale 0 2x, beta 0.31-0.33 and 0.15-0.17 (expression_probe_mini.json).
 """
 from __future__ import annotations
 

@@ -192,8 +192,8 @@ def test_mini_dit_batch_gathers_the_clips_of_its_draws():
 
 
 def test_mini_references_are_rarely_the_clip_and_never_near_it():
-    """Half the clips referencing their own first frame taught the committed checkpoint to copy the reference
-    (its x0 prediction moved 20-24% of the way toward a reference 240 frames away): the training draws keep
+    """Half the clips referencing their own first frame taught the mini to copy the reference (its x0 prediction
+    moved 20-24% of the way toward a reference 240 frames away): the training draws keep
     `--ref-first` (default 0.1) of the clips on their first frame and every other reference `--ref-gap` frames
     away from the clip."""
     from train.data import ClipDataset, Video

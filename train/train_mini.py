@@ -20,9 +20,9 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   y), else a frame of the video at least 16 frames from the clip (`--ref-gap`: what later windows and a real
   reference image look like). Why not half, as before: in a 9-13 frame clip that starts at the reference, copying
   the reference explains 75% of the later latents' variance (33% for a far one), and at high noise the model cannot
-  tell the two cases apart, so it learned to hedge: the committed checkpoint's x0 prediction moves 20-24% of the
-  way toward the reference even when that is 240 frames away (37% when it is the first frame), a ghost of the
-  reference's face and mouth over the driven one, which pulls the rendered expression toward the static frame;
+  tell the two cases apart, so it learned to hedge: a checkpoint trained so moved its x0 prediction 20-24% of the
+  way toward the reference even when that was 240 frames away (37% when it was the first frame), a ghost of the
+  reference's face and mouth over the driven one (two 7-minute continuations with these draws: 15-17% and 31-33%);
   expression tokens per clip: latent 0 gets its own first frame's 24 tokens + 73 zeros, latent i >= 1 the 97 tokens
   [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens);
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
