@@ -341,7 +341,14 @@ def test_driving_file_audio_reaches_viewers_in_step_with_the_programme(data):
                     out.append((frame.pts, frame.to_ndarray().reshape(-1, 2) if kind == "audio" else None))
 
             tasks = [asyncio.ensure_future(drain("video", video_rx)), asyncio.ensure_future(drain("audio", audio_rx))]
-            await asyncio.sleep(0.9 * n_frames / fps)  # most of one pass through the file
+            # One pass through the file, then the programme's latency: the viewer has seen every frame of the first
+            # pass (judged below), however long the programme took to start (a fixed wait judged fewer frames when
+            # it started late); bounded whatever the machine.
+            deadline = time.monotonic() + 3 * n_frames / fps
+            while len(order) < n_frames and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            latency_s = (server.stats()["program"].get("latency_ms") or 0.0) / 1e3
+            await asyncio.sleep(min(0.5 + latency_s, 3.0))
             stats = server.stats()
             for t in tasks:
                 t.cancel()
