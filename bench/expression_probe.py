@@ -80,19 +80,17 @@ def main(argv=None):
                 x0 = bank.clip(vi, s, k)[None]                                       # (1, 16, 3, h, w)
                 box = region_mask(v.landmarks[s:s + n:4][None], LIPS, x0.shape[-1], 0.03)[:, None, 1:]
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(s))
+                y = {r: bank.reference_y(bank.first[vi][r][None], k) for r in (s, far)}  # the I2V conditioning
                 for u in levels:
                     sigma = shift_sigmas(torch.tensor([u]), SHIFT)
                     xt = (1 - sigma) * x0 + sigma * noise
                     target = (noise - x0)[:, :, 1:]
                     for name, r, lm, ip in (("own", far, s, 1.0), ("swap", far, other, 1.0), ("ip0", far, s, 0.0),
                                             ("beta_first", s, s, 1.0), ("beta_far", far, s, 1.0)):
-                        ref = bank.first[vi][r][None, :, None]
-                        y = torch.cat([ref, bank.zero_group[None, :, None].expand(1, -1, k, -1, -1)], 2)
-                        mask = torch.zeros(1, 4, *y.shape[2:])
-                        mask[:, :, 0] = 1
-                        pred = model(xt, sigma * 1000, torch.cat([mask, y], 1), v.frames[r][None],
+                        pred = model(xt, sigma * 1000, y[r], v.frames[r][None],
                                      v.landmarks[lm:lm + n][None], ip_scale=torch.full((1,), ip))[:, :, 1:]
                         if name.startswith("beta"):
+                            ref = bank.first[vi][r][None, :, None]
                             err, d = (xt[:, :, 1:] - sigma * pred) - x0[:, :, 1:], ref - x0[:, :, 1:]
                             rows[name, u].append(float((err * d).sum() / (d * d).sum()))
                         else:

@@ -166,6 +166,14 @@ class LatentBank:
         """(B, 16, h, w): first[vs[b]][js[b]]."""
         return self.first_all[torch.as_tensor(self.first_off[vs] + js, device=self.first_all.device)]
 
+    def reference_y(self, first: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, 20, 1+k, h, w) Wan I2V conditioning of a clip: [mask flagging latent 0 | the reference latent
+        `first` (B, 16, h, w), then the latent of zero frames]."""
+        y = torch.cat([first[:, :, None], self.zero_group[None, :, None].expand(len(first), -1, k, -1, -1)], 2)
+        mask = y.new_zeros(len(first), 4, *y.shape[2:])
+        mask[:, :, 0] = 1.0
+        return torch.cat([mask, y], dim=1)
+
     def clips(self, vs: np.ndarray, starts: np.ndarray, k: int) -> torch.Tensor:
         """(B, 16, 1+k, h, w): clip(vs[b], starts[b], k) for every b, in two gathers."""
         gi = self.group_off[vs][:, None] + starts[:, None] + 1 + 4 * np.arange(k)[None]
@@ -213,10 +221,7 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
         rs[b] = s if gen.random() < ref_first else other_reference(gen, a, e, s, frames, ref_gap)
     x0 = bank.clips(vs, ss, k)
     dev = x0.device
-    y = torch.cat([bank.firsts(vs, rs)[:, :, None], bank.zero_group[None, :, None].expand(batch, -1, k, -1, -1)], 2)
-    mask = y.new_zeros(batch, 4, *y.shape[2:])
-    mask[:, :, 0] = 1.0
-    y = torch.cat([mask, y], dim=1)
+    y = bank.reference_y(bank.firsts(vs, rs), k)
     refs = torch.stack([data.videos[v].frames[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
     lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
