@@ -155,7 +155,10 @@ class PreviewRenderer(ThreadedRenderer):
         # The face mesh puts the lid points a little inside the visible eye, so a strip of iris and white belongs to
         # the upper lid's triangles and would ride down with a closing lid (an eye that never looks shut). The
         # modelled upper lid sits higher, in the reference mesh and in every target alike: up to 35 % of the
-        # opening, at most half of the lash band above.
+        # opening, at most half of the lash band above. The lower lid points sit on the eye white too: the modelled
+        # lower lid sits up to 30 % of the opening lower, at most 40 % of the band below (at 12 % a shut eye kept a
+        # line of white under its lashes, which the face mesh read as a half-open eye; motion_transfer.json's eye
+        # cells 0.81-0.83 -> 0.84-0.85).
         self._lid_margin = np.zeros(len(self._ref_q), complex)  # normalised offsets of the modelled lids
         for (upper, lower), ring, under in zip(self._eye_chains, self._lid_rings,
                                                (np.array(RIGHT_LOWER_RING), np.array(LEFT_LOWER_RING))):
@@ -163,7 +166,7 @@ class PreviewRenderer(ThreadedRenderer):
             room = (self._ref_q[upper] - self._ref_q[ring]).imag
             below = (self._ref_q[under] - self._ref_q[lower]).imag
             self._lid_margin[upper] = -1j * np.clip(np.minimum(0.35 * gap, 0.5 * room), 0.0, None)
-            self._lid_margin[lower] = 1j * np.clip(np.minimum(0.12 * gap, 0.4 * below), 0.0, None)
+            self._lid_margin[lower] = 1j * np.clip(np.minimum(0.3 * gap, 0.4 * below), 0.0, None)
         self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
         self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
         self._oval = outline_loop()
