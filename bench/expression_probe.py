@@ -87,7 +87,7 @@ def main(argv=None):
                     target = (noise - x0)[:, :, 1:]
                     for name, r, lm, ip in (("own", far, s, 1.0), ("swap", far, other, 1.0), ("ip0", far, s, 0.0),
                                             ("beta_first", s, s, 1.0), ("beta_far", far, s, 1.0)):
-                        pred = model(xt, sigma * 1000, y[r], v.frames[r][None],
+                        pred = model(xt, sigma * 1000, y[r], v.frames[r][None], v.landmarks[r][None],
                                      v.landmarks[lm:lm + n][None], ip_scale=torch.full((1,), ip))[:, :, 1:]
                         if name.startswith("beta"):
                             ref = bank.first[vi][r][None, :, None]

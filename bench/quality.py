@@ -244,7 +244,8 @@ def main(argv=None):
             diff = np.abs(expression(ref_pts, iod) - expression(gp, iod))
             static_err.append((float(diff.mean()), diff))
         t0 = time.perf_counter()
-        out = render_clip(models, reference, v.landmarks[a:b].numpy(), settings)
+        # the reference is the segment's first frame: its tracked landmarks anchor the expression (as in training)
+        out = render_clip(models, reference, v.landmarks[a:b].numpy(), settings, anchor=v.landmarks[a])
         t_render += time.perf_counter() - t0
         outputs = {"mini": out.frames, "static": np.repeat(reference[None], len(truth), 0),
                    "preview": render_preview(reference, truth), "autoencoder": round_trip(models.vae, truth)}
@@ -265,7 +266,7 @@ def main(argv=None):
             # with stride 1 every latent boundary is a window boundary, so seams are measured on a second render
             # of the longest segment with windows of --seam-window latent frames and overlap 1 (stride W - 1)
             seam_out = render_clip(models, reference, v.landmarks[a:b].numpy(),
-                                   replace(settings, window=args.seam_window, overlap=1))
+                                   replace(settings, window=args.seam_window, overlap=1), anchor=v.landmarks[a])
             seams.append({"video": v.name, "window": args.seam_window, "overlap": 1,
                           "latent": seam_jump(seam_out.latents, seam_out.windows),
                           "frames": frame_step_seam(seam_out.frames, seam_out.windows),

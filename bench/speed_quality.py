@@ -84,7 +84,7 @@ def measure_ladder(models, clips, reader, base, args) -> list[dict]:
                                 alpa=ALPAConfig(mode="alpa" if k > 1 else "off", interval=k, cache="output"))
                     ps, ex, dev = [], [], []
                     for name, truth, lm, truth_pts in clips:
-                        o = render_clip(models, truth[0], lm, s)
+                        o = render_clip(models, truth[0], lm, s, anchor=lm[0])
                         top.setdefault(name, o)  # the first budget, (K 1, 4 steps, stride 1, L 1), is the top one
                         dev.append(float((o.latents - top[name].latents).norm() / top[name].latents.norm()))
                         for t, (f, g) in enumerate(zip(o.frames, truth)):
@@ -151,7 +151,7 @@ def main(argv=None):
         secs = 0.0
         for vname, truth, lm, truth_pts in clips:
             t0 = time.perf_counter()
-            out = render_clip(models, truth[0], lm, s)
+            out = render_clip(models, truth[0], lm, s, anchor=lm[0])
             secs += time.perf_counter() - t0
             calls += out.full_passes
             latents += out.latents.shape[2]

@@ -2,7 +2,7 @@
 
     models = load_mini("weights/mini")                        # every network of the preset, eval, on the CPU
     tracker = FaceMeshTracker()                               # driving frame -> 478 landmarks, as in training
-    out = render_clip(models, reference, landmarks, RenderSettings(steps=20))
+    out = render_clip(models, reference, landmarks, RenderSettings(steps=20))   # anchor: the reference's face
     out.frames                                                # (T, 128, 128, 3) uint8, one per driving frame
 
 The networks are the project's own (engine/dit.py WanModel + NFEB, engine/portrait_encoder.py, engine/clip_vision.py)
@@ -56,9 +56,10 @@ class MiniModels:
         return MESH_SIZE
 
     @torch.no_grad()
-    def frame_tokens(self, landmarks: torch.Tensor) -> torch.Tensor:
-        """(T, 478, 3) landmarks -> (T, 24, emo_dim) expression tokens, frame by frame."""
-        vec = self.expression(landmark_features(landmarks))                # (T, feature_dim)
+    def frame_tokens(self, landmarks: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """(T, 478, 3) landmarks, relative to the reference's (478, 3) `anchor` -> (T, 24, emo_dim) expression
+        tokens, frame by frame."""
+        vec = self.expression(landmark_features(landmarks, anchor))        # (T, feature_dim)
         per = self.preset.portrait.tokens_per_frame
         return self.portrait(vec[None])[0].view(len(vec), per, -1)
 
@@ -130,21 +131,27 @@ class FaceMeshTracker:
 class MiniExpressionExtractor:
     """The mini's stand-in for PD-FGC's ExpressionExtractor (same interface): push(frame) -> ExpressionResult whose
     `features` is the landmark expression encoder's output (feature_dim,), the vector the PortraitEncoder reads.
-    A frame without a face carries the last good row (face_found False); before any face, the encoder's answer
-    for the landmarks of the reference image, or zeros if there is none."""
+
+    The encoder reads a frame's motion relative to an anchor face (engine/models/mini_expression.py): the reference
+    image's landmarks (`neutral_landmarks`), as in training. A reference in which the face mesh finds no face
+    anchors on the first driving face instead (its motion from there on). A frame without a face carries the last
+    good row (face_found False); before any face, the encoder's answer for the anchor itself (no motion), or zeros
+    if there is none yet."""
 
     def __init__(self, expression: torch.nn.Module, tracker: FaceMeshTracker | None = None,
                  neutral_landmarks: np.ndarray | None = None):
         self.expression = expression
         self.landmarks = tracker or FaceMeshTracker()
-        self.neutral = (self._encode(neutral_landmarks) if neutral_landmarks is not None else
+        self.anchor = None if neutral_landmarks is None else np.asarray(neutral_landmarks, np.float32)
+        self._own_anchor = self.anchor is None  # anchored on the first driving face (reset() forgets it)
+        self.neutral = (self._encode(self.anchor) if self.anchor is not None else
                         np.zeros(expression.net[-1].out_features, np.float32))
         self._last: np.ndarray | None = None
 
     @torch.no_grad()
     def _encode(self, pts: np.ndarray) -> np.ndarray:
         p = next(self.expression.parameters())
-        feats = landmark_features(torch.from_numpy(np.asarray(pts, np.float32))).to(p.device, p.dtype)
+        feats = landmark_features(np.asarray(pts, np.float32), self.anchor).to(p.device, p.dtype)
         return self.expression(feats).float().cpu().numpy()
 
     def push(self, frame: np.ndarray):
@@ -154,6 +161,9 @@ class MiniExpressionExtractor:
         if pts is None:
             carried = self.neutral if self._last is None else self._last
             return ExpressionResult(carried.copy(), False)
+        if self.anchor is None:
+            self.anchor = np.asarray(pts, np.float32)
+            self.neutral = self._encode(self.anchor)
         self._last = self._encode(pts)
         return ExpressionResult(self._last.copy(), True)
 
@@ -162,6 +172,8 @@ class MiniExpressionExtractor:
 
     def reset(self) -> None:
         self._last = None
+        if self._own_anchor:
+            self.anchor = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,14 +225,24 @@ def reference_tensor(reference: np.ndarray, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def render_clip(models: MiniModels, reference: np.ndarray, landmarks: np.ndarray | torch.Tensor,
-                settings: RenderSettings = RenderSettings()) -> RenderResult:
+                settings: RenderSettings = RenderSettings(),
+                anchor: np.ndarray | torch.Tensor | None = None) -> RenderResult:
     """Render one avatar frame per driving frame: reference (H, W, 3) uint8 RGB, landmarks (T, 478, 3) of the
-    driving frames (FaceMeshTracker). The clip is padded to 1 + 4k frames with its last frame (dropped again)."""
+    driving frames (FaceMeshTracker), read relative to `anchor` (478, 3), the reference's own landmarks (default:
+    the face mesh on the reference image). The clip is padded to 1 + 4k frames with its last frame (dropped)."""
     from engine.alpa import CachedDiT
 
     s = settings
     p = models.preset
     dev = models.context.device
+    if anchor is None:
+        tracker = FaceMeshTracker(static=True)
+        anchor = tracker(reference)
+        tracker.close()
+        if anchor is None:
+            raise ValueError("The face mesh finds no face in the reference image: pass a portrait with one clearly "
+                             "visible face (or its landmarks as `anchor`).")
+    anchor = torch.as_tensor(np.asarray(anchor), dtype=torch.float32).to(dev)
     lm = torch.as_tensor(np.asarray(landmarks), dtype=torch.float32)
     n_frames = lm.shape[0]
     T = math.ceil((n_frames - 1) / TIME_STRIDE) + 1
@@ -228,7 +250,7 @@ def render_clip(models: MiniModels, reference: np.ndarray, landmarks: np.ndarray
     if pad:
         lm = torch.cat([lm, lm[-1:].expand(pad, -1, -1)])
     per = p.portrait.tokens_per_frame
-    tokens = group_latent_tokens(models.frame_tokens(lm.to(dev)).flatten(0, 1)[None])[0]     # (T, 97, C)
+    tokens = group_latent_tokens(models.frame_tokens(lm.to(dev), anchor).flatten(0, 1)[None])[0]  # (T, 97, C)
 
     img = reference_tensor(reference, models.size).to(dev)
     W = min(s.window, T)

@@ -79,8 +79,8 @@ def test_mini_tokens_follow_the_per_clip_layout(clip):
     torch.manual_seed(0)
     model = MiniPortrait(PRESET).eval()
     with torch.no_grad():
-        emo = model.tokens(clip["landmarks"])                               # (1, 3, 97, C)
-        per_frame = model.portrait(model.expression(landmark_features(clip["landmarks"])))
+        emo = model.tokens(clip["landmarks"], clip["ref_landmarks"])        # (1, 3, 97, C)
+        per_frame = model.portrait(model.expression(landmark_features(clip["landmarks"], clip["ref_landmarks"])))
     assert emo.shape == (1, 3, 97, PRESET.dit.emo_dim)
     torch.testing.assert_close(emo[0, 0, :24], per_frame[0, :24])          # latent 0: its own first frame's 24
     assert emo[0, 0, 24:].abs().max() == 0                                 # + 73 zero pads
@@ -108,19 +108,20 @@ def test_mini_one_training_step_lowers_the_loss(clip):
     y = torch.cat([mask, ref], 1).expand(B, -1, -1, -1, -1)
     refs = clip["ref"].expand(B, -1, -1, -1)
     lms = clip["landmarks"].expand(B, -1, -1, -1)
+    ref_lms = clip["ref_landmarks"].expand(B, -1, -1)
     weight = torch.ones(B, 1, 3, 16, 16)
     g = torch.Generator().manual_seed(0)
     fixed = {"u": torch.tensor([0.3, 0.7]), "noise": torch.randn(x0.shape, generator=g),
              "keep": torch.tensor([1.0, 0.0])}                                       # one sample drops the NFEB
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)   # 1e-3 overshoots from random init at dim 256
-    before = flow_loss(model, x0, y, refs, lms, weight, g, **fixed)
+    before = flow_loss(model, x0, y, refs, ref_lms, lms, weight, g, **fixed)
     opt.zero_grad()
     before.backward()
     assert model.dit.blocks[0].cross_attn.emo_k_proj.weight.grad.abs().sum() > 0     # the expression path learns
     assert model.expression.net[0].weight.grad.abs().sum() > 0
     opt.step()
     with torch.no_grad():
-        after = flow_loss(model, x0, y, refs, lms, weight, g, **fixed)
+        after = flow_loss(model, x0, y, refs, ref_lms, lms, weight, g, **fixed)
     assert after < 0.95 * before, (float(before), float(after))
 
 
@@ -174,7 +175,7 @@ def test_mini_dit_batch_gathers_the_clips_of_its_draws():
     data = ClipDataset(videos, "train")
     bank = LatentBank(vae, videos)
     for ref_first in (1.0, 0.0):
-        x0, y, refs, lms, weight = dit_batch(bank, data, 6, 2, np.random.default_rng(1), ref_first)
+        x0, y, refs, ref_lms, lms, weight = dit_batch(bank, data, 6, 2, np.random.default_rng(1), ref_first)
         assert x0.shape == (6, 16, 3, 4, 4) and y.shape == (6, 20, 3, 4, 4) and weight.shape == (6, 1, 3, 4, 4)
         for b in range(6):   # recover each sample's video and start from its landmarks, then check the gathers
             v, s = next((v, s) for v, vid in enumerate(videos) for s in range(len(vid.landmarks) - 8)
@@ -183,6 +184,7 @@ def test_mini_dit_batch_gathers_the_clips_of_its_draws():
             r = next(r for r in range(len(videos[v].frames)) if torch.equal(refs[b], videos[v].frames[r]))
             if ref_first == 1.0:
                 assert r == s
+            torch.testing.assert_close(ref_lms[b], videos[v].landmarks[r])       # the anchor of its tokens
             torch.testing.assert_close(y[b, 4:, 0], bank.first[v][r])
             torch.testing.assert_close(y[b, 4:, 1:], bank.zero_group[:, None].expand(-1, 2, -1, -1))
             assert (y[b, :4, 0] == 1).all() and (y[b, :4, 1:] == 0).all()
@@ -207,7 +209,7 @@ def test_mini_references_are_rarely_the_clip_and_never_near_it():
     data = ClipDataset(videos, "train")
     bank = LatentBank(MiniVAE(PRESET.autoencoder).eval(), videos)
     gap, n = 10, 9
-    _, _, refs, lms, _ = dit_batch(bank, data, 48, 2, np.random.default_rng(3), 0.0, ref_gap=gap)
+    _, _, refs, _, lms, _ = dit_batch(bank, data, 48, 2, np.random.default_rng(3), 0.0, ref_gap=gap)
     for b in range(48):
         v, s = next((v, s) for v, vid in enumerate(videos) for s in range(len(vid.landmarks) - n + 1)
                     if torch.equal(lms[b], vid.landmarks[s:s + n]))
@@ -237,11 +239,11 @@ def test_mini_training_and_rendering_condition_a_window_alike(clip):
     models = MiniModels(PRESET, model.dit, model.portrait, model.expression, model.clip, vae, model.context.detach())
     with torch.no_grad():
         # training: the clip of frames 4..8 (2 latents), reference frame 9 (bank latent, zeros after it)
-        tok_train = model.tokens(lms[None, 4:9])
+        tok_train = model.tokens(lms[None, 4:9], lms[None, 9])
         y_train = torch.cat([bank.firsts(np.array([0]), np.array([9]))[:, :, None], bank.zero_group[None, :, None]], 2)
         # rendering: the whole clip's tokens grouped globally, the window [1, 3) rebuilt; y from the reference image
-        tok_render = window_latent_tokens(group_latent_tokens(models.frame_tokens(lms[:9]).flatten(0, 1)[None])[0, 1:3],
-                                          1, PRESET.portrait.tokens_per_frame)[None]
+        grouped = group_latent_tokens(models.frame_tokens(lms[:9], lms[9]).flatten(0, 1)[None])[0]
+        tok_render = window_latent_tokens(grouped[1:3], 1, PRESET.portrait.tokens_per_frame)[None]
         y_render = vae.encode_reference(clip["ref"], 2)
         torch.testing.assert_close(tok_render, tok_train)
         torch.testing.assert_close(y_render, y_train, atol=1e-5, rtol=1e-5)
@@ -249,7 +251,7 @@ def test_mini_training_and_rendering_condition_a_window_alike(clip):
         mask[:, :, 0] = 1
         x, t = torch.randn(1, 16, 2, *y_train.shape[-2:]), torch.tensor([700.0])
         ip = torch.ones(1)
-        trained = model(x, t, torch.cat([mask, y_train], 1), clip["ref"], lms[None, 4:9], ip_scale=ip)
+        trained = model(x, t, torch.cat([mask, y_train], 1), clip["ref"], lms[None, 9], lms[None, 4:9], ip_scale=ip)
         clip_fea = models.clip(models.clip.preprocess(clip["ref"]))
         rendered = models.dit(x, t, models.context, clip_fea, torch.cat([mask, y_render], 1), tok_render, ip_scale=ip)
     torch.testing.assert_close(rendered, trained, atol=1e-4, rtol=1e-4)
@@ -270,3 +272,31 @@ def test_mini_keep_best_holds_the_weights_at_the_lowest_held_out_loss(tmp_path):
     assert best["step"] == 250 and best["held_out_loss"] == 0.42 and torch.all(best["model"]["weight"] == 250)
     with pytest.raises(SystemExit, match="--val-every"):
         export(tmp_path / "empty_run", tmp_path / "out", None, best=True)
+
+
+def test_mini_expression_features_are_relative_and_pose_free(clip):
+    """The landmark features read a frame's motion relative to the reference's face with the head's rotation taken
+    out: the anchor itself reads zero; a turned, shifted, zoomed head reads the same expression (only the pose and
+    where parts change); a mouth opened on a turned head reads as the same opening on a frontal one."""
+    lm, anchor = clip["landmarks"][0, 4].double(), clip["ref_landmarks"][0].double()
+    expr = slice(0, 478 * 3)
+    assert landmark_features(anchor, anchor).abs().max() < 1e-5
+
+    def turn(pts, yaw, pitch, shift=(0.0, 0.0), zoom=1.0):
+        a, b = np.radians(yaw), np.radians(pitch)
+        ry = torch.tensor([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+        rx = torch.tensor([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        c = pts.mean(0)
+        return (pts - c) @ (rx @ ry).T * zoom + c + torch.tensor([*shift, 0.0], dtype=pts.dtype)
+
+    base = landmark_features(lm, anchor)
+    moved = landmark_features(turn(lm, 15, -10, (0.03, -0.02), 1.1), anchor)
+    torch.testing.assert_close(moved[expr], base[expr], atol=1e-4, rtol=0)
+    assert (moved[expr.stop:expr.stop + 6] - base[expr.stop:expr.stop + 6]).abs().max() > 0.1   # the pose part
+    assert (moved[-3:] - base[-3:]).abs().min() > 0.05                                         # and where
+    opened = lm.clone()
+    opened[[14, 17, 87, 317]] += torch.tensor([0.0, 0.02, 0.0], dtype=lm.dtype)             # the lower lip drops
+    frontal = landmark_features(opened, anchor)[expr] - base[expr]
+    turned = landmark_features(turn(opened, 15, -10), anchor)[expr] - landmark_features(turn(lm, 15, -10), anchor)[expr]
+    assert frontal.abs().max() > 0.1                                                           # it is seen
+    torch.testing.assert_close(turned, frontal, atol=1e-4, rtol=0)

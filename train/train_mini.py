@@ -24,7 +24,9 @@ The DiT stage trains as FlashPortrait trains (its train_portrait.py, read for th
   way toward the reference even when that was 240 frames away (37% when it was the first frame), a ghost of the
   reference's face and mouth over the driven one (two 7-minute continuations with these draws: 15-17% and 31-33%);
   expression tokens per clip: latent 0 gets its own first frame's 24 tokens + 73 zeros, latent i >= 1 the 97 tokens
-  [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens);
+  [96i-73, 96i+23] (engine.portrait_encoder.group_latent_tokens); every frame's landmarks are read relative to the
+  clip's reference frame's, with the head's rotation taken out (engine/models/mini_expression.landmark_features;
+  the renderer anchors on the reference image's landmarks the same way);
   the expression branch is dropped for 10% of the samples. FlashPortrait zeroes the tokens; here the dropped samples
   run with ip_scale 0, which is exactly the renderer's no-emotion guidance branch (zero tokens through the NFEB
   normalisation would add mean(base) instead of nothing);
@@ -99,15 +101,16 @@ class MiniPortrait(nn.Module):
                 block.cross_attn.emo_k_proj.weight.normal_(0, 0.02)
                 block.cross_attn.emo_v_proj.weight.normal_(0, 0.02)
 
-    def tokens(self, landmarks: torch.Tensor) -> torch.Tensor:
-        """(B, 1+4k, 478, 3) landmarks -> (B, 1+k, 97, emo_dim) expression tokens in the per-clip layout."""
-        vec = self.expression(landmark_features(landmarks))                 # (B, T, feature_dim)
+    def tokens(self, landmarks: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """(B, 1+4k, 478, 3) landmarks, relative to their references' (B, 478, 3) -> (B, 1+k, 97, emo_dim)
+        expression tokens in the per-clip layout."""
+        vec = self.expression(landmark_features(landmarks, anchor[:, None]))  # (B, T, feature_dim)
         return group_latent_tokens(self.portrait(vec))
 
-    def forward(self, x, t, y, ref, landmarks, ip_scale):
+    def forward(self, x, t, y, ref, ref_landmarks, landmarks, ip_scale):
         clip_fea = self.clip(self.clip.preprocess(ref))
         context = self.context.expand(x.shape[0], -1, -1)
-        return self.dit(x, t, context, clip_fea, y, self.tokens(landmarks), ip_scale=ip_scale)
+        return self.dit(x, t, context, clip_fea, y, self.tokens(landmarks, ref_landmarks), ip_scale=ip_scale)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,11 +209,11 @@ def other_reference(gen: np.random.Generator, a: int, e: int, s: int, frames: in
 
 def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.random.Generator,
               ref_first: float = 0.0, lip_weight: float = 1.0, eye_weight: float = 1.0, ref_gap: int | None = None):
-    """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), landmarks
-    (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability `ref_first` a sample's reference is its
-    clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the given image), else another frame of
-    the same video and split, at least `ref_gap` frames from the clip (`other_reference`; None: anywhere, the clip
-    included). Everything is on the latent bank's device."""
+    """Latents x0 (B, 16, 1+k, h, w), y (B, 20, 1+k, h, w), reference pixels (B, 3, H, W), the references'
+    landmarks (B, 478, 3), the clips' landmarks (B, 1+4k, 478, 3), loss weight (B, 1, 1+k, h, w). With probability
+    `ref_first` a sample's reference is its clip's first frame (Wan / FlashPortrait I2V clips: latent 0 is then the
+    given image), else another frame of the same video and split, at least `ref_gap` frames from the clip
+    (`other_reference`; None: anywhere, the clip included). Everything is on the latent bank's device."""
     frames = 1 + 4 * k
     vs, ss, rs = (np.zeros(batch, np.int64) for _ in range(3))
     for b in range(batch):
@@ -223,15 +226,16 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     dev = x0.device
     y = bank.reference_y(bank.firsts(vs, rs), k)
     refs = torch.stack([data.videos[v].frames[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
+    ref_lms = torch.stack([data.videos[v].landmarks[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
     lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
     per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
     grid = x0.shape[-1]
     weight = 1 + region_mask(per_latent, None, grid, 0.02) + lip_weight * region_mask(per_latent, LIPS, grid, 0.03)
     weight = weight + eye_weight * sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
-    return x0, y, refs, lms, weight[:, None]
+    return x0, y, refs, ref_lms, lms, weight[:, None]
 
 
-def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generator, drop: float = EMO_DROP,
+def flow_loss(model: MiniPortrait, x0, y, refs, ref_lms, lms, weight, gen: torch.Generator, drop: float = EMO_DROP,
               u: torch.Tensor | None = None, noise: torch.Tensor | None = None,
               keep: torch.Tensor | None = None, autocast: bool = False) -> torch.Tensor:
     """FlashPortrait's training loss on one batch (see the module docstring); u / noise / keep fix the draws (drawn
@@ -245,7 +249,7 @@ def flow_loss(model: MiniPortrait, x0, y, refs, lms, weight, gen: torch.Generato
     target = noise - x0
     keep = ((torch.rand(B, generator=gen) >= drop).float() if keep is None else keep).to(dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(xt, sigma * 1000, y, refs, lms, ip_scale=keep)
+        pred = model(xt, sigma * 1000, y, refs, ref_lms, lms, ip_scale=keep)
     pred = pred.float()
     loss = ((pred - target) ** 2 * weight).mean()
     if pred.shape[2] > 2:
@@ -455,11 +459,11 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         if held_out is not None and step % args.val_every == 0:
             held_out_loss()
         k = int(gen.choice(args.latents)) - 1
-        x0, y, refs, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first, args.lip_weight,
-                                             args.eye_weight, args.ref_gap)
+        x0, y, refs, ref_lms, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first,
+                                                      args.lip_weight, args.eye_weight, args.ref_gap)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
-        loss = flow_loss(model, x0, y, refs, lms, weight, tgen, autocast=args.bf16)
+        loss = flow_loss(model, x0, y, refs, ref_lms, lms, weight, tgen, autocast=args.bf16)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
     held_out_loss()
@@ -469,14 +473,23 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
 
 def init_from_export(model: MiniPortrait, folder: Path) -> None:
     """Start the DiT stage's model from an exported checkpoint (the published layout `export` writes), read by the
-    renderer's own loader (engine.mini.load_mini)."""
-    from engine.mini import load_mini
+    renderer's own loaders (engine.mini). An expression encoder of another feature layout (a checkpoint from before
+    the relative, pose-free landmark features: 1437 inputs) is left at its fresh init; everything else loads."""
+    from engine.mini import MINI_CLIP_FILE, MINI_CONTEXT_FILE
+    from engine.models.mini_expression import load_landmark_expression
+    from engine.weights import WeightsError, find_file, load_dit, load_portrait_encoder, load_state_dict
 
-    trained = load_mini(folder, model.preset)
-    for name in ("dit", "portrait", "expression", "clip"):
-        getattr(model, name).load_state_dict(getattr(trained, name).state_dict())
+    p = model.preset
+    model.dit.load_state_dict(load_dit(folder, p.dit, dtype=torch.float32).state_dict())
+    model.portrait.load_state_dict(load_portrait_encoder(folder, p.portrait).state_dict())
+    model.clip.load_state_dict(load_state_dict(find_file(folder, MINI_CLIP_FILE, "mini CLIP tower")))
     with torch.no_grad():
-        model.context.copy_(trained.context)
+        model.context.copy_(load_state_dict(find_file(folder, MINI_CONTEXT_FILE, "mini text context"))["context"])
+    try:
+        model.expression.load_state_dict(load_landmark_expression(folder, p.landmark_expression,
+                                                                  p.portrait).state_dict())
+    except WeightsError as err:
+        print(f"expression encoder starts fresh: {err}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------
