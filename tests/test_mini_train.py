@@ -278,6 +278,10 @@ def test_mini_expression_features_are_relative_and_pose_free(clip):
     """The landmark features read a frame's motion relative to the reference's face with the head's rotation taken
     out: the anchor itself reads zero; a turned, shifted, zoomed head reads the same expression (only the pose and
     where parts change); a mouth opened on a turned head reads as the same opening on a frontal one."""
+    from engine.face_mesh import STABLE
+    from engine.models.mini_expression import SKULL
+
+    assert SKULL == tuple(STABLE.tolist())                                  # the copy stays the mesh's skull points
     lm, anchor = clip["landmarks"][0, 4].double(), clip["ref_landmarks"][0].double()
     expr = slice(0, 478 * 3)
     assert landmark_features(anchor, anchor).abs().max() < 1e-5

@@ -41,7 +41,8 @@ from engine.weights import find_file, load_into, load_state_dict
 MINI_EXPRESSION_FILE = "mini_expression.pt"
 NUM_LANDMARKS = 478
 IRIS = (468, 473)
-# skull points for the rotation (face_mesh.STABLE: eye corners, nose bridge, forehead, temples)
+# skull points for the rotation: engine/face_mesh.STABLE (eye corners, nose bridge, forehead, temples), copied
+# because face_mesh imports mediapipe, which the GPU trainer does not have (a test keeps the two equal)
 SKULL = (33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 10, 151, 9, 234, 454)
 EXPRESSION_SCALE = 4.0  # expression residuals are ~0.01-0.3 inter-ocular distances: O(0.1-1) after this
 POSE_SCALE = 2.0
@@ -59,11 +60,9 @@ def _normalise(lm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _rotation(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Batched Kabsch: R (..., 3, 3) with dst ~ R src (both (..., N, 3), centred here). The 3x3 SVDs run in float64
+    """Batched Kabsch: R (..., 3, 3) with dst ~ R src (both (..., N, 3) and centred). The 3x3 SVDs run in float64
     on the CPU (tiny; batched 3x3 SVD on a GPU is slower than the copy)."""
-    a = src - src.mean(-2, keepdim=True)
-    b = dst - dst.mean(-2, keepdim=True)
-    h = (a.transpose(-1, -2) @ b).double().cpu()
+    h = (src.transpose(-1, -2) @ dst).double().cpu()
     u, _, vt = torch.linalg.svd(h)
     d = torch.sign(torch.linalg.det(u @ vt))
     d = torch.where(d == 0, torch.ones_like(d), d)
@@ -88,9 +87,9 @@ def landmark_features(landmarks: torch.Tensor | np.ndarray, anchor: torch.Tensor
         shape, centre, iod = _normalise(lm)
         a_shape, a_centre, a_iod = _normalise(an)
         skull = list(SKULL)
-        r = _rotation(shape[..., skull, :], a_shape[..., skull, :])                   # (..., 3, 3)
         src_mean = shape[..., skull, :].mean(-2, keepdim=True)
         dst_mean = a_shape[..., skull, :].mean(-2, keepdim=True)
+        r = _rotation(shape[..., skull, :] - src_mean, a_shape[..., skull, :] - dst_mean)   # (..., 3, 3)
         turned = (shape - src_mean) @ r.transpose(-1, -2) + dst_mean
         expression = (turned - a_shape) * EXPRESSION_SCALE
         eye = torch.eye(3, device=lm.device)
