@@ -455,17 +455,27 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
             print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
 
     t0 = time.time()
+    spent = {"batch": 0.0, "step": 0.0, "n": 0}   # host seconds in batch assembly / in the whole step (synced)
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
         if held_out is not None and step % args.val_every == 0:
             held_out_loss()
+        t_step = time.perf_counter()
         k = int(gen.choice(args.latents)) - 1
         x0, y, refs, ref_lms, lms, weight = dit_batch(bank, data, args.batch, k, gen, args.ref_first,
                                                       args.lip_weight, args.eye_weight, args.ref_gap)
+        spent["batch"] += time.perf_counter() - t_step
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
         loss = flow_loss(model, x0, y, refs, ref_lms, lms, weight, tgen, autocast=args.bf16)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
+        spent["step"] += time.perf_counter() - t_step   # optimizer_step's loss.item() waited for the device
+        spent["n"] += 1
+        if step % args.log_every == 0:
+            n = spent["n"]
+            print(f"  {1e3 * spent['step'] / n:.1f} ms/step ({1e3 * spent['batch'] / n:.1f} ms assembling the "
+                  f"batch), {args.batch * n / spent['step']:.0f} clips/s", flush=True)
+            spent.update(batch=0.0, step=0.0, n=0)
     held_out_loss()
     save_state(ckpt, model, opt, step, gen, tgen, log, val)
     print(f"dit done at step {step}", flush=True)
