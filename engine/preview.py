@@ -14,8 +14,8 @@ Per driving frame:
      open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
   3. the same deltas, in the reference's normalised face frame, move the reference landmarks; the portrait is then
      turned by the driver's rotation about its own skull centre with its own depths, scaled and shifted (the shift
-     and scale eased so the face stays in its frame); each iris moves from its turned place by the driver's iris
-     move within the skull (in eye widths, GAZE_GAIN times); a reference smiling with parted lips gets its lower lip moved up by the difference
+     and scale eased so the face stays in its frame); the irises sit between the eye corners as far along as the
+     driver's do in the image; a reference smiling with parted lips gets its lower lip moved up by the difference
      to the driver's neutral gap, so its lips close when the driver's do;
   4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
      upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
@@ -56,11 +56,12 @@ ZOOM = 0.25  # ...and its log-scale change towards this (x1.28 at most: a driver
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
-# Iris shift rendered per unit of the driver's (both in eye widths): the face mesh reads a rendered iris move at about
-# half its size against its eye corners, a real eye's at about 0.7 (on the drivers, the mesh's gaze over the iris's
-# move in the skull: 0.69-0.77), so the rendered move is 1.5 times the driver's to look like it to the same reader.
+# Iris shift rendered along the eye per unit of the driver's (both between the eye corners): the face mesh, whose
+# corner points slide along with an iris, reads a rendered iris move at 0.4-0.7 of its size and a real eye's at about
+# 0.7 (the drivers' gaze reading over their iris's move within the skull: 0.69-0.77). At 1.0 the avatar's eyes turned
+# visibly less than the driver's, and a driver's small gaze drowned in the face mesh's noise on the avatar.
 GAZE_GAIN = 1.5
-GAZE_VERT = 0.5  # ...and up and down, half the driver's (as before)
+GAZE_VERT = 0.5  # ...and up and down: half the driver's, as before
 GAZE_SHUT, GAZE_OPEN = 0.35, 0.7  # the iris shift fades in between these eye openings (relative to the open eye)
 IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
@@ -286,7 +287,6 @@ class PreviewRenderer(ThreadedRenderer):
         delta = self.expression_gain * (q_now - q_neutral)
         delta[STABLE] = 0.0  # bone (nose bridge, forehead, temples, eye corners): what is left there after the fit
         # is the mesh's error, mostly cross-talk from the jaw, which the warp would show as a turn of the head
-        delta[N_MESH:] = 0.0  # the irises: the gaze below moves them in eye widths, not inter-ocular distances
         q_pre = self._open_eyes(self._ref_q + delta - 1j * self._closure, q_now)
         # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
         # (in inter-ocular distances, eased so the face stays in the frame).
@@ -295,12 +295,10 @@ class PreviewRenderer(ThreadedRenderer):
         scale, g = ease_travel(s, complex(shift[0], shift[1]) / abs(axis))
         pivot = complex(self._ref_pivot[0], self._ref_pivot[1])
         moved = pivot + scale * (complex_points(turned) - pivot) + g * abs(self._ref_axis)
-        # Gaze: the driver's iris moved from where its skull carries the neutral face's iris, in eye widths, added to
-        # the portrait's turned iris (which keeps its own parallax: the iris sits in front of the eye corners). The
-        # face mesh's corner points are no reference for it: they slide about a third of the way along with the iris.
-        carried = complex_points(moved0)
-        for c, ia, ib, _ in IRISES:
-            moved[c] += (moved[ib] - moved[ia]) * (z[c] - carried[c]) / (carried[ib] - carried[ia])
+        for c, ia, ib, _ in IRISES:  # gaze: the driver's iris shift between its eye corners, as the image shows it
+            r_ref = (self._ref_z[c] - self._ref_z[ia]) / (self._ref_z[ib] - self._ref_z[ia])
+            shift = (z[c] - z[ia]) / (z[ib] - z[ia]) - (z0[c] - z0[ia]) / (z0[ib] - z0[ia])
+            moved[c] = moved[ia] + (moved[ib] - moved[ia]) * (r_ref + shift)
         q_target = (moved - self._ref_origin) / self._ref_axis
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts
