@@ -304,3 +304,38 @@ def test_mini_expression_features_are_relative_and_pose_free(clip):
     turned = landmark_features(turn(opened, 15, -10), anchor)[expr] - landmark_features(turn(lm, 15, -10), anchor)[expr]
     assert frontal.abs().max() > 0.1                                                           # it is seen
     torch.testing.assert_close(turned, frontal, atol=1e-4, rtol=0)
+
+
+def test_mini_ema_is_the_moving_average_and_is_what_export_writes(tmp_path, cache):
+    from train.train_mini import MiniPortrait, main
+
+    run = tmp_path / "run"
+    common = ["--run", str(run), "--cache", str(cache), "--threads", "1"]
+    main(["--stage", "vae", "--steps", "1", "--vae-batch", "1", "--vae-crop", "32"] + common)
+    main(["--stage", "dit", "--steps", "1", "--batch", "1", "--latents", "2", "--ema", "0.75",
+          "--feature-noise", "0.1", "--lr", "1e-2"] + common)
+    state = torch.load(run / "dit.ckpt", weights_only=False)
+    torch.manual_seed(0)                                   # the stage's seed: its initial weights again
+    init = MiniPortrait(PRESET).state_dict()
+    trained, ema = state["model"], state["ema"]
+    moved = [k for k in trained if not torch.equal(trained[k], init[k])]
+    assert len(moved) > 10                                 # the step changed the weights...
+    for k in moved:                                        # ...and the average took a quarter of the way
+        torch.testing.assert_close(ema[k], 0.75 * init[k] + 0.25 * trained[k])
+    main(["--export", str(tmp_path / "out")] + common)
+    exported = torch.load(tmp_path / "out" / "transformer.pt", weights_only=True)
+    key = next(k for k in moved if k.startswith("dit."))
+    torch.testing.assert_close(exported[key[4:]].float(), ema[key].half().float())
+
+
+def test_mini_feature_noise_reaches_the_tokens(clip):
+    from engine.models.mini_expression import FEATURE_DIM
+    from train.train_mini import MiniPortrait
+
+    torch.manual_seed(0)
+    model = MiniPortrait(PRESET).eval()
+    lm, anchor = clip["landmarks"], clip["ref_landmarks"]
+    plain = model.tokens(lm, anchor)
+    torch.testing.assert_close(model.tokens(lm, anchor, torch.zeros(*lm.shape[:2], FEATURE_DIM)), plain)
+    noisy = model.tokens(lm, anchor, 0.1 * torch.randn(*lm.shape[:2], FEATURE_DIM))
+    assert (noisy - plain).abs().mean() > 1e-3 * plain.abs().mean()

@@ -30,6 +30,8 @@ VAL_EVERY=${VAL_EVERY:-250} # DiT steps between held-out losses (0: none)
 VAL_CLIPS=${VAL_CLIPS:-64}  # held-out clips of each such loss
 LIP_WEIGHT=${LIP_WEIGHT:-1} # loss weight of the mouth box (DiT stage)
 EYE_WEIGHT=${EYE_WEIGHT:-1} # loss weight of each eye box
+FEATURE_NOISE=${FEATURE_NOISE:-0} # std of the noise on the landmark features (DiT stage)
+EMA=${EMA:-0}               # decay of the weights' moving average that is exported (DiT stage; 0: none)
 REF_FIRST=${REF_FIRST:-0.1} # share of clips referencing their own first frame (0.5 until weights/mini of 2026-12)
 REF_GAP=${REF_GAP:-16}      # frames between a clip and any other reference (at least)
 BEST=${BEST:-}              # 1: export the DiT at its lowest held-out loss (needs VAL_EVERY > 0), not its last step
@@ -49,7 +51,8 @@ start=$(date +%s)
 echo "vae stage: $(( $(date +%s) - start ))s since start"
 "$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" \
     ${INIT_DIT:+--init-dit "$INIT_DIT"} ${AUGMENT:+--augment} --val-every "$VAL_EVERY" --val-clips "$VAL_CLIPS" \
-    --lip-weight "$LIP_WEIGHT" --eye-weight "$EYE_WEIGHT" --ref-first "$REF_FIRST" --ref-gap "$REF_GAP" "${common[@]}"
+    --lip-weight "$LIP_WEIGHT" --eye-weight "$EYE_WEIGHT" --feature-noise "$FEATURE_NOISE" --ema "$EMA" \
+    --ref-first "$REF_FIRST" --ref-gap "$REF_GAP" "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
 mkdir -p "$OUT/mini"
 "$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" ${BEST:+--best} --curves "$OUT/mini_curves"

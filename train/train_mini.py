@@ -63,7 +63,7 @@ from torch import nn
 from engine.models.clip_vision import ClipVision
 from engine.config import ModelPreset, get_preset
 from engine.models.dit import WanModel
-from engine.models.mini_expression import LandmarkExpressionEncoder, landmark_features
+from engine.models.mini_expression import FEATURE_DIM, LandmarkExpressionEncoder, landmark_features
 from engine.models.mini_vae import MiniVAE
 from engine.models.portrait_encoder import PortraitEncoder, group_latent_tokens
 from engine.sampler import shift_sigmas
@@ -101,16 +101,18 @@ class MiniPortrait(nn.Module):
                 block.cross_attn.emo_k_proj.weight.normal_(0, 0.02)
                 block.cross_attn.emo_v_proj.weight.normal_(0, 0.02)
 
-    def tokens(self, landmarks: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    def tokens(self, landmarks: torch.Tensor, anchor: torch.Tensor, jitter: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1+4k, 478, 3) landmarks, relative to their references' (B, 478, 3) -> (B, 1+k, 97, emo_dim)
-        expression tokens in the per-clip layout."""
-        vec = self.expression(landmark_features(landmarks, anchor[:, None]))  # (B, T, feature_dim)
+        expression tokens in the per-clip layout; `jitter` (B, 1+4k, FEATURE_DIM) is added to the features
+        (training's --feature-noise)."""
+        feats = landmark_features(landmarks, anchor[:, None])                  # (B, T, FEATURE_DIM)
+        vec = self.expression(feats if jitter is None else feats + jitter)    # (B, T, feature_dim)
         return group_latent_tokens(self.portrait(vec))
 
-    def forward(self, x, t, y, ref, ref_landmarks, landmarks, ip_scale):
+    def forward(self, x, t, y, ref, ref_landmarks, landmarks, ip_scale, jitter=None):
         clip_fea = self.clip(self.clip.preprocess(ref))
         context = self.context.expand(x.shape[0], -1, -1)
-        return self.dit(x, t, context, clip_fea, y, self.tokens(landmarks, ref_landmarks), ip_scale=ip_scale)
+        return self.dit(x, t, context, clip_fea, y, self.tokens(landmarks, ref_landmarks, jitter), ip_scale=ip_scale)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -237,9 +239,10 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
 
 def flow_loss(model: MiniPortrait, x0, y, refs, ref_lms, lms, weight, gen: torch.Generator, drop: float = EMO_DROP,
               u: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None, autocast: bool = False) -> torch.Tensor:
+              keep: torch.Tensor | None = None, autocast: bool = False, feature_noise: float = 0.0) -> torch.Tensor:
     """FlashPortrait's training loss on one batch (see the module docstring); u / noise / keep fix the draws (drawn
-    on the CPU generator `gen`, then moved to x0's device); `autocast` runs the model in bf16 autocast."""
+    on the CPU generator `gen`, then moved to x0's device); `autocast` runs the model in bf16 autocast;
+    `feature_noise`: std of Gaussian noise added to every landmark feature (0: none)."""
     B, dev = x0.shape[0], x0.device
     u = torch.rand(B, generator=gen) if u is None else u
     sigma = shift_sigmas(u.clamp(1e-3, 1.0), SHIFT).to(dev)
@@ -248,8 +251,11 @@ def flow_loss(model: MiniPortrait, x0, y, refs, ref_lms, lms, weight, gen: torch
     xt = (1 - s) * x0 + s * noise
     target = noise - x0
     keep = ((torch.rand(B, generator=gen) >= drop).float() if keep is None else keep).to(dev)
+    jitter = None
+    if feature_noise > 0:
+        jitter = (feature_noise * torch.randn((*lms.shape[:2], FEATURE_DIM), generator=gen)).to(dev)
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(xt, sigma * 1000, y, refs, ref_lms, lms, ip_scale=keep)
+        pred = model(xt, sigma * 1000, y, refs, ref_lms, lms, ip_scale=keep, jitter=jitter)
     pred = pred.float()
     loss = ((pred - target) ** 2 * weight).mean()
     if pred.shape[2] > 2:
@@ -261,11 +267,13 @@ def flow_loss(model: MiniPortrait, x0, y, refs, ref_lms, lms, weight, gen: torch
 # ------------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------------
-def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log, val=None) -> None:
-    """`val`: the held-out losses so far, (step, loss) pairs (DiT stage with --val-every)."""
+def save_state(path: Path, module: nn.Module, opt, step: int, np_gen, torch_gen, log, val=None,
+               ema: nn.Module | None = None) -> None:
+    """`val`: the held-out losses so far, (step, loss) pairs (DiT stage with --val-every); `ema`: the
+    exponential moving average of the weights (DiT stage with --ema), which `export` writes when present."""
     save_atomic(path, {"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
                        "np_gen": np_gen.bit_generator.state, "torch_gen": torch_gen.get_state(), "log": log,
-                       "val": val or []})
+                       "val": val or [], **({"ema": ema.state_dict()} if ema is not None else {})})
 
 
 def save_atomic(path: Path, obj) -> None:
@@ -275,12 +283,15 @@ def save_atomic(path: Path, obj) -> None:
     tmp.rename(path)
 
 
-def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen):
-    """Restore a stage's checkpoint into module, optimizer and generators; (step, log, held-out log)."""
+def load_state(path: Path, module: nn.Module, opt, np_gen, torch_gen, ema: nn.Module | None = None):
+    """Restore a stage's checkpoint into module, optimizer, generators (and `ema`, from the checkpoint's average
+    or, in one written without it, its weights); (step, log, held-out log)."""
     if not path.exists():
         return 0, [], []
     st = torch.load(path, map_location="cpu", weights_only=False)
     module.load_state_dict(st["model"])
+    if ema is not None:
+        ema.load_state_dict(st.get("ema", st["model"]))
     opt.load_state_dict(st["opt"])
     np_gen.bit_generator.state = st["np_gen"]
     torch_gen.set_state(st["torch_gen"])
@@ -446,12 +457,16 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     ckpt = run / "dit.ckpt"
     if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
         init_from_export(model, Path(args.init_dit))
-    step, log, val = load_state(ckpt, model, opt, gen, tgen)
+    ema = MiniPortrait(preset).to(args.device).requires_grad_(False) if args.ema else None
+    if ema is not None:
+        ema.load_state_dict(model.state_dict())
+    step, log, val = load_state(ckpt, model, opt, gen, tgen, ema)
+    evaluated = ema if ema is not None else model   # what the held-out loss, --best and the export see
 
     def held_out_loss() -> None:  # once per step at most; the best weights so far kept for `export --best`
         if held_out is not None and (not val or val[-1][0] != step):
-            val.append((step, held_out.loss(model, args.bf16)))
-            best = keep_best(run / BEST_DIT, model, val)
+            val.append((step, held_out.loss(evaluated, args.bf16)))
+            best = keep_best(run / BEST_DIT, evaluated, val)
             print(f"dit step {step} held-out loss {val[-1][1]:.4f}{' (best so far)' * best}", flush=True)
 
     t0 = time.time()
@@ -466,9 +481,13 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
         spent["batch"] += time.perf_counter() - t_step
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.lr, progress=progress(args, t0))
-        loss = flow_loss(model, x0, y, refs, ref_lms, lms, weight, tgen, autocast=args.bf16)
+        loss = flow_loss(model, x0, y, refs, ref_lms, lms, weight, tgen, autocast=args.bf16,
+                         feature_noise=args.feature_noise)
         step = optimizer_step("dit", loss, opt, model.parameters(), step, log, t0, args,
-                              lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val), clip=1.0)
+                              lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val, ema), clip=1.0)
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - args.ema)
         spent["step"] += time.perf_counter() - t_step   # optimizer_step's loss.item() waited for the device
         spent["n"] += 1
         if step % args.log_every == 0:
@@ -477,7 +496,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
                   f"batch), {args.batch * n / spent['step']:.0f} clips/s", flush=True)
             spent.update(batch=0.0, step=0.0, n=0)
     held_out_loss()
-    save_state(ckpt, model, opt, step, gen, tgen, log, val)
+    save_state(ckpt, model, opt, step, gen, tgen, log, val, ema)
     print(f"dit done at step {step}", flush=True)
 
 
@@ -517,7 +536,7 @@ def export(run: Path, out: Path, preset: ModelPreset, best: bool = False) -> Non
     out.mkdir(parents=True, exist_ok=True)
     model = MiniPortrait(preset)
     state = torch.load(source, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))   # the weights' moving average when trained with --ema
     if best:
         print(f"exporting the dit stage at step {state['step']}, held-out loss {state['held_out_loss']:.4f}")
     vae = load_trained_vae(run, preset, decoder=True)
@@ -617,6 +636,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lip-weight", type=float, default=1.0,
                     help="dit stage: weight of the mouth box in the loss (the committed checkpoint: 1; a short run "
                          "at 4 helped the training split, not the held-out frames: quality_mini_lip4.json)")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="dit stage: keep an exponential moving average of the weights with this decay (e.g. "
+                         "0.998); the held-out loss, --best and the export use it (0: none)")
+    ap.add_argument("--feature-noise", type=float, default=0.0,
+                    help="dit stage: std of Gaussian noise on the landmark features (expression residuals are "
+                         "~0.04-2 after their x4 scale, the face mesh's jitter ~0.02): a driving signal the model "
+                         "cannot key single training frames on")
     ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
     ap.add_argument("--val-every", type=int, default=0,
                     help="dit stage: log the loss on fixed held-out clips every N steps (0: never)")
