@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from engine.build import idle_image, load_reference, renderer_factory, warm_start
 
@@ -379,11 +380,24 @@ def run_command(args) -> int:
             follower(info)
         finally:
             dist.destroy_process_group()
-        return 0
+        leave_launched(0)
     try:
-        return args.func(args)
+        code = args.func(args)
     finally:
         release_group(children)
+    if launched:
+        leave_launched(code)
+    return code
+
+
+def leave_launched(code: int) -> NoReturn:
+    """A torchrun rank ends here once its group is left and its files are closed: os._exit skips the interpreter's
+    teardown, whose C++ static destructors, in a process that ran gloo and mediapipe's graph threads, aborted about one
+    exit in ten ("terminate called without an active exception", SIGABRT after the video was written), which torchrun
+    reports as a failed run. (Spawned followers already end so: multiprocessing exits its children with os._exit.)"""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- main --------------------------------------------------------------------------------------------------------
