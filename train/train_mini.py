@@ -51,6 +51,7 @@ thread and 20-47 s with two (OpenMP workers waiting on each other at every op), 
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import replace
 import time
 from pathlib import Path
@@ -457,11 +458,11 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     ckpt = run / "dit.ckpt"
     if args.init_dit and not ckpt.exists():   # continue from an exported checkpoint (a fresh optimizer)
         init_from_export(model, Path(args.init_dit))
-    ema = MiniPortrait(preset).to(args.device).requires_grad_(False) if args.ema else None
-    if ema is not None:
-        ema.load_state_dict(model.state_dict())
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
     step, log, val = load_state(ckpt, model, opt, gen, tgen, ema)
     evaluated = ema if ema is not None else model   # what the held-out loss, --best and the export see
+    if ema is not None:  # the parameter lists once, not per step
+        ema_params, model_params = list(ema.parameters()), list(model.parameters())
 
     def held_out_loss() -> None:  # once per step at most; the best weights so far kept for `export --best`
         if held_out is not None and (not val or val[-1][0] != step):
@@ -487,7 +488,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
                               lambda n: save_state(ckpt, model, opt, n, gen, tgen, log, val, ema), clip=1.0)
         if ema is not None:
             with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - args.ema)
+                torch._foreach_lerp_(ema_params, model_params, 1.0 - args.ema)
         spent["step"] += time.perf_counter() - t_step   # optimizer_step's loss.item() waited for the device
         spent["n"] += 1
         if step % args.log_every == 0:
@@ -636,6 +637,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lip-weight", type=float, default=1.0,
                     help="dit stage: weight of the mouth box in the loss (the committed checkpoint: 1; a short run "
                          "at 4 helped the training split, not the held-out frames: quality_mini_lip4.json)")
+    ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="dit stage: keep an exponential moving average of the weights with this decay (e.g. "
                          "0.998); the held-out loss, --best and the export use it (0: none)")
@@ -643,7 +645,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dit stage: std of Gaussian noise on the landmark features (expression residuals are "
                          "~0.04-2 after their x4 scale, the face mesh's jitter ~0.02): a driving signal the model "
                          "cannot key single training frames on")
-    ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
     ap.add_argument("--val-every", type=int, default=0,
                     help="dit stage: log the loss on fixed held-out clips every N steps (0: never)")
     ap.add_argument("--val-clips", type=int, default=64, help="held-out clips of --val-every")
