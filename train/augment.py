@@ -85,5 +85,6 @@ def augmented_videos(videos: list[Video], views=VIEWS) -> list[Video]:
                 continue
             size = v.frames.shape[-1]
             out.append(Video(f"{v.name}@{'m' if view.flip else ''}{view.scale:g}", view_frames(v.frames, view),
-                             view_landmarks(v.landmarks, v.landmarks_flip, size, view), v.found, v.fps))
+                             view_landmarks(v.landmarks, v.landmarks_flip, size, view), v.found, v.fps,
+                             train_only=v.train_only))
     return out

@@ -143,13 +143,15 @@ class Video:
     found: np.ndarray         # (T,)
     fps: float
     landmarks_flip: torch.Tensor | None = None   # (T, 478, 3) of the left-right flipped frames, when cached
+    train_only: bool = False  # every frame trains, none is held out (train/teacher.py's rendered videos)
 
 
 def _video(name: str, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarray, fps,
-           landmarks_flip: np.ndarray | None = None) -> Video:
+           landmarks_flip: np.ndarray | None = None, train_only=False) -> Video:
     t = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     flip = None if landmarks_flip is None else torch.from_numpy(landmarks_flip.astype(np.float32))
-    return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps), flip)
+    return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps), flip,
+                 bool(train_only))
 
 
 def load_cache(cache: str | Path = DEFAULT_CACHE, size: int = 128) -> list[Video]:
@@ -163,7 +165,8 @@ def load_cache(cache: str | Path = DEFAULT_CACHE, size: int = 128) -> list[Video
     videos = []
     for name, file in json.loads(index_path.read_text()).items():
         z = np.load(cache / file)
-        videos.append(_video(name, z["frames"], z["landmarks"], z["found"], z["fps"], z.get("landmarks_flip")))
+        videos.append(_video(name, z["frames"], z["landmarks"], z["found"], z["fps"], z.get("landmarks_flip"),
+                             z.get("train_only", False)))
     return videos
 
 
@@ -185,8 +188,9 @@ def pack_cache(cache_dir: str | Path, out: str | Path, size: int = 128, quality:
         arrays[f"{name}.landmarks"] = z["landmarks"].astype(np.float16)
         if "landmarks_flip" in z.files:
             arrays[f"{name}.landmarks_flip"] = z["landmarks_flip"].astype(np.float16)
-        for key in ("found", "fps", "square"):
-            arrays[f"{name}.{key}"] = z[key]
+        for key in ("found", "fps", "square", "train_only"):
+            if key in z.files:
+                arrays[f"{name}.{key}"] = z[key]
         names.append(name)
     arrays["names"] = np.asarray(names)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,24 +209,33 @@ def load_packed(path: str | Path, size: int = 128) -> list[Video]:
         buf, off = z[f"{name}.jpeg"], z[f"{name}.offsets"]
         frames = np.stack([cv2.imdecode(buf[a:b], cv2.IMREAD_COLOR)[:, :, ::-1] for a, b in zip(off[:-1], off[1:])])
         videos.append(_video(name, frames, z[f"{name}.landmarks"], z[f"{name}.found"], z[f"{name}.fps"],
-                             z.get(f"{name}.landmarks_flip")))
+                             z.get(f"{name}.landmarks_flip"), z.get(f"{name}.train_only", False)))
     return videos
 
 
-def split_range(n: int, split: str) -> tuple[int, int]:
-    """[start, end) of `split` ("train": the first 80%, "test": the last 20%) of an n-frame video."""
-    cut = int(round(n * (1 - HELD_OUT)))
+def split_range(n: int, split: str, train_only: bool = False) -> tuple[int, int]:
+    """[start, end) of `split` ("train": the first 80%, "test": the last 20%) of an n-frame video; a `train_only`
+    video trains on all its frames and holds none out."""
+    cut = n if train_only else int(round(n * (1 - HELD_OUT)))
     return (0, cut) if split == "train" else (cut, n)
 
 
 class ClipDataset:
-    """Random clips of 1 + 4k frames with a reference frame from the same video and split."""
+    """Random clips of 1 + 4k frames with a reference frame from the same video and split. Videos are drawn in
+    proportion to their frames in the split; with `train_only_share`, the train_only videos (train/teacher.py) are
+    drawn that share of the time together and the others the rest (each group by length)."""
 
-    def __init__(self, videos: list[Video], split: str = "train"):
+    def __init__(self, videos: list[Video], split: str = "train", train_only_share: float | None = None):
         self.videos = videos
         self.split = split
-        self.ranges = [split_range(len(v.frames), split) for v in videos]
+        self.ranges = [split_range(len(v.frames), split, v.train_only) for v in videos]
         self.weights = np.array([b - a for a, b in self.ranges], np.float64)
+        extra = np.array([v.train_only for v in videos])
+        if train_only_share is not None and extra.any() and (~extra).any() and split == "train":
+            self.weights[extra] *= train_only_share / self.weights[extra].sum()
+            self.weights[~extra] *= (1 - train_only_share) / self.weights[~extra].sum()
+        if self.weights.sum() <= 0:
+            raise ValueError(f"No video has frames in the {split} split: add driving videos to the training cache.")
         self.weights /= self.weights.sum()
 
     def sample(self, batch: int, frames: int, generator: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -34,6 +34,8 @@ FEATURE_NOISE=${FEATURE_NOISE:-0} # std of the noise on the landmark features (D
 EMA=${EMA:-0}               # decay of the weights' moving average that is exported (DiT stage; 0: none)
 REF_FIRST=${REF_FIRST:-0.1} # share of clips referencing their own first frame (0.5 until weights/mini of 2026-12)
 REF_GAP=${REF_GAP:-16}      # frames between a clip and any other reference (at least)
+TEACHER=${TEACHER:-}        # packed teacher caches (train/teacher.py), space-separated: the DiT also trains on them
+TEACHER_SHARE=${TEACHER_SHARE:-0.5} # share of the DiT's clips drawn from the teacher videos
 BEST=${BEST:-}              # 1: export the DiT at its lowest held-out loss (needs VAL_EVERY > 0), not its last step
 THREADS=${THREADS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,7 +54,8 @@ echo "vae stage: $(( $(date +%s) - start ))s since start"
 "$PYTHON" -m train.train_mini --stage dit --minutes "$DIT_MIN" --batch "$BATCH" --lr "$LR" \
     ${INIT_DIT:+--init-dit "$INIT_DIT"} ${AUGMENT:+--augment} --val-every "$VAL_EVERY" --val-clips "$VAL_CLIPS" \
     --lip-weight "$LIP_WEIGHT" --eye-weight "$EYE_WEIGHT" --feature-noise "$FEATURE_NOISE" --ema "$EMA" \
-    --ref-first "$REF_FIRST" --ref-gap "$REF_GAP" "${common[@]}"
+    --ref-first "$REF_FIRST" --ref-gap "$REF_GAP" ${TEACHER:+--teacher $TEACHER --teacher-share "$TEACHER_SHARE"} \
+    "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
 mkdir -p "$OUT/mini"
 "$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" ${BEST:+--best} --curves "$OUT/mini_curves"

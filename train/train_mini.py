@@ -446,7 +446,7 @@ def train_dit(args, preset: ModelPreset, data: ClipDataset, run: Path) -> None:
     t_bank = time.time()
     videos = data.videos
     if args.augment:
-        data = ClipDataset(augmented_videos(videos), "train")
+        data = ClipDataset(augmented_videos(videos), "train", args.teacher_share)
     videos_to(data, args.device)
     bank = LatentBank(vae, data.videos)
     print(f"latent bank of {len(data.videos)} videos built in {time.time() - t_bank:.0f}s", flush=True)
@@ -638,6 +638,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dit stage: weight of the mouth box in the loss (the committed checkpoint: 1; a short run "
                          "at 4 helped the training split, not the held-out frames: quality_mini_lip4.json)")
     ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
+    ap.add_argument("--teacher", metavar="CACHE", nargs="+",
+                    help="dit stage: also train on train/teacher.py's rendered videos (cache folders or packed files)")
+    ap.add_argument("--teacher-share", type=float, default=0.5,
+                    help="share of the clips drawn from the --teacher videos (the rest from the real ones)")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="dit stage: keep an exponential moving average of the weights with this decay (e.g. "
                          "0.998); the held-out loss, --best and the export use it (0: none)")
@@ -672,7 +676,10 @@ def main(argv=None) -> None:
     run = Path(args.run)
     run.mkdir(parents=True, exist_ok=True)
     if args.stage:
-        data = ClipDataset(load_cache(args.cache), "train")
+        videos = load_cache(args.cache)
+        if args.teacher and args.stage == "dit":   # after the real videos: the held-out clips draw from those
+            videos += [replace(v, train_only=True) for path in args.teacher for v in load_cache(path)]
+        data = ClipDataset(videos, "train", args.teacher_share)
         {"vae": train_vae, "dit": train_dit, "decoder": train_decoder}[args.stage](args, preset, data, run)
     if args.export:
         export(run, Path(args.export), preset, best=args.best)
