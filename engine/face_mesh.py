@@ -17,6 +17,11 @@ mp_face_mesh = mp.solutions.face_mesh
 RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 33, 263
 # Points that move with the skull but barely with expression: eye corners, nose bridge and tip, forehead, temples.
 STABLE = np.array([33, 133, 362, 263, 168, 6, 197, 195, 5, 4, 10, 151, 9, 234, 454])
+# The lower nose (tip, columella, alae): the points inside mediapipe's FACEMESH_NOSE ridge and alar lines
+# (4-45-220-115-48-64-98-97-2 and its mirror). Cartilage on bone, which an expression barely moves.
+NOSE = np.array([1, 2, 4, 19, 20, 44, 45, 48, 59, 60, 64, 75, 79, 94, 97, 98, 99, 115, 125, 141, 166, 218, 219, 220,
+                 235, 237, 238, 239, 240, 241, 242, 250, 274, 275, 278, 289, 290, 294, 305, 309, 326, 327, 328, 344,
+                 354, 370, 392, 438, 439, 440, 455, 457, 458, 459, 460, 461, 462])
 # Inner lip contour, upper chain and lower chain, each from the right mouth corner (78) to the left one (308).
 INNER_LIP_UPPER = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308]
 INNER_LIP_LOWER = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import data_file, video_frames
-from engine.face_mesh import STABLE, detect_landmarks, landmarks_from, mp_face_mesh
+from engine.face_mesh import NOSE, STABLE, detect_landmarks, landmarks_from, mp_face_mesh
 from engine.head_pose import angles, fit_rigid, turn
 from engine.preview import TRAVEL, PreviewRenderer, load_reference
 from test_preview import mouth_opening
@@ -120,3 +120,21 @@ def test_an_open_mouth_reads_open(reference):
     out = renderer.warp(renderer._ref_origin + renderer._ref_axis * q)
     got = mouth_opening(detect_landmarks(out)) - base
     assert got > 0.65 * drop, got
+
+
+def test_the_nose_carries_no_expression():
+    """The face mesh bends the lower nose as the head turns (its error, not an expression): the portrait's nose moves
+    only with the head. Bent by it, the portrait's nose read as a nod (motion bench pitch lp_d6 -> lp_s7 0.84 -> 0.88).
+    The lips still move the portrait."""
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    iod = np.linalg.norm(driver[263, :2] - driver[33, :2])
+    bent = driver.copy()
+    nose = np.setdiff1d(NOSE, STABLE)  # the nose tip is a skull point too: moving it would move the fitted head
+    bent[nose, :2] += np.array([0.03, 0.05]) * iod  # the nose 0.05 inter-ocular distances down, a little aside
+    bent[14, 1] += 0.05 * iod  # ...and the lower lip's middle
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.close()
+    still = renderer.transfer(driver, 0.0)
+    moved = renderer.transfer(bent, 0.04)
+    assert np.abs(moved[NOSE] - still[NOSE]).max() < 1e-6
+    assert abs(moved[14] - still[14]) > 0.02 * abs(renderer._ref_axis), "the lower lip no longer follows the driver"
