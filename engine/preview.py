@@ -52,7 +52,7 @@ NEUTRAL_POSE = 0.05  # ...if its head pose (nose relative to the eyes, inter-ocu
 # The face mesh's inner-lip gap (inter-ocular units) of a closed mouth, until the driver shows one. Closed mouths
 # read 0.000-0.0025 on the nine driving videos that show one; at 0.02, a driver first seen mid-word whose lips then
 # parted by less than that kept the portrait's mouth shut (lp_s20's first third). Not lower: on a driver who never
-# closes (lp_s29) a wider-opened portrait mouth read worse (fp_case2: 0.84 at 0.01, 0.80-0.82 at 0-0.005).
+# closes (lp_s29) a wider-opened portrait mouth read worse (fp_case2: 0.83-0.84 at 0.01, 0.80-0.82 at 0-0.005).
 SHUT_GAP = 0.01
 LIP_CLOSE_MIN = 0.008  # a reference whose lips part more than the driver's neutral by this much gets them closed
 TRAVEL = 0.35  # the head's shift (inter-ocular distances) eases off towards this: the face stays in the frame
