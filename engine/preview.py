@@ -14,9 +14,10 @@ Per driving frame:
      open in proportion (a blink for a blink), the lips by the driver's gap over its most closed mouth;
   3. the same deltas, in the reference's normalised face frame, move the reference landmarks; the portrait is then
      turned by the driver's rotation about its own skull centre with its own depths, scaled and shifted (the shift
-     and scale eased so the face stays in its frame); the irises sit between the eye corners as far along as the
-     driver's do in the image; a reference smiling with parted lips gets its lower lip moved up by the difference
-     to the driver's neutral gap, so its lips close when the driver's do;
+     and scale eased so the face stays in its frame), all measured from the first neutral face (a re-taken neutral
+     changes what the expression is measured against, not the head pose's zero); the irises sit between the eye
+     corners as far along as the driver's do in the image; a reference smiling with parted lips gets its lower lip
+     moved up by the difference to the driver's neutral gap, so its lips close when the driver's do;
   4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
      upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
      to near by the reference's depth, so the folds of a three-quarter face keep its visible side on top); the eye
@@ -216,6 +217,9 @@ class PreviewRenderer(ThreadedRenderer):
         self._mesh = mp_face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True,
                                          min_detection_confidence=0.5, min_tracking_confidence=0.5)
         self._neutral: tuple | None = None  # (neutral landmarks z, face-frame origin, axis)
+        # (landmarks (478, 3), inter-ocular distance) of the first neutral face since the start or reset_neutral: the
+        # head pose's zero. The neutral may be re-taken later with the head turned a little (see _update_neutral).
+        self._pose_origin: tuple | None = None
         self._mouth_shut: np.ndarray | None = None  # inner-lip gaps of the driver's most closed mouth so far
         self._eyes_open: np.ndarray | None = None  # lid gaps (per eye) of the driver's open eyes
         self._filter = OneEuroFilter() if smoothing else None
@@ -246,8 +250,11 @@ class PreviewRenderer(ThreadedRenderer):
             self._mesh = None
 
     def reset_neutral(self) -> None:
-        """Take the next driving frame with a face as the new neutral (zero-expression) pose."""
+        """Take the next driving frame with a face as the new neutral (zero-expression) pose and head pose: the
+        user re-centres the avatar, so unlike the renderer's own re-takes of the neutral face, this one moves the
+        head pose's origin too."""
         self._neutral = None
+        self._pose_origin = None
         self._closure = np.zeros(len(self._ref_q))
         if self._filter is not None:
             self._filter.reset()
@@ -280,6 +287,13 @@ class PreviewRenderer(ThreadedRenderer):
         # Rigid head motion neutral -> now in 3-D.
         p0 = self._neutral_p3
         s, r, shift = fit_rigid(p0[STABLE], landmarks[STABLE])
+        # The avatar's head follows the motion from the first neutral face instead: a neutral re-taken with the head
+        # turned (lp_d3's at frame 43: 3 degrees of pitch, 2 of roll) would make that turn the new zero, and the
+        # avatar's head would snap back by it and stay off for the rest of the clip. The expression stays measured
+        # against the current neutral (s, r above), whose face is the more neutral one.
+        p_origin, iod_origin = self._pose_origin
+        s_head, r_head, shift_head = (s, r, shift) if p_origin is p0 else fit_rigid(p_origin[STABLE],
+                                                                                      landmarks[STABLE])
         q_neutral = (z0 - origin) / axis
         # The expression: each landmark's offset from where the neutral face, moved by that motion, would put it
         # (the neutral's depths, not this frame's: a point's depth is the face mesh's least steady output, and
@@ -299,8 +313,8 @@ class PreviewRenderer(ThreadedRenderer):
         # The same motion on the portrait: turned about its skull centre with its own depths, then scaled and shifted
         # (in inter-ocular distances, eased so the face stays in the frame).
         zz = self._ref_origin + self._ref_axis * q_pre
-        turned = turn(np.stack([zz.real, zz.imag, self._ref_depth], 1), r, self._ref_pivot)
-        scale, g = ease_travel(s, complex(shift[0], shift[1]) / abs(axis))
+        turned = turn(np.stack([zz.real, zz.imag, self._ref_depth], 1), r_head, self._ref_pivot)
+        scale, g = ease_travel(s_head, complex(shift_head[0], shift_head[1]) / iod_origin)
         pivot = complex(self._ref_pivot[0], self._ref_pivot[1])
         moved = pivot + scale * (complex_points(turned) - pivot) + g * abs(self._ref_axis)
         for c, ia, ib, _ in IRISES:  # gaze: the driver's iris shift between its eye corners, as the image shows it
@@ -375,6 +389,8 @@ class PreviewRenderer(ThreadedRenderer):
     def _set_neutral(self, z: np.ndarray, p3: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
         self._neutral = (z, *face_frame(z))
         self._neutral_p3 = p3  # (478, 3) the same landmarks with their depths
+        if self._pose_origin is None:  # the first neutral face stays the head pose's zero (see transfer)
+            self._pose_origin = (p3, abs(self._neutral[2]))
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import data_file, video_frames
-from engine.face_mesh import NOSE, STABLE, detect_landmarks, landmarks_from, mp_face_mesh
+from engine.face_mesh import (INNER_LIP_LOWER, INNER_LIP_UPPER, NOSE, STABLE, detect_landmarks, landmarks_from,
+                              mp_face_mesh)
 from engine.head_pose import angles, fit_rigid, turn
 from engine.preview import TRAVEL, PreviewRenderer, load_reference
 from test_preview import mouth_opening
@@ -138,3 +139,36 @@ def test_the_nose_carries_no_expression():
     moved = renderer.transfer(bent, 0.04)
     assert np.abs(moved[NOSE] - still[NOSE]).max() < 1e-6
     assert abs(moved[14] - still[14]) > 0.02 * abs(renderer._ref_axis), "the lower lip no longer follows the driver"
+
+
+def test_a_re_taken_neutral_keeps_the_head_pose():
+    """The driver's first face is mid-word (mouth open), then it turns its head (2 degrees of roll, 3 of pitch) and
+    closes its mouth: that more neutral face becomes the new neutral while the head is turned (lp_d3 at frame 43).
+    The avatar's head stays turned as it was the frame before; measured from the re-taken neutral it snapped back
+    by the whole turn (1-13 px of the skull points at 512x512) and stayed off. reset_neutral (the user's
+    re-centre) does take the turned head as the new zero."""
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    iod = np.linalg.norm(driver[263, :2] - driver[33, :2])
+    talking = driver.copy()
+    jaw = (driver[:, 1] > driver[INNER_LIP_UPPER, 1].max()) | np.isin(np.arange(len(driver)), INNER_LIP_LOWER[1:-1])
+    talking[jaw & ~np.isin(np.arange(len(driver)), STABLE), 1] += 0.1 * iod  # the lower lip and below: 0.1 down
+    centre = driver[STABLE].mean(0)
+    r = _rotation(2.0, 0.0, 3.0)
+
+    def turned(pts):
+        return (pts - centre) @ r.T + centre
+
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.close()
+    straight = renderer.transfer(talking, 0.0)  # the first neutral face
+    before = renderer.transfer(turned(talking), 0.04)  # turned, still talking: no new neutral
+    closed = turned(driver)
+    after = renderer.transfer(closed, 0.08)  # turned, mouth closed: the new neutral
+    assert renderer._neutral_p3 is closed, "the neutral face was not re-taken"
+    skull = np.setdiff1d(STABLE, [33, 133, 362, 263])  # the eye corners move with the lids' re-take
+    turn_px = np.abs(before[skull] - straight[skull]).max()
+    assert turn_px > 2.0, "the turn did not move the avatar"
+    assert np.abs(after[skull] - before[skull]).max() < 0.1 * turn_px, "the head snapped back at the re-take"
+    renderer.reset_neutral()  # the user re-centres: the turned head is the zero now
+    centred = renderer.transfer(closed, 0.12)
+    assert np.abs(centred[skull] - straight[skull]).max() < 0.1 * turn_px
