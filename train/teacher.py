@@ -28,6 +28,7 @@ out): the held-out loss and bench/quality.py stay on real frames only.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import cv2
@@ -70,12 +71,11 @@ def read_image(path: Path) -> np.ndarray:
 def build_teacher_cache(references: list[Path], cache: str | Path, out: str | Path, drivers: int = 3,
                         frames: int = 96, seed: int = 0, size: int = 128) -> Path:
     """Render, landmark and store the teacher videos (see the module docstring) as a train.data cache folder."""
-    import json
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     videos = load_cache(cache, size)
     train = {v.name: split_range(len(v.frames), "train") for v in videos}
+    fps = {v.name: v.fps for v in videos}
     crops = {v.name: v.frames.permute(0, 2, 3, 1).add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
              for v in videos}
     sources = [(p.stem, source_crop(read_image(p), size)) for p in references]
@@ -94,7 +94,7 @@ def build_teacher_cache(references: list[Path], cache: str | Path, out: str | Pa
                 lm, found = track_landmarks(video)
                 lm_flip = track_landmarks(np.ascontiguousarray(video[:, :, ::-1]))[0]
                 tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, frames=video, landmarks=lm, found=found, fps=videos[0].fps,
+                np.savez(tmp, frames=video, landmarks=lm, found=found, fps=fps[d],
                          square=np.asarray((0, 0, size)), landmarks_flip=lm_flip, train_only=True,
                          driver=np.asarray([d, str(s)]))
                 tmp.rename(path)
