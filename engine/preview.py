@@ -389,12 +389,18 @@ class PreviewRenderer(ThreadedRenderer):
     def _set_neutral(self, z: np.ndarray, p3: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
         self._neutral = (z, *face_frame(z))
         self._neutral_p3 = p3  # (478, 3) the same landmarks with their depths
-        if self._pose_origin is None:  # the first neutral face stays the head pose's zero (see transfer)
+        first = self._pose_origin is None
+        if first:  # the first neutral face stays the head pose's zero (see transfer)
             self._pose_origin = (p3, abs(self._neutral[2]))
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
-        self._mouth_shut, self._eyes_open = np.minimum(lips, SHUT_GAP), eyes
+        self._mouth_shut = np.minimum(lips, SHUT_GAP)
+        # A re-take is for a more closed mouth; the eyes may be squinting or looking down then (lp_d3 at frame 43:
+        # lids at a third of its first face's): taken as the open eyes, every later opening read up to twice the
+        # reference's and the portrait stared wide-eyed through the driver's squint (lp_d3's eye cells 0.82-0.90).
+        # So a re-take only ever widens the open-eye reference; the first neutral (or reset_neutral) sets it.
+        self._eyes_open = eyes if first else np.maximum(self._eyes_open, eyes)
         self._closure = self._lip_closure()
         if self._filter is not None:
             self._filter.reset()
