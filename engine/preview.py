@@ -66,6 +66,10 @@ SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets 
 # 0.7 (the drivers' gaze reading over their iris's move within the skull: 0.69-0.77). At 1.0 the avatar's eyes turned
 # visibly less than the driver's, and a driver's small gaze drowned in the face mesh's noise on the avatar.
 GAZE_GAIN = 1.5
+# ...easing off towards GAZE_REACH eye widths (tanh): at 1.5x a glance pushed the iris to its hard clip at the eye
+# corner, where the lids cut it and the face mesh read the avatar's eye as narrowing (eyes lp_d12 -> fp_case2 0.83
+# on a turned head's glances; 0.86 at 0.25, 0.83 at 0.35), and a wider glance no longer moved it at all.
+GAZE_REACH = 0.25
 GAZE_VERT = 0.5  # ...and up and down: half the driver's, as before
 GAZE_SHUT, GAZE_OPEN = 0.35, 0.7  # the iris shift fades in between these eye openings (relative to the open eye)
 IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
@@ -389,12 +393,18 @@ class PreviewRenderer(ThreadedRenderer):
     def _set_neutral(self, z: np.ndarray, p3: np.ndarray, lips: np.ndarray, eyes: np.ndarray) -> None:
         self._neutral = (z, *face_frame(z))
         self._neutral_p3 = p3  # (478, 3) the same landmarks with their depths
-        if self._pose_origin is None:  # the first neutral face stays the head pose's zero (see transfer)
+        first = self._pose_origin is None
+        if first:  # the first neutral face stays the head pose's zero (see transfer)
             self._pose_origin = (p3, abs(self._neutral[2]))
         self._neutral_lips = lips
         # A first face caught mid-word: its lips count as parted from the start, not only once the driver shows a
         # closed mouth (the avatar would keep its mouth shut while the driver keeps talking).
-        self._mouth_shut, self._eyes_open = np.minimum(lips, SHUT_GAP), eyes
+        self._mouth_shut = np.minimum(lips, SHUT_GAP)
+        # A re-take is for a more closed mouth; the eyes may be squinting or looking down then (lp_d3 at frame 43:
+        # lids at a third of its first face's): taken as the open eyes, every later opening read up to twice the
+        # reference's and the portrait stared wide-eyed through the driver's squint (lp_d3's eye cells 0.82-0.90).
+        # So a re-take only ever widens the open-eye reference; the first neutral (or reset_neutral) sets it.
+        self._eyes_open = eyes if first else np.maximum(self._eyes_open, eyes)
         self._closure = self._lip_closure()
         if self._filter is not None:
             self._filter.reset()
@@ -557,6 +567,7 @@ class PreviewRenderer(ThreadedRenderer):
         r_ref = (self._ref_z[c] - as_) / (bs - as_)
         r_now = (target[c] - at) / (bt - at)
         dr = complex(GAZE_GAIN * (r_now - r_ref).real, GAZE_VERT * (r_now - r_ref).imag)
+        dr = complex(GAZE_REACH * np.tanh(dr.real / GAZE_REACH), dr.imag)  # eases off before the corner clip
         dr *= float(np.clip((opening - GAZE_SHUT) / (GAZE_OPEN - GAZE_SHUT), 0.0, 1.0))
         if abs(dr) < 0.004:
             return

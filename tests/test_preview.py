@@ -372,3 +372,28 @@ def test_lips_part_slightly_after_a_mid_word_first_face():
         opening.append(gap_of((target - renderer._ref_origin) / renderer._ref_axis) - ref_gap)
     assert opening[1] > 0.0025, f"the portrait's lips stayed shut ({opening[1]:.4f}) while the driver's parted"
     assert opening[2] < 0.001, f"the portrait's lips stayed parted ({opening[2]:.4f}) while the driver's closed"
+
+
+def test_a_wide_glance_eases_off_before_the_corner():
+    """The target's irises 0.2 and 0.3 eye widths along the eye (a glance to one side): the wider glance still moves
+    the rendered iris further, as the face mesh reads it, and the lids stay open. At 1.5x the driver's shift with a
+    hard clip, 0.2 already pushed the iris to the corner's clip (both glances rendered alike), where the lids cut it
+    and the avatar's eye read as narrowing (motion bench eyes lp_d12 -> fp_case2 0.83 -> 0.86)."""
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case2.png"))), smoothing=False)
+    renderer.close()
+    base = detect_landmarks(renderer.reference)
+
+    def lids(p):
+        return np.mean([np.linalg.norm(p[a] - p[b]) for a, b in ((159, 145), (386, 374))]) / np.linalg.norm(
+            p[263] - p[33])
+
+    for side in (1, -1):
+        read = {}
+        for glance in (0.2, 0.3):
+            target = renderer._src_z.copy()
+            target[468:473] += (target[133] - target[33]) * glance * side
+            target[473:478] += (target[263] - target[362]) * glance * side
+            pts = detect_landmarks(renderer.warp(target))
+            read[glance] = (side * (_gaze(pts) - _gaze(base)), lids(pts) / lids(base))
+        assert read[0.3][0] > read[0.2][0] + 0.005, ("the wider glance did not move the iris further", side, read)
+        assert min(read[0.2][1], read[0.3][1]) > 0.85, ("the glancing eye narrowed", side, read)

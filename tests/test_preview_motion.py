@@ -172,3 +172,36 @@ def test_a_re_taken_neutral_keeps_the_head_pose():
     renderer.reset_neutral()  # the user re-centres: the turned head is the zero now
     centred = renderer.transfer(closed, 0.12)
     assert np.abs(centred[skull] - straight[skull]).max() < 0.1 * turn_px
+
+
+def test_a_re_take_on_a_squint_keeps_the_open_eyes():
+    """The driver's first face is mid-word with open eyes; it then closes its mouth while squinting (lids at a third
+    of their opening; lp_d3 at frame 43, looking down): that face becomes the neutral, but its squint must not become
+    the reference of open eyes. The portrait squints as far as the driver does, and opens its eyes to 0.6 when the
+    driver's are at 0.6 of open; taken as the open eyes, the squint gave the portrait fully open eyes through it and
+    1.8 times its own opening at 0.6 (lp_d3's eye cells 0.82-0.90 -> 0.91-0.97)."""
+    from engine.face_mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
+    from test_preview import _jaw_dropped
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)  # mouth closed, eyes open
+
+    def lidded(opening):
+        pts = driver.copy()
+        for upper, lower in ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER)):
+            u, lo = np.array(upper[1:-1]), np.array(lower[1:-1])
+            pts[u, :2] += (1 - opening) * (driver[lo, :2] - driver[u, :2])
+        return pts
+
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.close()
+
+    def lids(target):
+        return renderer._gaps((target - renderer._ref_origin) / renderer._ref_axis)[1]
+
+    first = lids(renderer.transfer(_jaw_dropped(driver, 0.1), 0.0))  # talking, eyes open: the first neutral
+    squint = lidded(1 / 3)
+    renderer.transfer(squint, 0.04)  # mouth closed, squinting: the neutral is re-taken
+    assert renderer._neutral_p3 is squint, "the neutral face was not re-taken"
+    squinting = lids(renderer.transfer(lidded(1 / 3), 0.08))
+    assert np.all((squinting > 0.2 * first) & (squinting < 0.5 * first)), (squinting, first)
+    half = lids(renderer.transfer(lidded(0.6), 0.12))
+    assert np.all((half > 0.45 * first) & (half < 0.75 * first)), (half, first)
