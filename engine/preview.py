@@ -25,7 +25,7 @@ Per driving frame:
      line; outside the face, a smooth displacement field interpolated from the face outline that fades to zero
      away from it (the background never tears); the two maps are blended over a feathered band inside the
      outline. The irises move inside the eye openings by the driver's gaze (iris landmarks 468-477 relative to the
-     eye corners). The opened part of the mouth is painted (engine/mouth_paint.py): a dark cavity, tongue, teeth.
+     eye corners; engine/preview_iris.py). The opened part of the mouth is painted (engine/mouth_paint.py): a dark cavity, tongue, teeth.
 A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ import numpy as np
 from engine.base import ThreadedRenderer
 from engine.head_pose import fit_rigid, turn
 from engine.mouth_paint import fill_mouth
+from engine.preview_iris import IRISES, move_iris
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, NOSE, RIGHT_EYE_LOWER,
                               RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
@@ -61,18 +62,6 @@ ZOOM = 0.25  # ...and its log-scale change towards this (x1.28 at most: a driver
 BACKGROUND_REACH = 1.0  # the displacement outside the face fades over this many inter-ocular distances
 FEATHER = 0.04  # width of the face/background blend band inside the outline, in inter-ocular distances
 SHUT_PX = 3.0  # a slit (eye, mouth) narrower than this many output pixels gets an exact map (see _exact_map)
-# Iris shift rendered along the eye per unit of the driver's (both between the eye corners): the face mesh, whose
-# corner points slide along with an iris, reads a rendered iris move at 0.4-0.7 of its size and a real eye's at about
-# 0.7 (the drivers' gaze reading over their iris's move within the skull: 0.69-0.77). At 1.0 the avatar's eyes turned
-# visibly less than the driver's, and a driver's small gaze drowned in the face mesh's noise on the avatar.
-GAZE_GAIN = 1.5
-# ...easing off towards GAZE_REACH eye widths (tanh): at 1.5x a glance pushed the iris to its hard clip at the eye
-# corner, where the lids cut it and the face mesh read the avatar's eye as narrowing (eyes lp_d12 -> fp_case2 0.83
-# on a turned head's glances; 0.86 at 0.25, 0.83 at 0.35), and a wider glance no longer moved it at all.
-GAZE_REACH = 0.25
-GAZE_VERT = 0.5  # ...and up and down: half the driver's, as before
-GAZE_SHUT, GAZE_OPEN = 0.35, 0.7  # the iris shift fades in between these eye openings (relative to the open eye)
-IRISES = ((468, 33, 133, 469), (473, 362, 263, 474))  # (iris centre, eye corner a, eye corner b, a rim point)
 
 
 def load_reference(path: str | None) -> np.ndarray:
@@ -492,7 +481,7 @@ class PreviewRenderer(ThreadedRenderer):
         else:
             map_x, map_y = self._map_x, self._map_y
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
-            self._move_iris(map_x, map_y, target, iris, k, ratio)
+            move_iris(map_x, map_y, target, iris, k, ratio, self._ref_z, self._lid_margin, (self.width, self.height))
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
                    mouth_opening((target - self._ref_origin) / self._ref_axis) - mouth_opening(self._ref_q))
@@ -554,57 +543,3 @@ class PreviewRenderer(ThreadedRenderer):
         self._map_y -= fy
         self._map_y *= alpha
         self._map_y += fy
-
-    def _move_iris(self, map_x: np.ndarray, map_y: np.ndarray, target: np.ndarray, iris: tuple, stretch: float,
-                   opening: float):
-        """Move the reference's iris inside the eye opening by the gaze in `target` (its iris landmarks relative to
-        the eye corners, against the reference's): the backward map around the iris samples the reference iris at
-        its own place, the map's shift fading out towards the lids; map_x/map_y are full-resolution, edited in
-        place. The shift fades out as the driver's eye closes (`opening`: its gap relative to the open eye): the face
-        mesh's iris points wander while the lids hide the iris."""
-        c, ia, ib, rim = iris
-        at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
-        r_ref = (self._ref_z[c] - as_) / (bs - as_)
-        r_now = (target[c] - at) / (bt - at)
-        dr = complex(GAZE_GAIN * (r_now - r_ref).real, GAZE_VERT * (r_now - r_ref).imag)
-        dr = complex(GAZE_REACH * np.tanh(dr.real / GAZE_REACH), dr.imag)  # eases off before the corner clip
-        dr *= float(np.clip((opening - GAZE_SHUT) / (GAZE_OPEN - GAZE_SHUT), 0.0, 1.0))
-        if abs(dr) < 0.004:
-            return
-        et = bt - at
-        home = at + et * complex(r_ref.real, r_ref.imag * stretch)  # where the eye's rigid move puts the iris
-        shift_src = dr * (bs - as_)  # the same shift in the reference's pixels
-        centre = home + dr * et
-        radius = abs(self._ref_z[rim] - self._ref_z[c]) * abs(et) / abs(bs - as_)
-        reach = 1.5 * radius + abs(dr * et)
-        upper, lower = (RIGHT_EYE_UPPER, RIGHT_EYE_LOWER) if ia == RIGHT_EYE_OUTER else (LEFT_EYE_UPPER, LEFT_EYE_LOWER)
-        ring = np.array(upper + lower[::-1][1:-1])
-        # the eye opening as the face mesh sees it, inside the modelled lids: the lashes do not move with the iris
-        outline = target[ring] - self._lid_margin[ring] * (target[LEFT_EYE_OUTER] - target[RIGHT_EYE_OUTER])
-        x0 = max(int(np.floor(outline.real.min())) - 2, 0)
-        y0 = max(int(np.floor(outline.imag.min())) - 2, 0)
-        x1 = min(int(np.ceil(outline.real.max())) + 3, self.width)
-        y1 = min(int(np.ceil(outline.imag.max())) + 3, self.height)
-        if x1 - x0 < 3 or y1 - y0 < 3:
-            return
-        mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
-        pts = np.stack([outline.real - x0, outline.imag - y0], 1)
-        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
-        inside = cv2.GaussianBlur(mask, (3, 3), 0).astype(np.float32) / 255
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        d = np.hypot(xx - centre.real, yy - centre.imag)
-        fall = np.clip((reach - d) / max(reach - 1.05 * radius, 1.0), 0.0, 1.0)
-        weight = inside * fall * fall * (3 - 2 * fall)  # smoothstep: flat over the iris, zero at `reach`
-        # Along the eye the iris moves rigidly and the white on either side stretches or squeezes to fill the eye
-        # from corner to corner (an eyeball turning): bending the map around the iris instead would smear the iris
-        # into the white it leaves, and the eye would read as looking half as far.
-        ru = 1.05 * radius / abs(et)  # iris half-width in eye-width units
-        uh = float(np.clip(r_ref.real, ru + 0.02, 1 - ru - 0.02))
-        uc = float(np.clip(uh + dr.real, ru + 0.02, 1 - ru - 0.02))
-        u = (((xx - at.real) + 1j * (yy - at.imag)) / et).real
-        src = np.where(u < uc - ru, u * (uh - ru) / (uc - ru),
-                       np.where(u > uc + ru, 1 - (1 - u) * (1 - uh - ru) / (1 - uc - ru), u + uh - uc))
-        along = (np.clip(src, 0, 1) - np.clip(u, 0, 1)) * inside  # (eye-width units) source minus target
-        across = 1j * dr.imag * (bs - as_)
-        map_x[y0:y1, x0:x1] += along * (bs - as_).real - across.real * weight
-        map_y[y0:y1, x0:x1] += along * (bs - as_).imag - across.imag * weight
