@@ -147,7 +147,7 @@ class Video:
 
 
 def _video(name: str, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarray, fps,
-           landmarks_flip: np.ndarray | None = None, train_only=False) -> Video:
+           landmarks_flip: np.ndarray | None = None, train_only: bool = False) -> Video:
     t = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     flip = None if landmarks_flip is None else torch.from_numpy(landmarks_flip.astype(np.float32))
     return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps), flip,
