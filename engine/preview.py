@@ -25,7 +25,8 @@ Per driving frame:
      line; outside the face, a smooth displacement field interpolated from the face outline that fades to zero
      away from it (the background never tears); the two maps are blended over a feathered band inside the
      outline. The irises move inside the eye openings by the driver's gaze (iris landmarks 468-477 relative to the
-     eye corners; engine/preview_iris.py). The opened part of the mouth is painted (engine/mouth_paint.py): a dark cavity, tongue, teeth.
+     eye corners; engine/preview_iris.py). The opened part of the mouth is painted (engine/mouth_paint.py): a dark
+     cavity, tongue, teeth.
 A one-euro filter on the target landmarks removes the face mesh's frame-to-frame jitter without lagging real motion.
 """
 from __future__ import annotations

@@ -46,7 +46,6 @@ def move_iris(map_x: np.ndarray, map_y: np.ndarray, target: np.ndarray, iris: tu
         return
     et = bt - at
     home = at + et * complex(r_ref.real, r_ref.imag * stretch)  # where the eye's rigid move puts the iris
-    shift_src = dr * (bs - as_)  # the same shift in the reference's pixels
     centre = home + dr * et
     radius = abs(ref_z[rim] - ref_z[c]) * abs(et) / abs(bs - as_)
     reach = 1.5 * radius + abs(dr * et)

@@ -24,12 +24,13 @@ def cache(tmp_path_factory):
 
 
 def test_mini_teacher_video_moves_the_portrait_with_the_driver(cache):
-    from train.data import load_cache, track_landmarks
-    from train.teacher import read_image, source_crop, teacher_video
+    from engine.preview import load_reference
+    from train.data import load_cache, track_landmarks, uint8_frames
+    from train.teacher import source_crop, teacher_video
 
     (v,) = load_cache(cache)
-    driving = v.frames[:60].permute(0, 2, 3, 1).add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
-    source = source_crop(read_image(data_file("reference", "lp_s0.jpg")))
+    driving = uint8_frames(v)[:60]
+    source = source_crop(load_reference(str(data_file("reference", "lp_s0.jpg"))))
     video = teacher_video(source, driving)
     assert video.shape == (60, 128, 128, 3) and video.dtype == np.uint8
     lm, found = track_landmarks(video)

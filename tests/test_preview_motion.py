@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import data_file, video_frames
-from engine.face_mesh import (INNER_LIP_LOWER, INNER_LIP_UPPER, NOSE, STABLE, detect_landmarks, landmarks_from,
-                              mp_face_mesh)
+from engine.face_mesh import NOSE, STABLE, detect_landmarks, landmarks_from, mp_face_mesh
 from engine.head_pose import angles, fit_rigid, turn
 from engine.preview import TRAVEL, PreviewRenderer, load_reference
-from test_preview import mouth_opening
+from test_preview import _jaw_dropped, mouth_opening
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -148,10 +147,7 @@ def test_a_re_taken_neutral_keeps_the_head_pose():
     by the whole turn (1-13 px of the skull points at 512x512) and stayed off. reset_neutral (the user's
     re-centre) does take the turned head as the new zero."""
     driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
-    iod = np.linalg.norm(driver[263, :2] - driver[33, :2])
-    talking = driver.copy()
-    jaw = (driver[:, 1] > driver[INNER_LIP_UPPER, 1].max()) | np.isin(np.arange(len(driver)), INNER_LIP_LOWER[1:-1])
-    talking[jaw & ~np.isin(np.arange(len(driver)), STABLE), 1] += 0.1 * iod  # the lower lip and below: 0.1 down
+    talking = _jaw_dropped(driver, 0.1)  # the lower lip and below: 0.1 inter-ocular distances down
     centre = driver[STABLE].mean(0)
     r = _rotation(2.0, 0.0, 3.0)
 
@@ -181,7 +177,6 @@ def test_a_re_take_on_a_squint_keeps_the_open_eyes():
     driver's are at 0.6 of open; taken as the open eyes, the squint gave the portrait fully open eyes through it and
     1.8 times its own opening at 0.6 (lp_d3's eye cells 0.82-0.90 -> 0.91-0.97)."""
     from engine.face_mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, RIGHT_EYE_LOWER, RIGHT_EYE_UPPER
-    from test_preview import _jaw_dropped
     driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)  # mouth closed, eyes open
 
     def lidded(opening):

@@ -105,6 +105,18 @@ def track_landmarks(crops: np.ndarray, upscale: int = 2) -> tuple[np.ndarray, np
     return np.stack(out), np.asarray(found)
 
 
+def write_entry(path: Path, crops: np.ndarray, fps: float, square, **extra) -> np.ndarray:
+    """One cache entry, written atomically: (T, S, S, 3) uint8 crops with their landmarks and the flipped crops'
+    (`track_landmarks`), fps, the crop square, and any `extra` arrays. Returns the per-frame face-found flags."""
+    lm, found = track_landmarks(crops)
+    lm_flip = track_landmarks(np.ascontiguousarray(crops[:, :, ::-1]))[0]
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, frames=crops, landmarks=lm, found=found, fps=fps, square=np.asarray(square), landmarks_flip=lm_flip,
+             **extra)
+    tmp.rename(path)
+    return found
+
+
 def build_cache(videos: list[str | Path], cache_dir: str | Path = DEFAULT_CACHE, size: int = 128) -> Path:
     """Crop, resize and landmark every video once; returns the cache folder (one .npz per video + index.json)."""
     cache_dir = Path(cache_dir)
@@ -123,12 +135,7 @@ def build_cache(videos: list[str | Path], cache_dir: str | Path = DEFAULT_CACHE,
             frames, fps = read_video(v)
             square = face_square(frames)
             crops = crop_frames(frames, square, size)
-            lm, found = track_landmarks(crops)
-            lm_flip = track_landmarks(np.ascontiguousarray(crops[:, :, ::-1]))[0]
-            tmp = out.with_suffix(".tmp.npz")
-            np.savez(tmp, frames=crops, landmarks=lm, found=found, fps=fps, square=np.asarray(square),
-                     landmarks_flip=lm_flip)
-            tmp.rename(out)
+            found = write_entry(out, crops, fps, square)
             print(f"cached {v.name}: {len(crops)} frames, crop {square}, faces {found.mean():.2f}", flush=True)
         index[v.stem] = out.name
     (cache_dir / f"index_{size}.json").write_text(json.dumps(index, indent=1))
@@ -152,6 +159,11 @@ def _video(name: str, frames: np.ndarray, landmarks: np.ndarray, found: np.ndarr
     flip = None if landmarks_flip is None else torch.from_numpy(landmarks_flip.astype(np.float32))
     return Video(name, t, torch.from_numpy(landmarks.astype(np.float32)), found.astype(bool), float(fps), flip,
                  bool(train_only))
+
+
+def uint8_frames(video: Video) -> np.ndarray:
+    """A cached video's frames back as (T, S, S, 3) uint8 RGB (the inverse of the [-1, 1] tensors `Video` holds)."""
+    return video.frames.permute(0, 2, 3, 1).add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
 
 
 def load_cache(cache: str | Path = DEFAULT_CACHE, size: int = 128) -> list[Video]:

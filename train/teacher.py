@@ -34,7 +34,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from train.data import DEFAULT_CACHE, crop_frames, face_square, load_cache, split_range, track_landmarks
+from train.data import DEFAULT_CACHE, crop_frames, face_square, load_cache, split_range, uint8_frames, write_entry
 
 DEFAULT_TEACHER_CACHE = DEFAULT_CACHE.with_name("mini_teacher")
 RENDER = 256  # the preview renderer's working size (its warp map is half that); crops are then taken down to 128
@@ -61,29 +61,22 @@ def teacher_video(source: np.ndarray, driving: np.ndarray, size: int = 128) -> n
     return np.stack([cv2.resize(o, (size, size), interpolation=cv2.INTER_AREA) for o in out])
 
 
-def read_image(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"Cannot read reference image {path}: use a PNG or JPEG portrait.")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def build_teacher_cache(references: list[Path], cache: str | Path, out: str | Path, drivers: int = 3,
                         frames: int = 96, seed: int = 0, size: int = 128) -> Path:
     """Render, landmark and store the teacher videos (see the module docstring) as a train.data cache folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    videos = load_cache(cache, size)
-    train = {v.name: split_range(len(v.frames), "train") for v in videos}
-    fps = {v.name: v.fps for v in videos}
-    crops = {v.name: v.frames.permute(0, 2, 3, 1).add(1).mul(127.5).round().clamp(0, 255).byte().numpy()
-             for v in videos}
-    sources = [(p.stem, source_crop(read_image(p), size)) for p in references]
-    sources += [(v.name, crops[v.name][train[v.name][0]]) for v in videos]
+    from engine.preview import load_reference
+
+    videos = {v.name: v for v in load_cache(cache, size)}
+    train = {name: split_range(len(v.frames), "train") for name, v in videos.items()}
+    crops = {name: uint8_frames(v) for name, v in videos.items()}
+    sources = [(p.stem, source_crop(load_reference(str(p)), size)) for p in references]
+    sources += [(name, crops[name][train[name][0]]) for name in videos]
     rng = np.random.default_rng(seed)
     index = {}
     for name, src in sources:
-        others = [v.name for v in videos if v.name != name and train[v.name][1] - train[v.name][0] >= frames]
+        others = [d for d in videos if d != name and train[d][1] - train[d][0] >= frames]
         for d in rng.choice(others, size=min(drivers, len(others)), replace=False):
             a, b = train[d]
             s = int(rng.integers(a, b - frames + 1))
@@ -91,13 +84,8 @@ def build_teacher_cache(references: list[Path], cache: str | Path, out: str | Pa
             path = out / f"{key}_{size}.npz"
             if not path.exists():
                 video = teacher_video(src, crops[d][s:s + frames], size)
-                lm, found = track_landmarks(video)
-                lm_flip = track_landmarks(np.ascontiguousarray(video[:, :, ::-1]))[0]
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, frames=video, landmarks=lm, found=found, fps=fps[d],
-                         square=np.asarray((0, 0, size)), landmarks_flip=lm_flip, train_only=True,
-                         driver=np.asarray([d, str(s)]))
-                tmp.rename(path)
+                found = write_entry(path, video, videos[d].fps, (0, 0, size), train_only=True,
+                                    driver=np.asarray([d, str(s)]))
                 print(f"teacher {key}: frames {s}..{s + frames} of {d}, faces {found.mean():.2f}", flush=True)
             index[key] = path.name
     (out / f"index_{size}.json").write_text(json.dumps(index, indent=1))
