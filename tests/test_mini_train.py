@@ -339,3 +339,34 @@ def test_mini_feature_noise_reaches_the_tokens(clip):
     torch.testing.assert_close(model.tokens(lm, anchor, torch.zeros(*lm.shape[:2], FEATURE_DIM)), plain)
     noisy = model.tokens(lm, anchor, 0.1 * torch.randn(*lm.shape[:2], FEATURE_DIM))
     assert (noisy - plain).abs().mean() > 1e-3 * plain.abs().mean()
+
+
+def test_mini_region_weight_marks_the_mouth_and_eyes(clip):
+    from train.train_mini import EYES, LIPS, region_weight
+
+    lm = clip["landmarks"][:, :1]                                   # (1, 1, 478, 3), frame 0 of lp_d0
+    w = region_weight(lm, 128, lip_weight=3.0, eye_weight=5.0)[0, 0]
+    at = lambda pts: w[int(pts[:, 1].mean() * 128), int(pts[:, 0].mean() * 128)].item()  # noqa: E731
+    assert at(lm[0, 0, list(LIPS)]) == 1 + 1 + 3                    # everywhere 1, the face box 1, the mouth box 3
+    assert at(lm[0, 0, list(EYES[0])]) == 1 + 1 + 5 and at(lm[0, 0, list(EYES[1])]) == 1 + 1 + 5
+    assert w[0, 0].item() == 1 and w[-1, -1].item() == 1            # the crop's corners: background
+
+
+def test_mini_decoder_stage_trains_the_decoder_alone(tmp_path, cache):
+    """--stage decoder moves the decoder (region-weighted loss) and leaves the encoder and its latent statistics,
+    the space the DiT was trained in, exactly as the autoencoder stage left them; export writes the decoder's."""
+    from train.train_mini import load_trained_vae, main
+
+    run = tmp_path / "run"
+    common = ["--run", str(run), "--cache", str(cache), "--threads", "1", "--vae-batch", "1", "--vae-crop", "32"]
+    main(["--stage", "vae", "--steps", "1"] + common)
+    main(["--stage", "decoder", "--steps", "2", "--lr-vae", "1e-2", "--decoder-lip-weight", "8"] + common)
+    vae = torch.load(run / "vae.ckpt", weights_only=False)["model"]
+    dec = torch.load(run / "decoder.ckpt", weights_only=False)
+    assert dec["step"] == 2
+    decoder_keys = [k for k in vae if k.startswith("decoder.")]
+    assert decoder_keys and any(not torch.equal(vae[k], dec["model"][k]) for k in decoder_keys)
+    frozen = [k for k in vae if k.startswith(("encoder.", "first_in.", "group_in.", "latent_"))]
+    assert len(frozen) > 4 and all(torch.equal(vae[k], dec["model"][k]) for k in frozen)  # encoder, statistics
+    exported = load_trained_vae(run, PRESET, decoder=True).state_dict()    # what --export writes as mini_vae.pt
+    assert all(torch.equal(exported[k], dec["model"][k]) for k in vae)

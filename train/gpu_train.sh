@@ -4,7 +4,8 @@
 #     OUT=/some/dir bash train/gpu_train.sh
 #
 # Reads the packed training cache (`python -m train.data --pack .minicache/mini_data_128.npz`, carried with the repo),
-# trains the autoencoder (VAE_MIN minutes) and then the DiT stage (DIT_MIN minutes) on $DEVICE, and writes
+# trains the autoencoder (VAE_MIN minutes), the DiT stage (DIT_MIN minutes) and, with DECODER_MIN, the decoder alone
+# on $DEVICE, and writes
 #     $OUT/mini/        the published layout (transformer.pt, portrait_encoder.pt, mini_vae.pt, mini_expression.pt,
 #                       mini_clip.pt, mini_context.pt): copy these into weights/mini
 #     $OUT/mini_curves.json (+ .png when matplotlib is installed)   the loss curves of both stages
@@ -36,6 +37,9 @@ REF_FIRST=${REF_FIRST:-0.1} # share of clips referencing their own first frame (
 REF_GAP=${REF_GAP:-16}      # frames between a clip and any other reference (at least)
 TEACHER=${TEACHER:-}        # packed teacher caches (train/teacher.py), space-separated: the DiT also trains on them
 TEACHER_SHARE=${TEACHER_SHARE:-0.5} # share of the DiT's clips drawn from the teacher videos
+DECODER_MIN=${DECODER_MIN:-0} # minutes of the decoder stage after the DiT (the encoder and latent space frozen)
+DECODER_LIP_WEIGHT=${DECODER_LIP_WEIGHT:-4} # its loss weight of the mouth box
+DECODER_EYE_WEIGHT=${DECODER_EYE_WEIGHT:-4} # and of each eye box
 BEST=${BEST:-}              # 1: export the DiT at its lowest held-out loss (needs VAL_EVERY > 0), not its last step
 THREADS=${THREADS:-4}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -57,6 +61,12 @@ echo "vae stage: $(( $(date +%s) - start ))s since start"
     --ref-first "$REF_FIRST" --ref-gap "$REF_GAP" ${TEACHER:+--teacher $TEACHER --teacher-share "$TEACHER_SHARE"} \
     "${common[@]}"
 echo "dit stage: $(( $(date +%s) - start ))s since start"
+if [ "$DECODER_MIN" != "0" ]; then
+    "$PYTHON" -m train.train_mini --stage decoder --minutes "$DECODER_MIN" --vae-batch "$VAE_BATCH" \
+        --vae-crop "$VAE_CROP" --decoder-lip-weight "$DECODER_LIP_WEIGHT" --decoder-eye-weight "$DECODER_EYE_WEIGHT" \
+        "${common[@]}"
+    echo "decoder stage: $(( $(date +%s) - start ))s since start"
+fi
 mkdir -p "$OUT/mini"
 "$PYTHON" -m train.train_mini --run "$RUN" --export "$OUT/mini" ${BEST:+--best} --curves "$OUT/mini_curves"
 tar -C "$OUT" -cf "$OUT/mini.tar" mini    # one file: the device tool returns a bounded number of files

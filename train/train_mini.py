@@ -201,6 +201,13 @@ def region_mask(landmarks: torch.Tensor, idx, grid: int, pad: float) -> torch.Te
     return (iny[..., :, None] & inx[..., None, :]).float()
 
 
+def region_weight(landmarks: torch.Tensor, grid: int, lip_weight: float, eye_weight: float) -> torch.Tensor:
+    """(B, n, 478, 3) landmarks in [0, 1] -> (B, n, grid, grid) loss weight: 1, plus 1 in the face's box, plus
+    `lip_weight` in the mouth's and `eye_weight` in each eye's (the parts the expression error reads)."""
+    weight = 1 + region_mask(landmarks, None, grid, 0.02) + lip_weight * region_mask(landmarks, LIPS, grid, 0.03)
+    return weight + eye_weight * sum(region_mask(landmarks, eye, grid, 0.03) for eye in EYES)
+
+
 def other_reference(gen: np.random.Generator, a: int, e: int, s: int, frames: int, gap: int | None) -> int:
     """A reference frame of the split [a, e) for the clip [s, s + frames): uniform over the frames at least `gap`
     frames away from the clip (uniform over the whole split when `gap` is None or no frame is that far)."""
@@ -234,10 +241,7 @@ def dit_batch(bank: LatentBank, data: ClipDataset, batch: int, k: int, gen: np.r
     refs = torch.stack([data.videos[v].frames[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
     ref_lms = torch.stack([data.videos[v].landmarks[r] for v, r in zip(vs, rs)]).to(dev, non_blocking=True)
     lms = torch.stack([data.videos[v].landmarks[s:s + frames] for v, s in zip(vs, ss)]).to(dev, non_blocking=True)
-    per_latent = lms[:, ::4]                                              # frame 0, 4, 8, ...: one per latent
-    grid = x0.shape[-1]
-    weight = 1 + region_mask(per_latent, None, grid, 0.02) + lip_weight * region_mask(per_latent, LIPS, grid, 0.03)
-    weight = weight + eye_weight * sum(region_mask(per_latent, eye, grid, 0.03) for eye in EYES)
+    weight = region_weight(lms[:, ::4], x0.shape[-1], lip_weight, eye_weight)   # frame 0, 4, 8, ...: one per latent
     return x0, y, refs, ref_lms, lms, weight[:, None]
 
 
@@ -400,16 +404,31 @@ def train_decoder(args, preset: ModelPreset, data: ClipDataset, run: Path) -> No
     step, log, _ = load_state(ckpt, vae, opt, gen, tgen)
     t0 = time.time()
     while step < args.steps and time.time() - t0 < 60 * args.minutes:
-        video = random_crop(data.sample(args.vae_batch, 5, gen)["video"].to(args.device, non_blocking=True),
-                            args.vae_crop, gen)
-        with torch.no_grad():
-            raw = vae.encode_raw(video)
-        out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw))
-        loss = F.l1_loss(out, video) + F.mse_loss(out, video)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.lr_vae / 2, 50, progress(args, t0))
+        loss = decoder_loss(vae, data.sample(args.vae_batch, 5, gen), args, gen)
         step = optimizer_step("decoder", loss, opt, None, step, log, t0, args,
                               lambda n: save_state(ckpt, vae, opt, n, gen, tgen, log))
     save_state(ckpt, vae, opt, step, gen, tgen, log)
     print(f"decoder done at step {step}", flush=True)
+
+
+def decoder_loss(vae: MiniVAE, sample: dict, args, gen: np.random.Generator) -> torch.Tensor:
+    """The decoder stage's loss on a `ClipDataset.sample`: L1 + MSE of the round trip (the encoder frozen, a little
+    latent noise), weighted per pixel by `region_weight` with --decoder-lip-weight / --decoder-eye-weight: at 128 px
+    the round trip alone loses a third of the held-out mouth and eye motion as the face mesh reads it
+    (bench/results/quality_mini.json, `autoencoder`), and those boxes are a few percent of the pixels."""
+    video = sample["video"].to(args.device, non_blocking=True)                     # (B, 3, T, S, S)
+    weight = region_weight(sample["landmarks"].to(video.device), video.shape[-1], args.decoder_lip_weight,
+                           args.decoder_eye_weight)[:, None]                       # (B, 1, T, S, S)
+    both = random_crop(torch.cat([video, weight], dim=1), args.vae_crop, gen)    # one crop for pixels and weights
+    video, weight = both[:, :3], both[:, 3:]
+    with torch.no_grad():
+        raw = vae.encode_raw(video)
+    with torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        out = vae.decode_raw(raw + 0.02 * torch.randn_like(raw)).float()
+    diff = out - video
+    return (weight * (diff.abs() + diff.square())).mean() / weight.mean()
 
 
 def load_trained_vae(run: Path, preset: ModelPreset, decoder: bool = False) -> MiniVAE:
@@ -641,6 +660,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dit stage: weight of the mouth box in the loss (the committed checkpoint: 1; a short run "
                          "at 4 helped the training split, not the held-out frames: quality_mini_lip4.json)")
     ap.add_argument("--eye-weight", type=float, default=1.0, help="dit stage: weight of each eye box in the loss")
+    ap.add_argument("--decoder-lip-weight", type=float, default=4.0,
+                    help="decoder stage: loss weight of the mouth box (train_decoder's region_weight)")
+    ap.add_argument("--decoder-eye-weight", type=float, default=4.0,
+                    help="decoder stage: loss weight of each eye box")
     ap.add_argument("--teacher", metavar="CACHE", nargs="+",
                     help="dit stage: also train on train/teacher.py's rendered videos (cache folders or packed files)")
     ap.add_argument("--teacher-share", type=float, default=0.5,
