@@ -14,7 +14,11 @@ TONGUE_COLOUR = np.array([90, 35, 40], np.float32)
 TEETH_COLOUR = np.array([206, 196, 180], np.float32)
 TEETH_DEPTH = 0.3  # the upper-teeth band covers this fraction of the lip gap, from the upper lip down...
 TEETH_MAX = 0.05  # ...but no more than this many inter-ocular distances
-LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open
+LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the mouth is wide open...
+# ...by as much as the jaw has dropped: the lower lip covers them while a talking mouth parts (lip gap under a fifth
+# of the mouth's width) and uncovers them as the gap grows to 0.7 of the width. At full height in every open mouth
+# they read as a grin through clenched teeth, and the face mesh put the lower inner lip on their edge.
+LOWER_TEETH_DROP = (0.2, 0.7)
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which teeth and tongue are fully shown
 MOUTH_DARK_OPEN = 0.015  # ...and at which the dark interior is opaque: parted lips show a dark line at once
 
@@ -23,15 +27,18 @@ def fill_mouth(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, iod: float
     """Paint the opened part of the mouth into `out` (H, W, 3) uint8 RGB, in place, opaque in proportion to how much
     wider the lips open than in the reference (`opened`, inter-ocular distances; `iod` in pixels): a mouth interior
     darker towards the throat, a tongue at the bottom, upper teeth under the upper lip (shaded, with gaps between
-    them) and, once wide open, lower teeth above the lower lip. upper, lower: the inner-lip chains (complex pixels,
-    corner to corner)."""
+    them) and, once wide open, lower teeth above the lower lip, as tall as the jaw has dropped. upper, lower: the
+    inner-lip chains (complex pixels, corner to corner)."""
     wider = opened / MOUTH_FULL_OPEN
     strength = float(np.clip(opened / MOUTH_DARK_OPEN, 0.0, 1.0))
     if strength <= 0.02:
         return
     # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
     teeth_strength = 0.9 * float(np.clip(wider - 0.5, 0, 1))
-    lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1))
+    mid = len(upper) // 2
+    drop = abs(lower[mid] - upper[mid]) / max(abs(upper[-1] - upper[0]), 1e-6)  # jaw drop: lip gap / mouth width
+    lower_height = float(np.clip((drop - LOWER_TEETH_DROP[0]) / (LOWER_TEETH_DROP[1] - LOWER_TEETH_DROP[0]), 0, 1))
+    lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1)) if lower_height > 0 else 0.0
     tongue_strength = 0.8 * float(np.clip(wider - 1.0, 0, 1))
     inner = np.concatenate([upper, lower[::-1][1:-1]])
     x0 = max(int(np.floor(inner.real.min())) - 2, 0)
@@ -68,8 +75,8 @@ def fill_mouth(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, iod: float
     teeth_depth = np.minimum(TEETH_DEPTH, TEETH_MAX / np.maximum(gap_iod, 1e-4))
     side = np.sqrt(centre)
     gaps = 1.0 - 0.3 * np.exp(-(((u * 9.0) % 1.0 - 0.5) / 0.06) ** 2)  # darker lines between the teeth
-    for band, amount in ((t / teeth_depth, teeth_strength), ((1 - t) / (LOWER_TEETH_DEPTH * teeth_depth /
-                                                                         TEETH_DEPTH), lower_strength)):
+    lower_depth = LOWER_TEETH_DEPTH * teeth_depth / TEETH_DEPTH * max(lower_height, 1e-3)
+    for band, amount in ((t / teeth_depth, teeth_strength), ((1 - t) / lower_depth, lower_strength)):
         if amount <= 0:
             continue
         inside = np.clip((1.0 - band) / 0.25, 0.0, 1.0)  # soft edge towards the mouth's inside
