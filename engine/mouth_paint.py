@@ -19,6 +19,9 @@ LOWER_TEETH_DEPTH = 0.16  # the lower teeth peek above the lower lip, once the m
 # of the mouth's width) and uncovers them as the gap grows to 0.7 of the width. At full height in every open mouth
 # they read as a grin through clenched teeth, and the face mesh put the lower inner lip on their edge.
 LOWER_TEETH_DROP = (0.2, 0.7)
+# Both rows are painted this opaque (over the cavity and tongue): a gaping mouth shows its lower teeth as clearly as
+# its upper ones (lp_d18's driving video); at 0.55 they were a pink-grey smear the face mesh read as lip.
+TEETH_OPACITY = 0.9
 MOUTH_FULL_OPEN = 0.04  # lip gap increase (in inter-ocular distances) at which teeth and tongue are fully shown
 MOUTH_DARK_OPEN = 0.015  # ...and at which the dark interior is opaque: parted lips show a dark line at once
 
@@ -34,11 +37,11 @@ def fill_mouth(out: np.ndarray, upper: np.ndarray, lower: np.ndarray, iod: float
     if strength <= 0.02:
         return
     # Teeth only once the gap is wide enough to hold them: in a slit they read as specks.
-    teeth_strength = 0.9 * float(np.clip(wider - 0.5, 0, 1))
+    teeth_strength = TEETH_OPACITY * float(np.clip(wider - 0.5, 0, 1))
     mid = len(upper) // 2
     drop = abs(lower[mid] - upper[mid]) / max(abs(upper[-1] - upper[0]), 1e-6)  # jaw drop: lip gap / mouth width
     lower_height = float(np.clip((drop - LOWER_TEETH_DROP[0]) / (LOWER_TEETH_DROP[1] - LOWER_TEETH_DROP[0]), 0, 1))
-    lower_strength = 0.55 * float(np.clip(wider - 1.5, 0, 1)) if lower_height > 0 else 0.0
+    lower_strength = TEETH_OPACITY * float(np.clip(wider - 1.5, 0, 1)) if lower_height > 0 else 0.0
     tongue_strength = 0.8 * float(np.clip(wider - 1.0, 0, 1))
     inner = np.concatenate([upper, lower[::-1][1:-1]])
     x0 = max(int(np.floor(inner.real.min())) - 2, 0)

@@ -33,3 +33,13 @@ def test_lower_teeth_show_with_the_jaw_drop():
     assert not _teeth(out, slice(int(bottom.imag) - 5, int(bottom.imag)), x)
     out, top, bottom = _painted(80.0)
     assert _teeth(out, slice(int(bottom.imag) - 5, int(bottom.imag)), x)
+
+
+def test_a_gaping_mouths_lower_teeth_are_as_clear_as_its_upper_ones():
+    """In a mouth opened 0.8 of its width, the lower row is as bright as the upper one (not half-blended into the
+    tongue behind it)."""
+    out, top, bottom = _painted(80.0)
+    x = int(top.real)
+    upper = out[int(top.imag) + 1:int(top.imag) + 6, x - 8:x + 9].mean(-1).max()
+    lower = out[int(bottom.imag) - 5:int(bottom.imag), x - 8:x + 9].mean(-1).max()
+    assert lower > 0.9 * upper
