@@ -80,7 +80,7 @@ def build_teacher_cache(references: list[Path], cache: str | Path, out: str | Pa
         for d in rng.choice(others, size=min(drivers, len(others)), replace=False):
             a, b = train[d]
             s = int(rng.integers(a, b - frames + 1))
-            key = f"teach_{name}_by_{d}"
+            key = f"teach_{name}_by_{d}" + (f"_s{seed}" if seed else "")   # caches of several seeds train together
             path = out / f"{key}_{size}.npz"
             if not path.exists():
                 video = teacher_video(src, crops[d][s:s + frames], size)

@@ -3,7 +3,7 @@
     python -m train.data                                    # cache 128x128 crops + face-mesh landmarks (once)
     python -m train.train_mini --stage vae --minutes 6      # autoencoder, then its latent statistics
     python -m train.train_mini --stage dit --minutes 22     # DiT + NFEB + PortraitEncoder + expression encoder
-    python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone (latent space frozen)
+    python -m train.train_mini --stage decoder --minutes 4  # optional: the decoder alone, mouth and eyes weighted
     python -m train.train_mini --export weights/mini        # the published file layout, loadable by --weights
     OUT=out bash train/gpu_train.sh                         # on one GPU (packed cache, both stages, export)
 
