@@ -8,7 +8,7 @@
 # on $DEVICE, and writes
 #     $OUT/mini/        the published layout (transformer.pt, portrait_encoder.pt, mini_vae.pt, mini_expression.pt,
 #                       mini_clip.pt, mini_context.pt): copy these into weights/mini
-#     $OUT/mini_curves.json (+ .png when matplotlib is installed)   the loss curves of both stages
+#     $OUT/mini_curves.json (+ .png when matplotlib is installed)   the loss curves of every stage run
 # Every knob is an environment variable (defaults for one H200); `DEVICE=cpu VAE_MIN=0.2 DIT_MIN=0.2 VAE_BATCH=2
 # BATCH=2` is the CPU dry run. The run folder ($RUN) is resumable: running again continues both stages.
 set -euo pipefail
