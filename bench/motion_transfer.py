@@ -14,8 +14,16 @@ signals are compared per pair by Pearson correlation, driver vs output:
 Target: every correlation >= 0.85, gaze >= 0.7. A driver who barely moves a signal (its std below NOISE) gives a
 correlation of noise: such cells are reported with the driver's std and flagged `flat`, not hidden. Gaze is
 scored over the frames where the driver's eyes are open (a closed eye has no gaze).
-`--rescore FILE` recomputes a result file's correlations from the curves it stores (the same rules).
-Writes bench/results/<name>.json (per pair: correlations, driver/output std, curves) + <name>.png.
+
+How high a correlation the face mesh itself allows: every driving and output frame is read a second time by a fresh
+mesh on a slightly scaled and shifted copy (bench/mesh_reliability.py says why that perturbation). Per signal and
+side, reliability = Pearson r between the two readings (gaze over the same open-eye frames); per cell,
+ceiling = sqrt(rel_driver * rel_output), the highest r two readings that noisy can show (Spearman's attenuation
+bound). The summary lists every moving cell under target with its ceiling.
+`--rescore FILE` recomputes a result file's correlations, reliabilities and ceilings from the curves it stores
+(the same rules; a file written before the retest, without its curves, gets no ceiling).
+Writes bench/results/<name>.json (per pair: correlations, driver/output std, reliability, ceiling, curves of both
+readings) + <name>.png.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, write_result  # noqa: E402
+from bench.mesh_reliability import SCALE, SHIFT_PX, ceiling, perturbed, reliability  # noqa: E402
 from engine.face_mesh import mp_face_mesh  # noqa: E402
 from engine.preview import PreviewRenderer, load_reference  # noqa: E402
 
@@ -39,6 +48,8 @@ DATA = (ROOT / ".." / "shared" / "data").resolve()
 FRONTAL = ["fp_case3.png", "fp_case4.png", "fp_case2.png", "lp_s7.jpg"]
 THREE_QUARTER = ["fp_case1.png", "lp_s1.jpg", "lp_s3.jpg", "lp_s12.jpg", "lp_s5.jpg"]
 METRICS = ["mouth", "eyes", "roll", "yaw", "pitch", "gaze"]
+# Seeds of the retest's perturbations: one draw for the driving frames, another for the output frames.
+RETEST_SEED = {"driver": 0, "output": 1}
 TARGET = {"mouth": 0.85, "eyes": 0.85, "roll": 0.85, "yaw": 0.85, "pitch": 0.85, "gaze": 0.7}
 # Below these driver std values a signal is flat (mesh noise: ~0.005 IOD for gaps, ~0.5 deg, ~0.01 gaze).
 NOISE = {"mouth": 0.01, "eyes": 0.008, "roll": 1.0, "yaw": 1.5, "pitch": 1.0, "gaze": 0.015}
@@ -130,7 +141,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     return float(np.corrcoef(x[ok], y[ok])[0, 1])
 
 
-def run_pair(frames, times, drv_sig, reference: str, size: int, keep_frames: list[int]) -> dict:
+def curves(sig: dict[str, np.ndarray]) -> dict[str, list]:
+    """Signals as JSON lists, 4 decimals, None where no face."""
+    return {m: [None if np.isnan(v) else round(float(v), 4) for v in sig[m]] for m in METRICS}
+
+
+def run_pair(frames, times, drv_sig, drv_retest, reference: str, size: int, keep_frames: list[int]) -> dict:
     renderer = PreviewRenderer(load_reference(str(DATA / "reference" / reference)), width=size, height=size)
     outs, cpu0, t0 = [], time.process_time(), time.perf_counter()
     for f, t in zip(frames, times):
@@ -139,18 +155,19 @@ def run_pair(frames, times, drv_sig, reference: str, size: int, keep_frames: lis
     wall_ms = (time.perf_counter() - t0) / len(frames) * 1e3
     renderer.close()
     out_sig = signals(landmarks3d(outs))
+    out_retest = signals(landmarks3d(perturbed(outs, RETEST_SEED["output"])))
     result = {"reference": reference, "render_cpu_ms": round(cpu_ms, 2), "render_wall_ms": round(wall_ms, 2),
               "output_faces_missed": int(np.isnan(out_sig["mouth"]).sum()), "corr": {}, "driver_std": {},
-              "output_std": {}, "flat": {}, "curves": {}}
-    for m in METRICS:
-        result["curves"][m] = [None if np.isnan(v) else round(float(v), 4) for v in out_sig[m]]
-    score(result, drv_sig, out_sig)
+              "output_std": {}, "flat": {}, "curves": curves(out_sig), "curves_retest": curves(out_retest)}
+    score(result, drv_sig, out_sig, drv_retest, out_retest)
     result["frames"] = [outs[i] for i in keep_frames]  # for the contact sheet, dropped before writing JSON
     return result
 
 
-def score(result: dict, drv_sig: dict, out_sig: dict) -> None:
-    """Fill result's corr, driver_std, output_std and flat from the driver's and the output's signals.
+def score(result: dict, drv_sig: dict, out_sig: dict, drv_retest: dict | None = None,
+          out_retest: dict | None = None) -> None:
+    """Fill result's corr, driver_std, output_std and flat from the driver's and the output's signals; with the
+    second readings (retests) also reliability {driver, output} and ceiling.
 
     Gaze counts only the frames where the driver's eyes are open (over half their median opening): a closed eye
     has no gaze, and the face mesh's iris points under a closed lid are noise on both sides."""
@@ -164,6 +181,17 @@ def score(result: dict, drv_sig: dict, out_sig: dict) -> None:
         result["driver_std"][m] = round(float(np.nanstd(d)), 4)
         result["output_std"][m] = round(float(np.nanstd(o)), 4)
         result["flat"][m] = bool(np.nanstd(d) < NOISE[m])
+    if drv_retest is None or out_retest is None:
+        return
+    rel = {side: {} for side in ("driver", "output")}
+    result["reliability"], result["ceiling"] = rel, {}
+    for m in METRICS:
+        keep = open_eyes if m == "gaze" else None
+        for side, first, second in (("driver", drv_sig, drv_retest), ("output", out_sig, out_retest)):
+            r = reliability(first[m], second[m], keep)
+            rel[side][m] = None if r is None else round(r, 3)
+        c = ceiling(rel["driver"][m], rel["output"][m])
+        result["ceiling"][m] = None if c is None else round(c, 3)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -171,11 +199,21 @@ def summarise(results: list[dict]) -> dict:
         vals = [r["corr"][m] for r in results if r["corr"][m] is not None and not (only_moving and r["flat"][m])]
         return None if not vals else round(min(vals), 3)
 
+    def below_moving(m):
+        return [r for r in results if not r["flat"][m] and (r["corr"][m] is None or r["corr"][m] < TARGET[m])]
+
+    def with_ceiling(r, m):
+        rel = r.get("reliability")
+        return {"pair": f"{r['driver'][:-4]} -> {r['reference'].rsplit('.', 1)[0]}", "corr": r["corr"][m],
+                "ceiling": r["ceiling"][m] if rel else None, "driver_std": r["driver_std"][m],
+                "reliability_driver": rel["driver"][m] if rel else None,
+                "reliability_output": rel["output"][m] if rel else None}
+
     return {m: {"min": worst(m, False), "min_moving": worst(m, True), "target": TARGET[m],
                 "pairs_below": sum(1 for r in results if r["corr"][m] is None or r["corr"][m] < TARGET[m]),
-                "pairs_below_moving": sum(1 for r in results if not r["flat"][m]
-                                          and (r["corr"][m] is None or r["corr"][m] < TARGET[m])),
-                "flat_pairs": sum(1 for r in results if r["flat"][m])} for m in METRICS}
+                "pairs_below_moving": len(below_moving(m)),
+                "flat_pairs": sum(1 for r in results if r["flat"][m]),
+                "below_moving": [with_ceiling(r, m) for r in below_moving(m)]} for m in METRICS}
 
 
 def rescore(path: Path) -> None:
@@ -185,9 +223,11 @@ def rescore(path: Path) -> None:
     data = json.loads(path.read_text())
     for r in data["results"]:
         arr = lambda curve: np.array([np.nan if v is None else v for v in curve], float)  # noqa: E731
-        score(r, {m: arr(r["driver_curves"][m]) for m in METRICS}, {m: arr(r["curves"][m]) for m in METRICS})
+        sig = lambda key: {m: arr(r[key][m]) for m in METRICS} if key in r else None  # noqa: E731
+        score(r, sig("driver_curves"), sig("curves"), sig("driver_curves_retest"), sig("curves_retest"))
     data["summary"] = summarise(data["results"])
-    data["rescored"] = "correlations recomputed from the stored curves by bench/motion_transfer.py --rescore"
+    data["rescored"] = ("correlations, reliabilities and ceilings recomputed from the stored curves by "
+                        "bench/motion_transfer.py --rescore")
     path.write_text(json.dumps(data, indent=2) + "\n")
     plot(path.with_suffix(".png"), data["results"])
     print_summary(data["summary"])
@@ -200,6 +240,12 @@ def print_summary(summary: dict) -> None:
         s = summary[m]
         print(f"{m:<8}{s['min']!s:>8}{s['min_moving']!s:>12}{s['target']:>8}{s['pairs_below']:>7}"
               f"{s['pairs_below_moving']:>14}{s['flat_pairs']:>6}")
+    print(f"\nmoving cells under target, against the face mesh's ceiling sqrt(rel_driver * rel_output):\n"
+          f"{'metric':<8}{'pair':<22}{'r':>8}{'ceiling':>9}{'rel drv':>9}{'rel out':>9}{'drv std':>9}")
+    for m in METRICS:
+        for c in summary[m]["below_moving"]:
+            print(f"{m:<8}{c['pair']:<22}{c['corr']!s:>8}{c['ceiling']!s:>9}{c['reliability_driver']!s:>9}"
+                  f"{c['reliability_output']!s:>9}{c['driver_std']:>9}")
 
 
 def main() -> None:
@@ -223,14 +269,14 @@ def main() -> None:
     for driver in dict.fromkeys(d for d, _ in todo):
         frames, times = read_frames(DATA / "driving" / driver, args.frames)
         drv_sig = signals(landmarks3d(frames))
+        drv_retest = signals(landmarks3d(perturbed(frames, RETEST_SEED["driver"])))
         keep = [int(np.nanargmin(drv_sig["mouth"])), int(np.nanargmax(drv_sig["mouth"])),
                 int(np.nanargmin(drv_sig["eyes"])), int(np.nanargmin(drv_sig["gaze"])),
                 int(np.nanargmax(drv_sig["gaze"])), int(np.nanargmax(np.abs(drv_sig["yaw"])))]
         for _, reference in [p for p in todo if p[0] == driver]:
-            r = run_pair(frames, times, drv_sig, reference, args.size, keep)
+            r = run_pair(frames, times, drv_sig, drv_retest, reference, args.size, keep)
             r["driver"] = driver
-            r["driver_curves"] = {m: [None if np.isnan(v) else round(float(v), 4) for v in drv_sig[m]]
-                                  for m in METRICS}
+            r["driver_curves"], r["driver_curves_retest"] = curves(drv_sig), curves(drv_retest)
             r["driver_faces_missed"] = int(np.isnan(drv_sig["mouth"]).sum())
             tiles = [cv2.resize(frames[i], (160, 160), interpolation=cv2.INTER_AREA) for i in keep] + \
                     [cv2.resize(o, (160, 160), interpolation=cv2.INTER_AREA) for o in r.pop("frames")]
@@ -242,7 +288,9 @@ def main() -> None:
 
     summary = summarise(results)
     payload = {"renderer": "preview", "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
-               "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE, "summary": summary,
+               "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE,
+               "retest": {"perturbation": f"per-frame scale 1 +- {SCALE} about the centre, shift +- {SHIFT_PX} px",
+                          "seed": RETEST_SEED}, "summary": summary,
                "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count(), "results": results}
     path = write_result(args.name, payload)
     print_summary(summary)
@@ -268,12 +316,15 @@ def plot(path: Path, results: list[dict]) -> None:
     ax = fig.add_axes([0.14, 0.06, 0.3, 0.88])
     ax.imshow(corr, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     for (i, j), v in np.ndenumerate(corr):
-        flat = results[i]["flat"][METRICS[j]]
-        ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}{'*' if flat else ''}", ha="center", va="center", fontsize=7)
+        m, flat = METRICS[j], results[i]["flat"][METRICS[j]]
+        top = results[i].get("ceiling", {}).get(m)
+        tail = "*" if flat else f"/{top:.2f}" if top is not None and not v >= TARGET[m] else ""
+        ax.text(j, i, "-" if np.isnan(v) else f"{v:.2f}{tail}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(METRICS)), METRICS)
     ax.set_yticks(range(len(results)), [f"{r['driver'][:-4]} -> {r['reference'].rsplit('.', 1)[0]}"
                                         for r in results], fontsize=7)
-    ax.set_title("Pearson r driver vs output (* = driver barely moves)", fontsize=9)
+    ax.set_title("Pearson r driver vs output (* = driver barely moves; r/c: under target, c = face mesh's ceiling)",
+                 fontsize=8)
     r = results[worst]
     for k, m in enumerate(METRICS):
         a = fig.add_axes([0.52 + 0.24 * (k % 2), 0.72 - 0.31 * (k // 2), 0.2, 0.22])
