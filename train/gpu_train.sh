@@ -11,6 +11,8 @@
 #     $OUT/mini_curves.json (+ .png when matplotlib is installed)   the loss curves of every stage run
 # Every knob is an environment variable (defaults for one H200); `DEVICE=cpu VAE_MIN=0.2 DIT_MIN=0.2 VAE_BATCH=2
 # BATCH=2` is the CPU dry run. The run folder ($RUN) is resumable: running again continues both stages.
+# A decoder round alone: `VAE_MIN=0 INIT_VAE=weights/mini/mini_vae.pt INIT_DIT=weights/mini DIT_MIN=0 DECODER_MIN=2.5`
+# (the DiT is exported as it was loaded; stop 29 ran its rounds at mouth/eye weights 6/8, then 8/10).
 set -euo pipefail
 : "${OUT:?set OUT to the folder that receives the checkpoint}"
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
