@@ -39,7 +39,8 @@ so the curves show when the model stops generalising rather than only that its t
 `--teacher` adds train/teacher.py's videos (the preview renderer moving other faces with the drivers' training-split
 motion; every frame trains, none is held out) and `--teacher-share` sets how many clips come from them: with them the
 held-out loss fell 0.385 -> 0.333 and the held-out expression ratio 0.857 -> 0.822, then with two more seeds
-0.822 -> 0.784 (README, the mini section). `--stage decoder` (decoder_loss) then took it 0.784 -> 0.738.
+0.822 -> 0.784 (README, the mini section). `--stage decoder` (decoder_loss) then took it 0.784 -> 0.738, and two more
+rounds (mouth/eye weights 6/8, then 8/10) to 0.714.
 The text context is one learned (text_len, text_dim) tensor (the prompt is fixed); the CLIP tower is a small ViT
 trained jointly. Latents of every frame position are precomputed once with the trained autoencoder, so a DiT step
 touches no pixels.
