@@ -39,9 +39,10 @@ import numpy as np
 
 from engine.base import ThreadedRenderer
 from engine.head_pose import fit_rigid, turn
+from engine.lid_paint import hidden_lid_colour, paint_lid
 from engine.mouth_paint import fill_mouth
 from engine.preview_iris import IRISES, move_iris
-from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
+from engine.face_mesh import (EYE_PAIRS, LEFT_BROW_LOWER, RIGHT_BROW_LOWER, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
                               LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, NOSE, RIGHT_EYE_LOWER,
                               RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
                               OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
@@ -172,6 +173,15 @@ class PreviewRenderer(ThreadedRenderer):
             self._lid_margin[upper] = -1j * np.clip(np.minimum(0.35 * gap, 0.5 * room), 0.0, None)
             self._lid_margin[lower] = 1j * np.clip(np.minimum(0.3 * gap, 0.4 * below), 0.0, None)
         self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
+        # An eye whose lid hides under hair: its lash band is hair, which stays put while the lid, painted with the
+        # skin under the eye, closes from under it (engine/lid_paint.py).
+        self._lid_paint = [hidden_lid_colour(self.reference, self._ref_z, ring, np.array(brow), np.array(lo),
+                                             np.array(under))
+                           for ring, brow, lo, under in zip(self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER),
+                                                            (RIGHT_EYE_LOWER[1:-1], LEFT_EYE_LOWER[1:-1]),
+                                                            (RIGHT_LOWER_RING, LEFT_LOWER_RING))]
+        self._lash_follow = [0.9 if c is None else 0.0 for c in self._lid_paint]
+        self._upper_full = [np.array(RIGHT_EYE_UPPER), np.array(LEFT_EYE_UPPER)]
         self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
         self._oval = outline_loop()
         # Lip closing: each point below the lips follows the nearest inner lower-lip point, fading with distance.
@@ -342,7 +352,7 @@ class PreviewRenderer(ThreadedRenderer):
             moved = mid - 0.5j * gap
             # The lash band above the lid moves with it (the skin above it stretches instead): a closed eye shows a
             # thin lash line, not the band stretched into a dark smear.
-            q[ring] += 0.9 * (moved - top)
+            q[ring] += self._lash_follow[e] * (moved - top)
             q[upper], q[lower] = moved, mid + 0.5j * gap
         return q
 
@@ -427,13 +437,14 @@ class PreviewRenderer(ThreadedRenderer):
         s0, s1, s2 = src[tris[:, 0]], src[tris[:, 1]], src[tris[:, 2]]
         # The eye slits move rigidly with their corners (the lids cover the eye as they close), stretching only
         # across the eye when it opens wider than the reference's.
-        stretch = []
+        stretch, lids_open = [], []
         for rows, ia, ib, (iu, il) in self._eyes:
             at, bt, as_, bs = target[ia], target[ib], self._ref_z[ia], self._ref_z[ib]
             et, es = bt - at, bs - as_
             k = max(1.0, (abs(target[il] - target[iu]) / abs(et)) /
                     max(abs(self._src_z[il] - self._src_z[iu]) / abs(es), 1e-3))
             stretch.append(k)
+            lids_open.append((at, et / es))  # the eye's rigid motion: the portrait's open lid goes to at + (p - as) et/es
             for dst, pt in ((t0, at), (t1, bt), (t2, at + 1j * et), (s0, as_), (s1, bs), (s2, as_ + 1j * es / k)):
                 dst[rows] = (pt.real, pt.imag)
 
@@ -484,6 +495,9 @@ class PreviewRenderer(ThreadedRenderer):
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
             move_iris(map_x, map_y, target, iris, k, ratio, self._ref_z, self._lid_margin, (self.width, self.height))
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        for (rows, ia, ib, _), (at, rot), chain, colour in zip(self._eyes, lids_open, self._upper_full, self._lid_paint):
+            if colour is not None:
+                paint_lid(out, at + (self._ref_z[chain] - self._ref_z[ia]) * rot, target[chain], colour)
         fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
                    mouth_opening((target - self._ref_origin) / self._ref_axis) - mouth_opening(self._ref_q))
         return out

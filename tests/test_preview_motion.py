@@ -200,3 +200,36 @@ def test_a_re_take_on_a_squint_keeps_the_open_eyes():
     assert np.all((squinting > 0.2 * first) & (squinting < 0.5 * first)), (squinting, first)
     half = lids(renderer.transfer(lidded(0.6), 0.12))
     assert np.all((half > 0.45 * first) & (half < 0.75 * first)), (half, first)
+
+
+def test_a_lid_under_a_fringe_closes_with_skin_not_hair():
+    """fp_case3's left eye lies under its fringe: the band above its lid is hair, and a closing lid dragged that hair
+    down over the eye (a curtain the face mesh read as a still-open eye: eyes lp_d19 -> fp_case3 0.78, its left eye
+    0.69). The hair stays put and the lid closes as skin, as light as the skin under the eye; the open eyes are
+    unchanged, and an eye with a visible lid is left to the warp."""
+    from engine.face_mesh import LEFT_EYE_LOWER, LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False)
+    renderer.close()
+    opened = renderer.warp(renderer.transfer(driver, 0.0))
+    shut = driver.copy()
+    u, lo = np.array(LEFT_EYE_UPPER[1:-1]), np.array(LEFT_EYE_LOWER[1:-1])
+    shut[u, :2] += 0.8 * (driver[lo, :2] - driver[u, :2])  # the left eye at a fifth of its opening
+    closed = renderer.warp(renderer.transfer(shut, 0.04))
+    grey = lambda img: cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(float)  # noqa: E731
+    z = renderer._ref_z
+    top, bottom = z[u].imag.mean(), z[lo].imag.mean()
+    x0, x1 = int(z[u].real.min()), int(z[u].real.max())
+    covered = grey(closed)[int(top) + 1:int(top + 0.5 * (bottom - top)), x0:x1]  # the upper half of the open eye
+    under = np.concatenate([z[lo], z[np.array(LEFT_LOWER_RING)][::-1]])
+    mask = np.zeros(opened.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [np.round(np.stack([under.real, under.imag], 1)).astype(np.int32)], 1)
+    skin = np.median(grey(renderer.reference)[mask > 0])  # the skin under the eye
+    assert np.median(covered) > 0.7 * skin, (np.median(covered), skin)
+    ring = z[np.array(LEFT_LID_RING)]
+    fringe = (slice(int(ring.imag.min()) - 12, int(ring.imag.min()) - 2), slice(x0, x1))  # hair above the lid
+    assert np.abs(grey(closed)[fringe] - grey(opened)[fringe]).mean() < 4.0, "the fringe moved with the lid"
+    assert renderer._lid_paint[0] is None, "the right eye's lid is visible: the warp moves it"
+    plain = PreviewRenderer(load_reference(str(data_file("reference", "fp_case2.png"))), smoothing=False)
+    plain.close()
+    assert plain._lid_paint == [None, None]
