@@ -42,11 +42,11 @@ from engine.head_pose import fit_rigid, turn
 from engine.lid_paint import hidden_lid_colour, paint_lid
 from engine.mouth_paint import fill_mouth
 from engine.preview_iris import IRISES, move_iris
-from engine.face_mesh import (EYE_PAIRS, LEFT_BROW_LOWER, RIGHT_BROW_LOWER, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_EYE_LOWER, LEFT_EYE_OUTER,
-                              LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, NOSE, RIGHT_EYE_LOWER,
-                              RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING, RIGHT_LOWER_RING, STABLE,
-                              OneEuroFilter, complex_points, detect_landmarks, eye_opening, face_frame,
-                              landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
+from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_BROW_LOWER, LEFT_EYE_LOWER,
+                              LEFT_EYE_OUTER, LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, NOSE,
+                              RIGHT_BROW_LOWER, RIGHT_EYE_LOWER, RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING,
+                              RIGHT_LOWER_RING, STABLE, OneEuroFilter, complex_points, detect_landmarks, eye_opening,
+                              face_frame, landmarks_from, mouth_opening, mp_face_mesh, no_crossing, outline_loop,
                               strip_triangles, tesselation_triangles)
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parent / "assets" / "portrait.jpg"
@@ -444,7 +444,7 @@ class PreviewRenderer(ThreadedRenderer):
             k = max(1.0, (abs(target[il] - target[iu]) / abs(et)) /
                     max(abs(self._src_z[il] - self._src_z[iu]) / abs(es), 1e-3))
             stretch.append(k)
-            lids_open.append((at, et / es))  # the eye's rigid motion: the portrait's open lid goes to at + (p - as) et/es
+            lids_open.append((at, et / es))  # the eye's rigid motion: a portrait point p goes to at + (p - as) et/es
             for dst, pt in ((t0, at), (t1, bt), (t2, at + 1j * et), (s0, as_), (s1, bs), (s2, as_ + 1j * es / k)):
                 dst[rows] = (pt.real, pt.imag)
 
@@ -495,7 +495,8 @@ class PreviewRenderer(ThreadedRenderer):
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
             move_iris(map_x, map_y, target, iris, k, ratio, self._ref_z, self._lid_margin, (self.width, self.height))
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        for (rows, ia, ib, _), (at, rot), chain, colour in zip(self._eyes, lids_open, self._upper_full, self._lid_paint):
+        for (_, ia, _, _), (at, rot), chain, colour in zip(self._eyes, lids_open, self._upper_full,
+                                                            self._lid_paint):
             if colour is not None:
                 paint_lid(out, at + (self._ref_z[chain] - self._ref_z[ia]) * rot, target[chain], colour)
         fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
