@@ -39,7 +39,7 @@ import numpy as np
 
 from engine.base import ThreadedRenderer
 from engine.head_pose import fit_rigid, turn
-from engine.lid_paint import hidden_lid_colour, paint_lid
+from engine.lid_paint import hidden_lid, paint_lid
 from engine.mouth_paint import fill_mouth
 from engine.preview_iris import IRISES, move_iris
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_BROW_LOWER, LEFT_EYE_LOWER,
@@ -175,11 +175,12 @@ class PreviewRenderer(ThreadedRenderer):
         self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
         # An eye whose lid hides under hair: its lash band is hair, which stays put while the lid, painted with the
         # skin under the eye, closes from under it (engine/lid_paint.py).
-        self._lid_paint = [hidden_lid_colour(self.reference, self._ref_z, ring, np.array(brow), np.array(lo),
-                                             np.array(under))
-                           for ring, brow, lo, under in zip(self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER),
-                                                            (RIGHT_EYE_LOWER[1:-1], LEFT_EYE_LOWER[1:-1]),
-                                                            (RIGHT_LOWER_RING, LEFT_LOWER_RING))]
+        self._lid_paint = [hidden_lid(self.reference, self._ref_z, ring, np.array(brow), np.array(lo), np.array(under),
+                                      corners)
+                           for ring, brow, lo, under, corners in zip(
+                               self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER),
+                               (RIGHT_EYE_LOWER[1:-1], LEFT_EYE_LOWER[1:-1]), (RIGHT_LOWER_RING, LEFT_LOWER_RING),
+                               ((33, 133), (362, 263)))]
         self._lash_follow = [0.9 if c is None else 0.0 for c in self._lid_paint]
         self._upper_full = [np.array(RIGHT_EYE_UPPER), np.array(LEFT_EYE_UPPER)]
         self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
@@ -495,10 +496,9 @@ class PreviewRenderer(ThreadedRenderer):
         for iris, k, ratio in zip(IRISES, stretch, self._eye_ratio):
             move_iris(map_x, map_y, target, iris, k, ratio, self._ref_z, self._lid_margin, (self.width, self.height))
         out = cv2.remap(self.reference, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        for (_, ia, _, _), (at, rot), chain, colour in zip(self._eyes, lids_open, self._upper_full,
-                                                            self._lid_paint):
-            if colour is not None:
-                paint_lid(out, at + (self._ref_z[chain] - self._ref_z[ia]) * rot, target[chain], colour)
+        for (_, ia, _, _), (at, rot), chain, lid in zip(self._eyes, lids_open, self._upper_full, self._lid_paint):
+            if lid is not None:
+                paint_lid(out, self.reference, at + (self._ref_z[chain] - self._ref_z[ia]) * rot, target[chain], lid)
         fill_mouth(out, target[self._lip_upper], target[self._lip_lower], abs(self._ref_axis),
                    mouth_opening((target - self._ref_origin) / self._ref_axis) - mouth_opening(self._ref_q))
         return out

@@ -226,6 +226,11 @@ def test_a_lid_under_a_fringe_closes_with_skin_not_hair():
     cv2.fillPoly(mask, [np.round(np.stack([under.real, under.imag], 1)).astype(np.int32)], 1)
     skin = np.median(grey(renderer.reference)[mask > 0])  # the skin under the eye
     assert np.median(covered) > 0.7 * skin, (np.median(covered), skin)
+    # ...and it is skin, not a flat patch: its fine texture (what a 3x3 Laplacian sees) is the skin's own
+    texture = lambda img: np.abs(cv2.Laplacian(img, cv2.CV_64F))  # noqa: E731  (a flat paint: 0.14 of it)
+    lid_detail = np.median(texture(grey(closed))[int(top) + 2:int(top + 0.4 * (bottom - top)), x0 + 3:x1 - 3])
+    skin_detail = np.median(texture(grey(renderer.reference))[mask > 0])
+    assert lid_detail > 0.25 * skin_detail, (lid_detail, skin_detail)
     ring = z[np.array(LEFT_LID_RING)]
     fringe = (slice(int(ring.imag.min()) - 12, int(ring.imag.min()) - 2), slice(x0, x1))  # hair above the lid
     assert np.abs(grey(closed)[fringe] - grey(opened)[fringe]).mean() < 4.0, "the fringe moved with the lid"
