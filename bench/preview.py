@@ -1,9 +1,10 @@
 """Throughput of the `preview` renderer (CPU only: mediapipe face mesh + cv2 warp) at 512x512.
 
-    python bench/preview.py [--driving lp_d3.mp4] [--reference PATH] [--frames 300] [--size 512]
+    python bench/preview.py [--driving lp_d3.mp4] [--reference PATH] [--frames 300] [--size 512] [--name preview]
 
 Runs process() back to back on decoded driving frames (decode time excluded) and prints a table of fps and
-per-stage milliseconds (face mesh + motion transfer, warp); writes bench/results/preview.json.
+per-stage milliseconds (face mesh + motion transfer, warp); writes bench/results/<name>.json
+(default preview.json: the bundled portrait driven by lp_d3; preview_fp_case3.json: a fringed lid painted as it closes).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--strip", type=int, default=6, help="driving/output frame pairs saved to preview_frames.jpg")
+    ap.add_argument("--strip", type=int, default=6, help="driving/output frame pairs saved to <name>_frames.jpg")
+    ap.add_argument("--name", default="preview", help="result name: bench/results/<name>.json")
     args = ap.parse_args()
 
     frames = read_frames(Path(args.driving), args.frames)
@@ -112,11 +114,11 @@ def main() -> None:
           f"target >= 25   {args.size}x{args.size}, {len(frames)} frames of {payload['driving']}")
     print(f"CPU time {payload['cpu_ms_per_frame']} ms/frame (all threads); 1-min load average "
           f"{payload['load_avg_1m']} on {os.cpu_count()} cores (other processes slow the wall-clock numbers)")
-    print("wrote", write_result("preview", payload))
+    print("wrote", write_result(args.name, payload))
     if strip:  # driving frames on top, the avatar below: a look at what the numbers above are numbers of
         tile = lambda im: cv2.resize(im, (256, 256), interpolation=cv2.INTER_AREA)  # noqa: E731
         sheet = np.vstack([np.hstack([tile(d) for d, _ in strip]), np.hstack([tile(o) for _, o in strip])])
-        path = ROOT / "bench" / "results" / "preview_frames.jpg"
+        path = ROOT / "bench" / "results" / f"{args.name}_frames.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
         print("wrote", path)
 
