@@ -16,8 +16,10 @@ Per driving frame:
      turned by the driver's rotation about its own skull centre with its own depths, scaled and shifted (the shift
      and scale eased so the face stays in its frame), all measured from the first neutral face (a re-taken neutral
      changes what the expression is measured against, not the head pose's zero); the irises sit between the eye
-     corners as far along as the driver's do in the image; a reference smiling with parted lips gets its lower lip
-     moved up by the difference to the driver's neutral gap, so its lips close when the driver's do;
+     corners as far along as the driver's do in the image, less the slide that the head's turn alone gives an eye
+     fixed in the driver's head, plus the slide it gives the portrait's (engine/preview_iris.py); a reference
+     smiling with parted lips gets its lower lip moved up by the difference to the driver's neutral gap, so its lips
+     close when the driver's do;
   4. the reference is warped with one cv2.remap. The backward map is built per frame at half resolution and
      upsampled: inside the face, piecewise-affine from the reference mesh onto the target mesh (triangles drawn far
      to near by the reference's depth, so the folds of a three-quarter face keep its visible side on top); the eye
@@ -41,7 +43,7 @@ from engine.base import ThreadedRenderer
 from engine.head_pose import fit_rigid, turn
 from engine.lid_paint import hidden_lid, paint_lid
 from engine.mouth_paint import fill_mouth
-from engine.preview_iris import IRISES, move_iris
+from engine.preview_iris import IRISES, eyeball_ratio, move_iris
 from engine.face_mesh import (EYE_PAIRS, INNER_LIP_LOWER, INNER_LIP_UPPER, LEFT_BROW_LOWER, LEFT_EYE_LOWER,
                               LEFT_EYE_OUTER, LEFT_EYE_UPPER, LEFT_LID_RING, LEFT_LOWER_RING, N_MESH, NOSE,
                               RIGHT_BROW_LOWER, RIGHT_EYE_LOWER, RIGHT_EYE_OUTER, RIGHT_EYE_UPPER, RIGHT_LID_RING,
@@ -133,6 +135,7 @@ class PreviewRenderer(ThreadedRenderer):
                              "with the face nearer the centre.")
         ref_depth, ref_pts = ref_pts[:, 2], ref_pts[:, :2]
         self._ref_depth = ref_depth
+        self._ref3 = np.concatenate([ref_pts, ref_depth[:, None]], 1)  # (478, 3) x, y, depth
         self._ref_pivot = np.concatenate([ref_pts[STABLE].mean(0), [ref_depth[STABLE].mean()]])  # head turns here
         self._ref_z = complex_points(ref_pts)
         self._ref_origin, self._ref_axis = face_frame(self._ref_z)
@@ -322,10 +325,13 @@ class PreviewRenderer(ThreadedRenderer):
         scale, g = ease_travel(s_head, complex(shift_head[0], shift_head[1]) / iod_origin)
         pivot = complex(self._ref_pivot[0], self._ref_pivot[1])
         moved = pivot + scale * (complex_points(turned) - pivot) + g * abs(self._ref_axis)
-        for c, ia, ib, _ in IRISES:  # gaze: the driver's iris shift between its eye corners, as the image shows it
-            r_ref = (self._ref_z[c] - self._ref_z[ia]) / (self._ref_z[ib] - self._ref_z[ia])
-            shift = (z[c] - z[ia]) / (z[ib] - z[ia]) - (z0[c] - z0[ia]) / (z0[ib] - z0[ia])
-            moved[c] = moved[ia] + (moved[ib] - moved[ia]) * (r_ref + shift)
+        # Gaze: the driver's iris shift between its eye corners in the image, less what the head's turn alone moves
+        # it by (an eyeball turning with the head: the iris sits in front of the corners), on the portrait's eye as
+        # the same turn shows it (engine/preview_iris.py).
+        for iris in IRISES:
+            c, ia, ib, _ = iris
+            shift = (z[c] - z[ia]) / (z[ib] - z[ia]) - eyeball_ratio(p0, r, iris)
+            moved[c] = moved[ia] + (moved[ib] - moved[ia]) * (eyeball_ratio(self._ref3, r_head, iris) + shift)
         q_target = (moved - self._ref_origin) / self._ref_axis
         dt = 1 / 25 if pts is None or self._last_pts is None or pts <= self._last_pts else pts - self._last_pts
         self._last_pts = pts

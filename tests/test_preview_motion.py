@@ -238,3 +238,49 @@ def test_a_lid_under_a_fringe_closes_with_skin_not_hair():
     plain = PreviewRenderer(load_reference(str(data_file("reference", "fp_case2.png"))), smoothing=False)
     plain.close()
     assert plain._lid_paint == [None, None]
+
+
+def test_an_eye_turning_with_the_head_slides_its_iris_by_the_parallax():
+    """eyeball_ratio on a frontal eye 2 wide with its iris centred: unturned, the iris stays where it is seen; turned
+    by a yaw t, the iris (IRIS_DEPTH eye widths in front of the corners) sits at 0.5 - IRIS_DEPTH tan t between them,
+    exactly; pitch moves it across the eye, not along it."""
+    from engine.preview_iris import IRIS_DEPTH, IRISES, eyeball_ratio
+    iris = IRISES[0]
+    p3 = np.zeros((478, 3))
+    p3[iris[1]], p3[iris[2]], p3[iris[0]] = (-1.0, 0.0, 5.0), (1.0, 0.0, 5.0), (0.0, 0.3, 9.0)  # iris depth ignored
+    assert eyeball_ratio(p3, np.eye(3), iris) == pytest.approx(0.5 + 0.15j, abs=1e-12)
+    for yaw in (-20.0, 10.0):
+        got = eyeball_ratio(p3, _rotation(0.0, yaw, 0.0), iris)
+        assert got.real == pytest.approx(0.5 - IRIS_DEPTH * np.tan(np.radians(yaw)), abs=1e-12)
+    assert eyeball_ratio(p3, _rotation(0.0, 0.0, 12.0), iris).real == pytest.approx(0.5, abs=1e-12)
+
+
+def test_a_driver_turning_its_head_with_its_eyes_still_in_it_gives_no_gaze():
+    """A real driver's face turned by 20 degrees of yaw with its eyes fixed in its head (irises moved as eyeballs
+    turning with it): the portrait's irises sit where its own eyeballs turned by the same yaw put them, not where the
+    driver's image ratio alone would (fp_case1's far eye, turned away, foreshortens differently: 0.027 eye widths
+    apart); an in-head glance on top of the turn still moves them by the glance."""
+    from engine.preview_iris import IRISES, eyeball_ratio
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case1.png"))), smoothing=False)
+    renderer.close()
+    r = _rotation(0.0, 20.0, 0.0)
+    centre = driver[STABLE].mean(0)
+    turned = (driver - centre) @ r.T + centre
+    ref3 = np.stack([renderer._ref_z.real, renderer._ref_z.imag, renderer._ref_depth], 1)
+    ratio = lambda z, c, a, b: (z[c] - z[a]) / (z[b] - z[a])  # noqa: E731
+    for glance in (0.0, 0.05):
+        moved = turned.copy()
+        for iris in IRISES:
+            c, a, b, _ = iris
+            eye = complex(*(turned[b, :2] - turned[a, :2]))
+            seen = turned[a, 0] + 1j * turned[a, 1] + eye * (eyeball_ratio(driver - centre, r, iris) + glance)
+            moved[c, :2] = seen.real, seen.imag
+        renderer.reset_neutral()
+        renderer.transfer(driver, 0.0)
+        target = renderer.transfer(moved, 0.04)
+        for iris in IRISES:
+            want = eyeball_ratio(ref3, r, iris).real + glance
+            assert ratio(target, *iris[:3]).real == pytest.approx(want, abs=0.004), (iris, glance)
+    plain = (renderer._ref_z[468] - renderer._ref_z[33]) / (renderer._ref_z[133] - renderer._ref_z[33])
+    assert abs(eyeball_ratio(ref3, r, IRISES[0]).real - plain.real) > 0.02, "the turn did not move the iris at all"
