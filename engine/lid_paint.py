@@ -17,8 +17,10 @@ import cv2
 import numpy as np
 
 # The skin between the lid's crease and the brow is taken as hidden under hair when it is darker than this fraction
-# of the skin under the same eye (medians of grey level): fp_case3's fringed eye 0.36, other eyes 0.54-1.5, except a
-# dark face's eye deep in shadow (fp_case1: 0.18), whose lid is then painted with its own shaded skin.
+# of the skin under the same eye (medians of grey level: fp_case3's fringed eye 0.36, other eyes 0.54-1.5) and no
+# warmer: skin in shadow keeps its red (fp_case1's far eye deep in its socket, 0.18: red share 0.86 against its
+# skin's 0.55), dark hair does not (fp_case3's fringe 0.30 against 0.39). A shadowed lid is the warp's to move: painted
+# with the lit skin under the eye, it closed as a light patch in a dark socket.
 HAIR_DARK = 0.45
 LASH_SHADE = 0.35  # the lash line along a painted lid's edge: the lid colour times this
 SHADOW = 0.9  # the lid's brightness where it leaves the hair (the fringe's shadow), rising to 1 halfway down
@@ -51,9 +53,10 @@ def hidden_lid(reference: np.ndarray, ref_z: np.ndarray, ring: np.ndarray, brow:
     reference: (H, W, 3) uint8 RGB; ref_z: its landmarks (complex pixels); ring, brow, lower, under: index chains of
     the lid ring, the brow's lower edge, the lower lid and the ring below it (each corner to corner, same direction);
     corners: the eye's corner landmarks in that direction."""
-    above, _ = _median_grey_rgb(reference, np.concatenate([ref_z[ring], ref_z[brow][::-1]]))
+    above, above_rgb = _median_grey_rgb(reference, np.concatenate([ref_z[ring], ref_z[brow][::-1]]))
     skin, colour = _median_grey_rgb(reference, np.concatenate([ref_z[lower], ref_z[under][::-1]]))
-    if above >= HAIR_DARK * skin:
+    red = lambda rgb: float(rgb[0] / max(float(rgb.sum()), 1.0))  # noqa: E731  the red share of a colour
+    if above >= HAIR_DARK * skin or red(above_rgb) > red(colour):  # light, or skin in shadow (warmer, not cooler)
         return None
     return HiddenLid(colour, ref_z[lower], ref_z[under], (complex(ref_z[corners[0]]), complex(ref_z[corners[1]])))
 

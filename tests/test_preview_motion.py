@@ -238,6 +238,11 @@ def test_a_lid_under_a_fringe_closes_with_skin_not_hair():
     plain = PreviewRenderer(load_reference(str(data_file("reference", "fp_case2.png"))), smoothing=False)
     plain.close()
     assert plain._lid_paint == [None, None]
+    # fp_case1's far eye lies deep in shadow (as dark against its skin as a fringe), but the shadow is skin, warmer
+    # than the skin under the eye, not cooler: its lid is the warp's, no light patch painted into a dark socket
+    shaded = PreviewRenderer(load_reference(str(data_file("reference", "fp_case1.png"))), smoothing=False)
+    shaded.close()
+    assert shaded._lid_paint == [None, None]
 
 
 def test_an_eye_turning_with_the_head_slides_its_iris_by_the_parallax():
