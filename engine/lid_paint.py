@@ -31,11 +31,11 @@ FEATHER_PX = 1.5  # the lid's top edge blends into the hair over this many pixel
 
 @dataclass
 class HiddenLid:
-    """An eye's lid hidden under hair: the skin that paints it (reference pixels, complex, corner to corner)."""
+    """An eye's lid hidden under hair: the skin that paints it, in the reference (pixels, complex)."""
     colour: np.ndarray  # (3,) float32 RGB: the median skin under the eye
-    lower: np.ndarray  # the lower lid
-    under: np.ndarray  # the ring below it
-    corners: tuple[complex, complex]  # the eye's corners in the reference
+    corners: tuple[complex, complex]  # the eye's corners
+    lower: tuple[np.ndarray, np.ndarray]  # the lower lid as _along() gives it relative to the corners: (u, w)
+    under: tuple[np.ndarray, np.ndarray]  # ...and the ring below it
 
 
 def _median_grey_rgb(reference: np.ndarray, poly: np.ndarray) -> tuple[float, np.ndarray]:
@@ -58,7 +58,8 @@ def hidden_lid(reference: np.ndarray, ref_z: np.ndarray, ring: np.ndarray, brow:
     red = lambda rgb: float(rgb[0] / max(float(rgb.sum()), 1.0))  # noqa: E731  the red share of a colour
     if above >= HAIR_DARK * skin or red(above_rgb) > red(colour):  # light, or skin in shadow (warmer, not cooler)
         return None
-    return HiddenLid(colour, ref_z[lower], ref_z[under], (complex(ref_z[corners[0]]), complex(ref_z[corners[1]])))
+    a, b = complex(ref_z[corners[0]]), complex(ref_z[corners[1]])
+    return HiddenLid(colour, (a, b), _along(ref_z[lower], a, b), _along(ref_z[under], a, b))
 
 
 def _along(line: np.ndarray, a: complex, b: complex) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +100,9 @@ def paint_lid(out: np.ndarray, reference: np.ndarray, open_line: np.ndarray, lid
     # takes the skin just under the lower lashes, its top the skin further down (stretched, a thin band of it read
     # as streaks of hair).
     ra, rb = lid.corners
-    lo_u, lo_w = _along(lid.lower, ra, rb)
-    un_u, un_w = _along(lid.under, ra, rb)
     u_ref = np.clip(u, 0.0, 1.0)
-    lower_w = np.interp(u_ref, lo_u, lo_w)
-    start = lower_w + SKIN_FROM * (np.interp(u_ref, un_u, un_w) - lower_w)  # clear of the lower lashes
+    lower_w = np.interp(u_ref, *lid.lower)
+    start = lower_w + SKIN_FROM * (np.interp(u_ref, *lid.under) - lower_w)  # clear of the lower lashes
     src_w = start + (bottom - v) * (abs(rb - ra) / abs(b - a))
     src = ra + (rb - ra) * (u_ref + 1j * src_w / abs(rb - ra))
     skin = cv2.remap(reference, src.real.astype(np.float32), src.imag.astype(np.float32), cv2.INTER_LINEAR,

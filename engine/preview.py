@@ -183,7 +183,7 @@ class PreviewRenderer(ThreadedRenderer):
                            for ring, brow, lo, under, corners in zip(
                                self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER),
                                (RIGHT_EYE_LOWER[1:-1], LEFT_EYE_LOWER[1:-1]), (RIGHT_LOWER_RING, LEFT_LOWER_RING),
-                               ((33, 133), (362, 263)))]
+                               [(ia, ib) for _, ia, ib, _ in self._eyes])]
         self._lash_follow = [0.9 if c is None else 0.0 for c in self._lid_paint]
         self._upper_full = [np.array(RIGHT_EYE_UPPER), np.array(LEFT_EYE_UPPER)]
         self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
