@@ -48,15 +48,18 @@ def perturbed(frames: Iterable[np.ndarray], seed: int) -> Iterator[np.ndarray]:
         yield cv2.warpAffine(f, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
-def reliability(first: np.ndarray, second: np.ndarray, keep: np.ndarray | None = None) -> float | None:
-    """Pearson r between two readings of one signal over the frames in `keep` where both read a face (NaN: none);
-    None with fewer than 5 such frames or a constant reading."""
-    ok = ~(np.isnan(first) | np.isnan(second))
+def pearson(x: np.ndarray, y: np.ndarray, keep: np.ndarray | None = None) -> float | None:
+    """Pearson r of two curves over the frames in `keep` where both read a face (NaN: none); None with fewer than 5
+    such frames or a constant curve."""
+    ok = ~(np.isnan(x) | np.isnan(y))
     if keep is not None:
         ok &= keep
-    if ok.sum() < 5 or np.std(first[ok]) == 0 or np.std(second[ok]) == 0:
+    if ok.sum() < 5 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
         return None
-    return float(np.corrcoef(first[ok], second[ok])[0, 1])
+    return float(np.corrcoef(x[ok], y[ok])[0, 1])
+
+
+reliability = pearson  # a signal's test-retest reliability: the Pearson r of its two readings
 
 
 def ceiling(rel_driver: float | None, rel_output: float | None) -> float | None:

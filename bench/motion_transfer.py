@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import RESULTS, write_result  # noqa: E402
-from bench.mesh_reliability import SCALE, SHIFT_PX, ceiling, perturbed, reliability  # noqa: E402
+from bench.mesh_reliability import SCALE, SHIFT_PX, ceiling, pearson, perturbed, reliability  # noqa: E402
 from engine.face_mesh import mp_face_mesh  # noqa: E402
 from engine.preview import PreviewRenderer, load_reference  # noqa: E402
 
@@ -132,13 +132,6 @@ def signals(pts: list[np.ndarray | None]) -> dict[str, np.ndarray]:
             gaze.append(np.dot(xy[iris] - xy[a], e) / np.dot(e, e))
         out["gaze"][i] = np.mean(gaze)
     return out
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    ok = ~(np.isnan(x) | np.isnan(y))
-    if ok.sum() < 5 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
-        return None
-    return float(np.corrcoef(x[ok], y[ok])[0, 1])
 
 
 def curves(sig: dict[str, np.ndarray]) -> dict[str, list]:

@@ -37,9 +37,9 @@ LEFT_EYE_LOWER = [362, 382, 381, 380, 374, 373, 390, 249, 263]
 # The ring above each upper lid (the lash band's upper edge), point for point with the upper chains' interiors.
 RIGHT_LID_RING = [247, 30, 29, 27, 28, 56, 190]  # for RIGHT_EYE_UPPER[1:-1]
 LEFT_LID_RING = [414, 286, 258, 257, 259, 260, 467]  # for LEFT_EYE_UPPER[1:-1]
-# ...and below each lower lid, for the lower chains' interiors.
 RIGHT_BROW_LOWER = [46, 53, 52, 65, 55]  # the brow's lower edge above RIGHT_LID_RING, outer to inner
 LEFT_BROW_LOWER = [285, 295, 282, 283, 276]  # ...above LEFT_LID_RING, inner to outer
+# ...and below each lower lid, for the lower chains' interiors.
 RIGHT_LOWER_RING = [25, 110, 24, 23, 22, 26, 112]  # for RIGHT_EYE_LOWER[1:-1]
 LEFT_LOWER_RING = [341, 256, 252, 253, 254, 339, 255]  # for LEFT_EYE_LOWER[1:-1]
 N_MESH = 468  # the warp mesh leaves out the 10 iris points: they are not part of the tesselation
