@@ -20,10 +20,18 @@ mesh on a slightly scaled and shifted copy (bench/mesh_reliability.py says why t
 side, reliability = Pearson r between the two readings (gaze over the same open-eye frames); per cell,
 ceiling = sqrt(rel_driver * rel_output), the highest r two readings that noisy can show (Spearman's attenuation
 bound). The summary lists every moving cell under target with its ceiling.
+
+Which side loses a cell: the renderer's own drawing is read too, without a face mesh: the signals of the target
+landmarks it warps the portrait to (mouth, eyes, gaze) and of the rotation it turns the portrait's head by (roll,
+yaw, pitch). split.renderer = r(driver, drawn), split.reading = r(drawn, output): a cell whose renderer r is high
+and reading r low is lost in the face mesh's reading of the avatar, not in what the avatar does. mouth_crosstalk:
+r(output angle, output mouth) per head angle. `--hold-head` renders with the portrait's head held still
+(PreviewRenderer(follow_head=False)); whatever roll, yaw and pitch the mesh then reads on the avatar is the
+expression read as head motion.
 `--rescore FILE` recomputes a result file's correlations, reliabilities and ceilings from the curves it stores
 (the same rules; a file written before the retest, without its curves, gets no ceiling).
-Writes bench/results/<name>.json (per pair: correlations, driver/output std, reliability, ceiling, curves of both
-readings) + <name>.png.
+Writes bench/results/<name>.json (per pair: correlations, driver/output std, reliability, ceiling, split, curves of
+both readings and of the drawing) + <name>.png.
 """
 from __future__ import annotations
 
@@ -42,12 +50,14 @@ sys.path.insert(0, str(ROOT))
 from bench.common import RESULTS, write_result  # noqa: E402
 from bench.mesh_reliability import SCALE, SHIFT_PX, ceiling, pearson, perturbed, reliability  # noqa: E402
 from engine.face_mesh import mp_face_mesh  # noqa: E402
+from engine.head_pose import angles, fit_rigid  # noqa: E402
 from engine.preview import PreviewRenderer, load_reference  # noqa: E402
 
 DATA = (ROOT / ".." / "shared" / "data").resolve()
 FRONTAL = ["fp_case3.png", "fp_case4.png", "fp_case2.png", "lp_s7.jpg"]
 THREE_QUARTER = ["fp_case1.png", "lp_s1.jpg", "lp_s3.jpg", "lp_s12.jpg", "lp_s5.jpg"]
 METRICS = ["mouth", "eyes", "roll", "yaw", "pitch", "gaze"]
+POSE = ["roll", "yaw", "pitch"]
 # Seeds of the retest's perturbations: one draw for the driving frames, another for the output frames.
 RETEST_SEED = {"driver": 0, "output": 1}
 TARGET = {"mouth": 0.85, "eyes": 0.85, "roll": 0.85, "yaw": 0.85, "pitch": 0.85, "gaze": 0.7}
@@ -103,12 +113,16 @@ def landmarks3d(frames: list[np.ndarray]) -> list[np.ndarray | None]:
     return out
 
 
-def _rotation(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Kabsch: the rotation R with dst ~ s R src + t (3-D point sets, rows)."""
-    a, b = src - src.mean(0), dst - dst.mean(0)
-    u, _, vt = np.linalg.svd(a.T @ b)
-    d = np.sign(np.linalg.det(u @ vt))
-    return (u @ np.diag([1, 1, d]) @ vt).T
+def planar(xy: np.ndarray) -> dict[str, float]:
+    """Mouth, eyes and gaze of one frame's (478, 2) image points."""
+    iod = np.linalg.norm(xy[263] - xy[33])
+    gaze = []
+    for iris, a, b in ((468, 33, 133), (473, 362, 263)):  # along the image x of each eye: a -> b
+        e = xy[b] - xy[a]
+        gaze.append(np.dot(xy[iris] - xy[a], e) / np.dot(e, e))
+    return {"mouth": np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((13, 14), (82, 87), (312, 317))]) / iod,
+            "eyes": np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((159, 145), (386, 374))]) / iod,
+            "gaze": np.mean(gaze)}
 
 
 def signals(pts: list[np.ndarray | None]) -> dict[str, np.ndarray]:
@@ -118,19 +132,23 @@ def signals(pts: list[np.ndarray | None]) -> dict[str, np.ndarray]:
     for i, p in enumerate(pts):
         if p is None:
             continue
-        xy = p[:, :2]
-        iod = np.linalg.norm(xy[263] - xy[33])
-        out["mouth"][i] = np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((13, 14), (82, 87), (312, 317))]) / iod
-        out["eyes"][i] = np.mean([np.linalg.norm(xy[a] - xy[b]) for a, b in ((159, 145), (386, 374))]) / iod
-        r = _rotation(first[SKULL], p[SKULL])  # image axes: x right, y down, z away from the camera
-        out["yaw"][i] = np.degrees(np.arcsin(np.clip(r[0, 2], -1, 1)))
-        out["pitch"][i] = np.degrees(np.arctan2(-r[1, 2], r[2, 2]))
-        out["roll"][i] = np.degrees(np.arctan2(-r[0, 1], r[0, 0]))
-        gaze = []
-        for iris, a, b in ((468, 33, 133), (473, 362, 263)):  # along the image x of each eye: a -> b
-            e = xy[b] - xy[a]
-            gaze.append(np.dot(xy[iris] - xy[a], e) / np.dot(e, e))
-        out["gaze"][i] = np.mean(gaze)
+        for m, v in planar(p[:, :2]).items():
+            out[m][i] = v
+        # Kabsch on the skull points, image axes: x right, y down, z away from the camera
+        out["roll"][i], out["yaw"][i], out["pitch"][i] = angles(fit_rigid(first[SKULL], p[SKULL])[1])
+    return out
+
+
+def applied_signals(targets: list[np.ndarray | None], rotations: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """What the renderer drew: the six signals of its target landmarks (478,) complex per frame (mouth, eyes, gaze)
+    and of the rotation it turned the portrait's head by (roll, yaw, pitch); NaN where it drew no new frame."""
+    out = {m: np.full(len(targets), np.nan) for m in METRICS}
+    for i, (t, r) in enumerate(zip(targets, rotations)):
+        if t is None:
+            continue
+        for m, v in planar(np.stack([t.real, t.imag], 1)).items():
+            out[m][i] = v
+        out["roll"][i], out["yaw"][i], out["pitch"][i] = angles(r)
     return out
 
 
@@ -139,28 +157,40 @@ def curves(sig: dict[str, np.ndarray]) -> dict[str, list]:
     return {m: [None if np.isnan(v) else round(float(v), 4) for v in sig[m]] for m in METRICS}
 
 
-def run_pair(frames, times, drv_sig, drv_retest, reference: str, size: int, keep_frames: list[int]) -> dict:
-    renderer = PreviewRenderer(load_reference(str(DATA / "reference" / reference)), width=size, height=size)
-    outs, cpu0, t0 = [], time.process_time(), time.perf_counter()
-    for f, t in zip(frames, times):
-        outs.append(renderer.process(f, t)[0][0])
+def run_pair(frames, times, drv_sig, drv_retest, reference: str, size: int, keep_frames: list[int],
+             follow_head: bool = True) -> dict:
+    renderer = PreviewRenderer(load_reference(str(DATA / "reference" / reference)), width=size, height=size,
+                               follow_head=follow_head)
+    outs, targets, rotations, cpu0, t0 = [], [], [], time.process_time(), time.perf_counter()
+    out = renderer.reference
+    for f, t in zip(frames, times):  # PreviewRenderer.process, keeping what the renderer drew
+        target = renderer.drive(f, t)
+        out = out if target is None else renderer.warp(target)
+        outs.append(out)
+        targets.append(target)
+        rotations.append(renderer.head_rotation)
     cpu_ms = (time.process_time() - cpu0) / len(frames) * 1e3
     wall_ms = (time.perf_counter() - t0) / len(frames) * 1e3
     renderer.close()
     out_sig = signals(landmarks3d(outs))
     out_retest = signals(landmarks3d(perturbed(outs, RETEST_SEED["output"])))
-    result = {"reference": reference, "render_cpu_ms": round(cpu_ms, 2), "render_wall_ms": round(wall_ms, 2),
-              "output_faces_missed": int(np.isnan(out_sig["mouth"]).sum()), "corr": {}, "driver_std": {},
-              "output_std": {}, "flat": {}, "curves": curves(out_sig), "curves_retest": curves(out_retest)}
-    score(result, drv_sig, out_sig, drv_retest, out_retest)
+    drawn = applied_signals(targets, rotations)
+    result = {"reference": reference, "follow_head": follow_head, "render_cpu_ms": round(cpu_ms, 2),
+              "render_wall_ms": round(wall_ms, 2), "output_faces_missed": int(np.isnan(out_sig["mouth"]).sum()),
+              "corr": {}, "driver_std": {}, "output_std": {}, "flat": {}, "curves": curves(out_sig),
+              "curves_retest": curves(out_retest), "applied_curves": curves(drawn)}
+    score(result, drv_sig, out_sig, drv_retest, out_retest, drawn)
     result["frames"] = [outs[i] for i in keep_frames]  # for the contact sheet, dropped before writing JSON
     return result
 
 
 def score(result: dict, drv_sig: dict, out_sig: dict, drv_retest: dict | None = None,
-          out_retest: dict | None = None) -> None:
+          out_retest: dict | None = None, drawn: dict | None = None) -> None:
     """Fill result's corr, driver_std, output_std and flat from the driver's and the output's signals; with the
-    second readings (retests) also reliability {driver, output} and ceiling.
+    second readings (retests) also reliability {driver, output} and ceiling; with what the renderer drew (`drawn`,
+    applied_signals) also split {renderer: r(driver, drawn), reading: r(drawn, output)}: which side loses a cell,
+    the renderer or the face mesh's reading of the avatar it drew; and, for the head's angles, `mouth_crosstalk`:
+    r(output angle, output mouth opening), the share of an angle's reading that follows the avatar's mouth.
 
     Gaze counts only the frames where the driver's eyes are open (over half their median opening): a closed eye
     has no gaze, and the face mesh's iris points under a closed lid are noise on both sides."""
@@ -174,6 +204,14 @@ def score(result: dict, drv_sig: dict, out_sig: dict, drv_retest: dict | None = 
         result["driver_std"][m] = round(float(np.nanstd(d)), 4)
         result["output_std"][m] = round(float(np.nanstd(o)), 4)
         result["flat"][m] = bool(np.nanstd(d) < NOISE[m])
+    rounded = lambda v: None if v is None else round(v, 3)  # noqa: E731
+    if drawn is not None:
+        result["split"] = {}
+        for m in METRICS:
+            keep = open_eyes if m == "gaze" else np.ones(len(drv_sig[m]), bool)
+            result["split"][m] = {"renderer": rounded(pearson(drv_sig[m][keep], drawn[m][keep])),
+                                  "reading": rounded(pearson(drawn[m][keep], out_sig[m][keep]))}
+        result["mouth_crosstalk"] = {m: rounded(pearson(out_sig[m], out_sig["mouth"])) for m in POSE}
     if drv_retest is None or out_retest is None:
         return
     rel = {side: {} for side in ("driver", "output")}
@@ -181,10 +219,9 @@ def score(result: dict, drv_sig: dict, out_sig: dict, drv_retest: dict | None = 
     for m in METRICS:
         keep = open_eyes if m == "gaze" else None
         for side, first, second in (("driver", drv_sig, drv_retest), ("output", out_sig, out_retest)):
-            r = reliability(first[m], second[m], keep)
-            rel[side][m] = None if r is None else round(r, 3)
+            rel[side][m] = rounded(reliability(first[m], second[m], keep))
         c = ceiling(rel["driver"][m], rel["output"][m])
-        result["ceiling"][m] = None if c is None else round(c, 3)
+        result["ceiling"][m] = rounded(c)
 
 
 def summarise(results: list[dict]) -> dict:
@@ -200,7 +237,9 @@ def summarise(results: list[dict]) -> dict:
         return {"pair": f"{r['driver'][:-4]} -> {r['reference'].rsplit('.', 1)[0]}", "corr": r["corr"][m],
                 "ceiling": r["ceiling"][m] if rel else None, "driver_std": r["driver_std"][m],
                 "reliability_driver": rel["driver"][m] if rel else None,
-                "reliability_output": rel["output"][m] if rel else None}
+                "reliability_output": rel["output"][m] if rel else None,
+                "renderer_r": r["split"][m]["renderer"] if "split" in r else None,
+                "reading_r": r["split"][m]["reading"] if "split" in r else None}
 
     return {m: {"min": worst(m, False), "min_moving": worst(m, True), "target": TARGET[m],
                 "pairs_below": sum(1 for r in results if r["corr"][m] is None or r["corr"][m] < TARGET[m]),
@@ -217,7 +256,8 @@ def rescore(path: Path) -> None:
     for r in data["results"]:
         arr = lambda curve: np.array([np.nan if v is None else v for v in curve], float)  # noqa: E731
         sig = lambda key: {m: arr(r[key][m]) for m in METRICS} if key in r else None  # noqa: E731
-        score(r, sig("driver_curves"), sig("curves"), sig("driver_curves_retest"), sig("curves_retest"))
+        score(r, sig("driver_curves"), sig("curves"), sig("driver_curves_retest"), sig("curves_retest"),
+              sig("applied_curves"))
     data["summary"] = summarise(data["results"])
     data["rescored"] = ("correlations, reliabilities and ceilings recomputed from the stored curves by "
                         "bench/motion_transfer.py --rescore")
@@ -233,12 +273,14 @@ def print_summary(summary: dict) -> None:
         s = summary[m]
         print(f"{m:<8}{s['min']!s:>8}{s['min_moving']!s:>12}{s['target']:>8}{s['pairs_below']:>7}"
               f"{s['pairs_below_moving']:>14}{s['flat_pairs']:>6}")
-    print(f"\nmoving cells under target, against the face mesh's ceiling sqrt(rel_driver * rel_output):\n"
-          f"{'metric':<8}{'pair':<22}{'r':>8}{'ceiling':>9}{'rel drv':>9}{'rel out':>9}{'drv std':>9}")
+    print(f"\nmoving cells under target, against the face mesh's ceiling sqrt(rel_driver * rel_output), and split"
+          f" into r(driver, drawn) (renderer) and r(drawn, output) (reading):\n"
+          f"{'metric':<8}{'pair':<22}{'r':>8}{'ceiling':>9}{'rel drv':>9}{'rel out':>9}{'drv std':>9}"
+          f"{'renderer':>10}{'reading':>9}")
     for m in METRICS:
         for c in summary[m]["below_moving"]:
             print(f"{m:<8}{c['pair']:<22}{c['corr']!s:>8}{c['ceiling']!s:>9}{c['reliability_driver']!s:>9}"
-                  f"{c['reliability_output']!s:>9}{c['driver_std']:>9}")
+                  f"{c['reliability_output']!s:>9}{c['driver_std']:>9}{c['renderer_r']!s:>10}{c['reading_r']!s:>9}")
 
 
 def main() -> None:
@@ -248,6 +290,9 @@ def main() -> None:
     ap.add_argument("--name", default="motion_transfer")
     ap.add_argument("--drivers", default="", help="comma-separated driving videos (default: all)")
     ap.add_argument("--rescore", default=None, help="a result JSON: recompute its correlations from its curves")
+    ap.add_argument("--hold-head", action="store_true",
+                    help="render with the portrait's head held still (PreviewRenderer(follow_head=False)): the "
+                         "output's roll, yaw and pitch are then what the face mesh reads into the expression alone")
     args = ap.parse_args()
     if args.rescore:
         rescore(Path(args.rescore))
@@ -267,7 +312,7 @@ def main() -> None:
                 int(np.nanargmin(drv_sig["eyes"])), int(np.nanargmin(drv_sig["gaze"])),
                 int(np.nanargmax(drv_sig["gaze"])), int(np.nanargmax(np.abs(drv_sig["yaw"])))]
         for _, reference in [p for p in todo if p[0] == driver]:
-            r = run_pair(frames, times, drv_sig, drv_retest, reference, args.size, keep)
+            r = run_pair(frames, times, drv_sig, drv_retest, reference, args.size, keep, not args.hold_head)
             r["driver"] = driver
             r["driver_curves"], r["driver_curves_retest"] = curves(drv_sig), curves(drv_retest)
             r["driver_faces_missed"] = int(np.isnan(drv_sig["mouth"]).sum())
@@ -280,7 +325,7 @@ def main() -> None:
             print(f"{driver:<12}{reference:<14}{cells}   ({r['render_cpu_ms']} ms CPU/frame)", flush=True)
 
     summary = summarise(results)
-    payload = {"renderer": "preview", "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
+    payload = {"renderer": "preview", "follow_head": not args.hold_head, "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
                "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE,
                "retest": {"perturbation": f"per-frame scale 1 +- {SCALE} about the centre, shift +- {SHIFT_PX} px",
                           "seed": RETEST_SEED}, "summary": summary,

@@ -120,10 +120,16 @@ class PreviewRenderer(ThreadedRenderer):
     name = "preview"
 
     def __init__(self, reference_rgb: np.ndarray, width: int = 512, height: int = 512, input_queue: int = 4,
-                 map_scale: float = 0.5, expression_gain: float = 1.0, smoothing: bool = True):
+                 map_scale: float = 0.5, expression_gain: float = 1.0, smoothing: bool = True,
+                 follow_head: bool = True):
         super().__init__(input_queue=input_queue)
         self.width, self.height = int(width), int(height)
         self.expression_gain = float(expression_gain)
+        # follow_head=False: the portrait's head keeps its own pose (it still moves and scales with the driver's
+        # face); only the expression moves it. The motion bench renders so to see what the face mesh reads as head
+        # motion on a head that does not turn.
+        self.follow_head = bool(follow_head)
+        self.head_rotation = np.eye(3)  # the rotation the last frame turned the portrait's head by (image axes)
         first = detect_landmarks(reference_rgb)
         if first is None:
             raise ValueError("no face found in the reference image: pass a portrait with one clearly visible, "
@@ -302,6 +308,9 @@ class PreviewRenderer(ThreadedRenderer):
         p_origin, iod_origin = self._pose_origin
         s_head, r_head, shift_head = (s, r, shift) if p_origin is p0 else fit_rigid(p_origin[STABLE],
                                                                                       landmarks[STABLE])
+        if not self.follow_head:
+            r_head = np.eye(3)
+        self.head_rotation = r_head
         q_neutral = (z0 - origin) / axis
         # The expression: each landmark's offset from where the neutral face, moved by that motion, would put it
         # (the neutral's depths, not this frame's: a point's depth is the face mesh's least steady output, and

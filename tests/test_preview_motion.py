@@ -289,3 +289,31 @@ def test_a_driver_turning_its_head_with_its_eyes_still_in_it_gives_no_gaze():
             assert ratio(target, *iris[:3]).real == pytest.approx(want, abs=0.004), (iris, glance)
     plain = (renderer._ref_z[468] - renderer._ref_z[33]) / (renderer._ref_z[133] - renderer._ref_z[33])
     assert abs(eyeball_ratio(ref3, r, IRISES[0]).real - plain.real) > 0.02, "the turn did not move the iris at all"
+
+
+def test_a_held_head_keeps_its_pose_and_still_takes_the_expression():
+    """follow_head=False (what the motion bench's --hold-head renders): a driver turned 15 degrees of yaw and 6 of
+    pitch with its jaw dropped leaves the portrait's skull points where they were (no turn, and the same scale and
+    place: a turn about the skull's centre moves neither), while its lips part as they do when the head follows;
+    head_rotation reports the turn applied: none held, the driver's when following."""
+    from test_preview import _jaw_dropped
+    driver = detect_landmarks(video_frames("lp_d0.mp4", 1)[0], depth=True)
+    r = _rotation(0.0, 15.0, 6.0)
+    centre = driver[STABLE].mean(0)
+    moved = (_jaw_dropped(driver, 0.12) - centre) @ r.T + centre
+    gaps = {}
+    for follow in (False, True):
+        renderer = PreviewRenderer(load_reference(str(data_file("reference", "fp_case3.png"))), smoothing=False,
+                                   follow_head=follow)
+        renderer.close()
+        renderer.transfer(driver, 0.0)
+        target = renderer.transfer(moved, 0.04)
+        gaps[follow] = mouth_opening(target)
+        if follow:
+            assert np.allclose(renderer.head_rotation, r, atol=1e-6)
+            assert np.abs(target[STABLE] - renderer._ref_z[STABLE]).max() > 5.0, "the turn did not move the skull"
+        else:
+            assert np.array_equal(renderer.head_rotation, np.eye(3))
+            assert np.abs(target[STABLE] - renderer._ref_z[STABLE]).max() < 1e-6
+    base = mouth_opening(renderer._ref_z)
+    assert gaps[False] - base > 0.05 and gaps[False] == pytest.approx(gaps[True], abs=0.02)
