@@ -325,8 +325,9 @@ def main() -> None:
             print(f"{driver:<12}{reference:<14}{cells}   ({r['render_cpu_ms']} ms CPU/frame)", flush=True)
 
     summary = summarise(results)
-    payload = {"renderer": "preview", "follow_head": not args.hold_head, "size": args.size, "frames_per_driver": args.frames, "pairs": len(results),
-               "metrics": METRICS, "target": TARGET, "flat_below_driver_std": NOISE,
+    payload = {"renderer": "preview", "follow_head": not args.hold_head, "size": args.size,
+               "frames_per_driver": args.frames, "pairs": len(results), "metrics": METRICS, "target": TARGET,
+               "flat_below_driver_std": NOISE,
                "retest": {"perturbation": f"per-frame scale 1 +- {SCALE} about the centre, shift +- {SHIFT_PX} px",
                           "seed": RETEST_SEED}, "summary": summary,
                "seconds": round(time.perf_counter() - start, 1), "cpu_count": os.cpu_count(), "results": results}
