@@ -163,6 +163,7 @@ class PreviewRenderer(ThreadedRenderer):
         self._eye_chains = [(np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
                             ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER))]
         self._lid_rings = [np.array(RIGHT_LID_RING), np.array(LEFT_LID_RING)]
+        self._under_rings = [np.array(RIGHT_LOWER_RING), np.array(LEFT_LOWER_RING)]  # below the lower lids
         self._slits = [(np.array(u + lo[::-1][1:-1]), np.array(u[1:-1]), np.array(lo[1:-1])) for u, lo in
                        ((RIGHT_EYE_UPPER, RIGHT_EYE_LOWER), (LEFT_EYE_UPPER, LEFT_EYE_LOWER),
                         (INNER_LIP_UPPER, INNER_LIP_LOWER))]  # (outline, upper chain, lower chain) of eyes, mouth
@@ -174,8 +175,7 @@ class PreviewRenderer(ThreadedRenderer):
         # line of white under its lashes, which the face mesh read as a half-open eye; motion_transfer.json's eye
         # cells 0.81-0.83 -> 0.84-0.85).
         self._lid_margin = np.zeros(len(self._ref_q), complex)  # normalised offsets of the modelled lids
-        for (upper, lower), ring, under in zip(self._eye_chains, self._lid_rings,
-                                               (np.array(RIGHT_LOWER_RING), np.array(LEFT_LOWER_RING))):
+        for (upper, lower), ring, under in zip(self._eye_chains, self._lid_rings, self._under_rings):
             gap = (self._ref_q[lower] - self._ref_q[upper]).imag
             room = (self._ref_q[upper] - self._ref_q[ring]).imag
             below = (self._ref_q[under] - self._ref_q[lower]).imag
@@ -184,12 +184,10 @@ class PreviewRenderer(ThreadedRenderer):
         self._src_z = self._ref_z + self._ref_axis * self._lid_margin  # the warp mesh's source points
         # An eye whose lid hides under hair: its lash band is hair, which stays put while the lid, painted with the
         # skin under the eye, closes from under it (engine/lid_paint.py).
-        self._lid_paint = [hidden_lid(self.reference, self._ref_z, ring, np.array(brow), np.array(lo), np.array(under),
-                                      corners)
-                           for ring, brow, lo, under, corners in zip(
-                               self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER),
-                               (RIGHT_EYE_LOWER[1:-1], LEFT_EYE_LOWER[1:-1]), (RIGHT_LOWER_RING, LEFT_LOWER_RING),
-                               [(ia, ib) for _, ia, ib, _ in self._eyes])]
+        self._lid_paint = [hidden_lid(self.reference, self._ref_z, ring, np.array(brow), lower, under, (ia, ib))
+                           for ring, brow, (_, lower), under, (_, ia, ib, _) in zip(
+                               self._lid_rings, (RIGHT_BROW_LOWER, LEFT_BROW_LOWER), self._eye_chains,
+                               self._under_rings, self._eyes)]
         self._lash_follow = [0.9 if c is None else 0.0 for c in self._lid_paint]
         self._upper_full = [np.array(RIGHT_EYE_UPPER), np.array(LEFT_EYE_UPPER)]
         self._src = np.stack([self._src_z.real, self._src_z.imag], 1)[:N_MESH]  # (V, 2) source vertices
